@@ -461,8 +461,8 @@ Reply = (
     | Event
 )
 
-REQUEST_TYPES: tuple[type[Any], ...] = Request.__args__  # type: ignore[attr-defined]
-REPLY_TYPES: tuple[type[Any], ...] = Reply.__args__  # type: ignore[attr-defined]
+REQUEST_TYPES: tuple[type[Any], ...] = Request.__args__
+REPLY_TYPES: tuple[type[Any], ...] = Reply.__args__
 
 
 def type_tag(cls: type[Any]) -> str:

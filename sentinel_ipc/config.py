@@ -1,0 +1,116 @@
+"""Configuration: a TOML file decoded into typed msgspec Structs.
+
+Every setting has a default, so the daemon runs with no file at all. Unknown
+keys are errors (a typo must not silently fall back to a default), and every
+error names the key: ``server.max_connections: Expected `int`, got `str```.
+
+Precedence, highest first: command-line flags, environment
+(``SENTINEL_SOCKET``, ``SENTINEL_DATA_DIR``), the config file, built-in defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from .errors import ConfigError
+from .messages import DEFAULT_MAX_FRAME_BYTES
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Listener and per-connection bounds."""
+
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_connections: int = 1000
+    max_in_flight_per_connection: int = 64
+    max_in_flight_total: int = 4096
+    #: A frame that has started must finish within this many seconds (slowloris).
+    frame_read_timeout: float = 10.0
+    #: Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
+    shutdown_grace: float = 5.0
+    #: Socket file mode; 0o660 together with ``socket_group`` shares it with a group.
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+    #: Uids besides the daemon's own that may use admin operations.
+    admin_uids: list[int] = []
+    #: When false, peers of another uid (and not in admin_uids/allowed_uids) are refused.
+    allow_other_users: bool = True
+    allowed_uids: list[int] = []
+    #: Bytes of unsent replies buffered per connection before the sender waits.
+    max_reply_backlog: int = 256
+
+
+class RateLimitConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    burst: int = 20
+    scans_per_second: float = 10.0
+    max_concurrent_scans_per_connection: int = 5
+
+
+class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole config file. Sections are added by each subsystem."""
+
+    socket: str | None = None
+    data_dir: str | None = None
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+
+
+def default_socket_path() -> Path:
+    """``$SENTINEL_SOCKET``, else ``$XDG_RUNTIME_DIR/sentinel/sentinel.sock``,
+    else a private per-user directory under the system temp dir."""
+    env = os.environ.get("SENTINEL_SOCKET")
+    if env:
+        return Path(env)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "sentinel" / "sentinel.sock"
+    return Path(tempfile.gettempdir()) / f"sentinel-{os.getuid()}" / "sentinel.sock"
+
+
+def default_data_dir() -> Path:
+    """``$SENTINEL_DATA_DIR``, else ``$XDG_STATE_HOME/sentinel`` (``~/.local/state/sentinel``)."""
+    env = os.environ.get("SENTINEL_DATA_DIR")
+    if env:
+        return Path(env)
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(state) / "sentinel"
+
+
+def parse_config(text: str | bytes, source: str = "<config>") -> Config:
+    """Decode TOML text into :class:`Config`; :class:`ConfigError` names the key."""
+    try:
+        return msgspec.toml.decode(text, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: invalid configuration: {_keyed(str(exc))}") from exc
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and decode a config file; ``None`` gives the built-in defaults."""
+    if path is None:
+        return Config()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    return parse_config(data, str(path))
+
+
+def _keyed(message: str) -> str:
+    """Turn msgspec's ``... - at `$.a.b``` into ``a.b: ...`` so the key comes first."""
+    marker = " - at `$"
+    if marker in message and message.endswith("`"):
+        text, _, where = message.partition(marker)
+        key = where[:-1].lstrip(".")
+        return f"{key}: {text}" if key else text
+    return message

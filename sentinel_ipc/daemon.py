@@ -1,0 +1,110 @@
+"""The composition root: builds every subsystem, wires handlers, runs the server.
+
+Order of start-up matters: the data dir and the subsystems come up first, the
+socket last, so a client that can connect finds a daemon that can answer. On
+SIGTERM / SIGINT (or an admin ``shutdown`` request) the server drains, the
+subsystems close (workers reaped), the socket and its lock file are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import trio
+
+from .config import Config
+from .handlers import core
+from .logs import log_event
+from .messages import Limits
+from .server.dispatch import Dispatcher
+from .server.listener import acquire_lock, open_unix_listener, prepare_socket_dir, release_lock
+from .server.server import Server
+
+
+class Daemon:
+    """One running sentineld."""
+
+    def __init__(self, config: Config, socket_path: Path, data_dir: Path) -> None:
+        self.config = config
+        self.socket_path = socket_path
+        self.data_dir = data_dir
+        self.started_at = time.time()
+        self.started_monotonic = time.monotonic()
+        self.dispatcher = Dispatcher()
+        self.server = Server(config.server, self.dispatcher)
+        self._shutdown = trio.Event()
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    @property
+    def limits(self) -> Limits:
+        server = self.config.server
+        return Limits(
+            max_frame_bytes=server.max_frame_bytes,
+            max_in_flight_per_connection=server.max_in_flight_per_connection,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        server_cfg = self.config.server
+        dir_mode = 0o750 if server_cfg.socket_group else 0o700
+        prepare_socket_dir(self.socket_path, dir_mode=dir_mode, group=server_cfg.socket_group)
+        lock_fd = acquire_lock(self.socket_path)
+        try:
+            async with AsyncExitStack() as stack:
+                await stack.enter_async_context(self._subsystems())
+                core.register(
+                    self.dispatcher, limits=self.limits, request_shutdown=self.request_shutdown
+                )
+                listener = await open_unix_listener(
+                    self.socket_path, mode=server_cfg.socket_mode, group=server_cfg.socket_group
+                )
+                stack.callback(self._remove_socket, listener)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.server.serve, listener)
+                    nursery.start_soon(self._watch_signals, nursery)
+                    log_event(
+                        "listening",
+                        logging.INFO,
+                        socket=str(self.socket_path),
+                        data_dir=str(self.data_dir),
+                        pid=os.getpid(),
+                    )
+                    task_status.started()
+                    await self._shutdown.wait()
+                    await self.server.drain(server_cfg.shutdown_grace)
+                    nursery.cancel_scope.cancel()
+        finally:
+            release_lock(self.socket_path, lock_fd)
+        log_event("stopped", logging.INFO)
+
+    @contextlib.asynccontextmanager
+    async def _subsystems(self) -> AsyncIterator[None]:
+        """Start the subsystems (scanner, policy store, health...) and register handlers."""
+        yield
+
+    async def _watch_signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.on_sighup()
+                    continue
+                log_event("signal", logging.INFO, signal=signal.Signals(signum).name)
+                self.request_shutdown()
+
+    async def on_sighup(self) -> None:
+        """Reload rules (wired by the scanning subsystem)."""
+        log_event("sighup_ignored", logging.INFO, reason="no reloadable subsystem")
+
+    def _remove_socket(self, listener: trio.socket.SocketType) -> None:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)

@@ -1,0 +1,341 @@
+"""One client connection: read frames, run requests concurrently, write replies.
+
+Theory of operation
+-------------------
+The read loop owns the socket's receive side. It feeds bytes (and any
+SCM_RIGHTS descriptors, tagged with their stream offset) into a
+:class:`~sentinel_ipc.framing.FrameDecoder`, decodes each frame into a
+request and either runs it inline (``ordered`` routes) or starts it as a
+task in the connection's nursery. Replies from any task go out through
+:meth:`Connection.send`, serialised by a lock, so frames never interleave.
+
+Bounds, each answered with a typed ``error`` rather than a queue:
+
+* requests in flight on this connection / on the whole server -> ``busy``;
+* a frame that has started must complete within ``frame_read_timeout``
+  (slowloris) -> ``timeout`` and close;
+* an oversized length header -> ``frame_too_large`` and close, body unread;
+* an undecodable body -> ``bad_frame`` with id 0 and close (the stream is
+  no longer trustworthy); a decodable but wrong message -> ``invalid_message``
+  / ``unknown_type`` with the request's id, and the connection stays usable;
+* descriptors: at most ``_MAX_PENDING_FDS`` held; a descriptor not claimed by
+  the frame it arrived with is closed.
+
+A peer that hangs up, even mid-frame, ends only its own connection.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from ..codec import DecodeFailure, decode_request, encode_framed
+from ..errors import (
+    BadFrameError,
+    BusyError,
+    ErrorCode,
+    FrameTooLargeError,
+    RequestTimeoutError,
+    SentinelError,
+    ShuttingDownError,
+    UnknownMessageTypeError,
+)
+from ..framing import HEADER_SIZE, NEED_DATA, FrameDecoder
+from ..logs import log_event
+from ..messages import Error, Reply, type_tag
+from .dispatch import Dispatcher, RequestContext, Route, check_admin
+from .peer import PeerCredentials, is_admin
+
+if TYPE_CHECKING:
+    from .server import Server
+
+_MAX_PENDING_FDS = 16
+_RECV_MIN = 64 * 1024
+_RECV_MAX = 1024 * 1024
+_ANCBUF = socket.CMSG_SPACE(_MAX_PENDING_FDS * 4)
+
+
+def error_reply(request_id: int, exc: SentinelError) -> Error:
+    return Error(
+        id=request_id,
+        code=exc.code,
+        message=exc.message,
+        retryable=exc.retryable,
+        retry_after_ms=exc.retry_after_ms,
+    )
+
+
+class Connection:
+    """Server side of one accepted socket."""
+
+    def __init__(
+        self,
+        server: Server,
+        sock: trio.socket.SocketType,
+        peer: PeerCredentials,
+        conn_id: int,
+    ) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.conn_id = conn_id
+        self.is_admin = is_admin(peer, frozenset(server.config.admin_uids))
+        self.protocol_version: int | None = None
+        self.in_flight = 0
+        #: Per-connection state subsystems attach (scan streams, subscriptions...).
+        self.state: dict[str, Any] = {}
+        self._closers: list[Callable[[], None]] = []
+        self._send_lock = trio.Lock()
+        self._stream = trio.SocketStream(sock)
+        self._decoder = FrameDecoder(server.config.max_frame_bytes)
+        self._received = 0  # stream offset of the next byte to arrive
+        self._frame_start = 0  # stream offset where the next frame starts
+        self._fds: deque[tuple[int, int]] = deque()  # (stream offset, fd)
+        self._closed = False
+        self._idle_scope: trio.CancelScope | None = None
+
+    # -- public API for handlers ---------------------------------------------
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.server.dispatcher
+
+    async def send(self, message: msgspec.Struct) -> None:
+        """Send one message; safe from any task. Raises trio.BrokenResourceError /
+        trio.ClosedResourceError when the peer is gone."""
+        frame = encode_framed(message)
+        async with self._send_lock:
+            await self._stream.send_all(frame)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the connection ends (release per-connection state)."""
+        self._closers.append(callback)
+
+    # -- main loop ---------------------------------------------------------------
+
+    async def serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._read_loop(nursery)
+                # Peer closed its side or we decided to close: let in-flight
+                # requests finish (bounded by shutdown cancellation), then close.
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._closed = True
+            self._close_fds()
+            for callback in reversed(self._closers):
+                try:
+                    callback()
+                except Exception:
+                    log_event("connection_close_callback_failed", logging.ERROR, conn=self.conn_id)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        config = self.server.config
+        while True:
+            try:
+                frame = self._decoder.next_frame()
+            except FrameTooLargeError as exc:
+                self.server.note_error(exc.code)
+                await self._fatal(0, exc)
+                return
+            except BadFrameError as exc:  # the peer hung up inside a frame
+                log_event(
+                    "connection_truncated", logging.INFO, conn=self.conn_id, reason=exc.message
+                )
+                return
+            if frame is not NEED_DATA:
+                assert isinstance(frame, bytes)
+                if not await self._handle_frame(frame, nursery):
+                    return
+                continue
+            if self._decoder.eof:
+                return
+            if self.server.draining and self.in_flight == 0:
+                return
+            try:
+                if self._decoder.in_frame:
+                    with trio.move_on_after(config.frame_read_timeout) as scope:
+                        await self._receive()
+                    if scope.cancelled_caught:
+                        self.server.note_error(ErrorCode.TIMEOUT)
+                        await self._fatal(
+                            0,
+                            RequestTimeoutError(
+                                f"frame not completed within {config.frame_read_timeout:g} s"
+                            ),
+                        )
+                        return
+                else:
+                    with trio.CancelScope() as idle_scope:
+                        self._idle_scope = idle_scope
+                        await self._receive()
+                    self._idle_scope = None
+            except OSError as exc:
+                if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                    return
+                raise
+
+    async def _receive(self) -> None:
+        size = min(max(self._decoder.wanted(), _RECV_MIN), _RECV_MAX)
+        data, ancdata, _flags, _addr = await self.sock.recvmsg(size, _ANCBUF)
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+                for fd in fds:
+                    if len(self._fds) >= _MAX_PENDING_FDS:
+                        os.close(fd)
+                    else:
+                        self._fds.append((self._received, fd))
+        self._received += len(data)
+        self._decoder.receive_data(data)
+
+    async def _handle_frame(self, payload: bytes, nursery: trio.Nursery) -> bool:
+        """Decode and start one request; False when the connection must close."""
+        start = self._frame_start
+        self._frame_start = end = start + HEADER_SIZE + len(payload)
+        fds = self._claim_fds(start, end)
+        try:
+            request = decode_request(payload)
+        except DecodeFailure as failure:
+            self._close_list(fds)
+            self.server.note_error(failure.error.code)
+            if failure.fatal:
+                await self._fatal(failure.request_id, failure.error)
+                return False
+            await self._send_quietly(error_reply(failure.request_id, failure.error))
+            return True
+        route = self.dispatcher.route(type(request))
+        if route is None:
+            self._close_list(fds)
+            exc = UnknownMessageTypeError(
+                f"message type {type_tag(type(request))!r} is not served by this daemon"
+            )
+            await self._send_quietly(error_reply(request.id, exc))
+            return True
+        ctx = RequestContext(peer=self.peer, is_admin=self.is_admin, connection=self, fds=fds)
+        if route.ordered:
+            await self._run(request, route, ctx)
+            return True
+        refusal = self._admission_refusal()
+        if refusal is not None:
+            self._close_list(fds)
+            self.server.note_error(refusal.code)
+            await self._send_quietly(error_reply(request.id, refusal))
+            return True
+        self.in_flight += 1
+        self.server.in_flight += 1
+        nursery.start_soon(self._run_counted, request, route, ctx)
+        return True
+
+    def _admission_refusal(self) -> SentinelError | None:
+        config = self.server.config
+        if self.server.draining:
+            return ShuttingDownError("the daemon is shutting down", retry_after=1.0)
+        if self.in_flight >= config.max_in_flight_per_connection:
+            return BusyError(
+                f"{self.in_flight} requests already in flight on this connection "
+                f"(limit {config.max_in_flight_per_connection})",
+                retry_after=0.05,
+            )
+        if self.server.in_flight >= config.max_in_flight_total:
+            return BusyError(
+                f"the daemon has {self.server.in_flight} requests in flight "
+                f"(limit {config.max_in_flight_total})",
+                retry_after=0.1,
+            )
+        return None
+
+    async def _run_counted(self, request: Any, route: Route[Any], ctx: RequestContext) -> None:
+        try:
+            await self._run(request, route, ctx)
+        finally:
+            self.in_flight -= 1
+            self.server.in_flight -= 1
+            self.server.request_finished()
+            if self.in_flight == 0 and self.server.draining:
+                self.wake_for_drain()
+
+    async def _run(self, request: Any, route: Route[Any], ctx: RequestContext) -> None:
+        reply: Reply | None
+        try:
+            if route.admin and not ctx.is_admin:
+                self.server.audit_refusal(self.peer, type_tag(type(request)))
+            check_admin(route, ctx, type_tag(type(request)))
+            reply = await route.handler(request, ctx)
+        except SentinelError as exc:
+            self.server.note_error(exc.code)
+            reply = error_reply(request.id, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception as exc:
+            self.server.note_error(ErrorCode.INTERNAL)
+            log_event(
+                "handler_failed",
+                logging.ERROR,
+                conn=self.conn_id,
+                type=type_tag(type(request)),
+                error=repr(exc),
+            )
+            reply = Error(
+                id=request.id,
+                code=ErrorCode.INTERNAL,
+                message=f"internal error while handling {type_tag(type(request))}: {exc}",
+                retryable=True,
+            )
+        finally:
+            self._close_list(ctx.fds)
+        if reply is not None:
+            await self._send_quietly(reply)
+
+    async def _send_quietly(self, message: msgspec.Struct) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self.send(message)
+
+    async def _fatal(self, request_id: int, exc: SentinelError) -> None:
+        reply = error_reply(request_id, exc)
+        await self._send_quietly(reply)
+        log_event("connection_protocol_error", logging.INFO, conn=self.conn_id, code=reply.code)
+
+    def wake_for_drain(self) -> None:
+        """Interrupt an idle read so the loop notices the daemon is draining."""
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+
+    # -- descriptors ---------------------------------------------------------
+
+    def _claim_fds(self, start: int, end: int) -> list[int]:
+        claimed: list[int] = []
+        while self._fds and self._fds[0][0] < end:
+            offset, fd = self._fds.popleft()
+            if offset >= start:
+                claimed.append(fd)
+            else:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        return claimed
+
+    @staticmethod
+    def _close_list(fds: list[int]) -> None:
+        while fds:
+            with contextlib.suppress(OSError):
+                os.close(fds.pop())
+
+    def _close_fds(self) -> None:
+        while self._fds:
+            _, fd = self._fds.popleft()
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -1,0 +1,162 @@
+"""The accept loop and the server-wide bounds.
+
+:class:`Server` owns the listening socket and the set of live connections.
+Each accepted socket gets its peer credentials (SO_PEERCRED) and one task in
+the server's nursery. Over ``max_connections`` a new peer receives a
+retryable ``busy`` error and is closed at once; a peer of another user is
+refused when ``allow_other_users`` is off.
+
+Shutdown (:meth:`Server.drain`): stop accepting, refuse new requests with
+``shutting_down``, let in-flight requests finish within the grace period, then
+cancel whatever is left. The caller removes the socket file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+
+import trio
+
+from ..codec import encode_framed
+from ..config import ServerConfig
+from ..errors import BusyError, ErrorCode, ForbiddenError
+from ..logs import log_event
+from .connection import Connection, error_reply
+from .dispatch import Dispatcher
+from .peer import PeerCredentials, peer_credentials
+
+
+class Server:
+    def __init__(self, config: ServerConfig, dispatcher: Dispatcher) -> None:
+        self.config = config
+        self.dispatcher = dispatcher
+        self.connections: dict[int, Connection] = {}
+        self.in_flight = 0
+        self.draining = False
+        self.errors_by_code: Counter[str] = Counter()
+        self.connections_total = 0
+        self.refused_total: Counter[str] = Counter()
+        #: Hooks the daemon sets: audit of refused admin requests, error metrics.
+        self.on_refusal: Callable[[PeerCredentials, str], None] | None = None
+        self.on_error: Callable[[str], None] | None = None
+        self._ids = itertools.count(1)
+        self._idle = trio.Event()
+        self._cancel_scope: trio.CancelScope | None = None
+        self._accept_scope: trio.CancelScope | None = None
+
+    # -- hooks used by connections ---------------------------------------------
+
+    def note_error(self, code: str) -> None:
+        self.errors_by_code[code] += 1
+        if self.on_error is not None:
+            self.on_error(code)
+
+    def audit_refusal(self, peer: PeerCredentials, what: str) -> None:
+        log_event("request_refused", logging.WARNING, uid=peer.uid, pid=peer.pid, request=what)
+        if self.on_refusal is not None:
+            self.on_refusal(peer, what)
+
+    def request_finished(self) -> None:
+        if self.draining and self.in_flight == 0:
+            self._idle.set()
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.connections)
+
+    # -- serving -----------------------------------------------------------------
+
+    async def serve(
+        self,
+        listener: trio.socket.SocketType,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept until :meth:`drain` finishes or the surrounding scope is cancelled."""
+        with trio.CancelScope() as scope:
+            self._cancel_scope = scope
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+                task_status.started()
+
+    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        with trio.CancelScope() as scope:
+            self._accept_scope = scope
+            while not self.draining:
+                try:
+                    sock, _ = await listener.accept()
+                except trio.ClosedResourceError:
+                    return
+                except OSError as exc:
+                    # EMFILE/ENFILE: out of descriptors. Back off briefly instead
+                    # of spinning; the connection stays in the backlog.
+                    log_event("accept_failed", logging.WARNING, error=str(exc))
+                    await trio.sleep(0.05)
+                    continue
+                nursery.start_soon(self._serve_connection, sock)
+
+    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
+        try:
+            peer = peer_credentials(sock)
+        except OSError:
+            sock.close()
+            return
+        refusal: BusyError | ForbiddenError | None = None
+        if self.draining:
+            refusal = BusyError("the daemon is shutting down", retry_after=1.0)
+        elif len(self.connections) >= self.config.max_connections:
+            refusal = BusyError(
+                f"too many connections (limit {self.config.max_connections})", retry_after=0.5
+            )
+        elif not self._peer_allowed(peer):
+            refusal = ForbiddenError(f"uid {peer.uid} may not use this daemon")
+            self.audit_refusal(peer, "connect")
+        if refusal is not None:
+            self.refused_total[refusal.code] += 1
+            self.note_error(refusal.code)
+            with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                with trio.move_on_after(1.0):
+                    await trio.SocketStream(sock).send_all(encode_framed(error_reply(0, refusal)))
+            sock.close()
+            return
+        conn_id = next(self._ids)
+        conn = Connection(self, sock, peer, conn_id)
+        self.connections[conn_id] = conn
+        self.connections_total += 1
+        log_event("connection_opened", logging.DEBUG, conn=conn_id, uid=peer.uid, pid=peer.pid)
+        try:
+            await conn.serve()
+        finally:
+            del self.connections[conn_id]
+            log_event("connection_closed", logging.DEBUG, conn=conn_id)
+
+    def _peer_allowed(self, peer: PeerCredentials) -> bool:
+        if self.config.allow_other_users:
+            return True
+        return (
+            peer.uid == os.getuid()
+            or peer.uid in self.config.admin_uids
+            or peer.uid in self.config.allowed_uids
+        )
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting, wait up to ``grace`` s for in-flight requests, then cancel."""
+        self.draining = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        log_event("draining", logging.INFO, in_flight=self.in_flight, grace=grace)
+        for conn in list(self.connections.values()):
+            conn.wake_for_drain()
+        if self.in_flight:
+            with trio.move_on_after(grace):
+                await self._idle.wait()
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+
+__all__ = ["ErrorCode", "Server"]
