@@ -40,6 +40,7 @@ class Daemon:
         self.dispatcher = Dispatcher()
         self.server = Server(config.server, self.dispatcher)
         self._shutdown = trio.Event()
+        self._exit_stack: AsyncExitStack | None = None
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -88,8 +89,29 @@ class Daemon:
 
     @contextlib.asynccontextmanager
     async def _subsystems(self) -> AsyncIterator[None]:
-        """Start the subsystems (scanner, policy store, health...) and register handlers."""
-        yield
+        """Start the subsystems (scanner, policy store, health...) and register handlers.
+
+        Each subsystem owns one marked section below. Order: what others depend
+        on comes first (audit, metrics, events), then the dependencies
+        (scanner, policy store), then what observes them (health).
+        """
+        async with AsyncExitStack() as stack:
+            # --- section: audit -------------------------------------------------
+            # --- end: audit
+            # --- section: observability (metrics, events, fallback manager) -----
+            # --- end: observability
+            # --- section: scanning -----------------------------------------------
+            # --- end: scanning
+            # --- section: policy -------------------------------------------------
+            # --- end: policy
+            # --- section: external integrations ----------------------------------
+            # --- end: external integrations
+            # --- section: handlers -----------------------------------------------
+            # --- end: handlers
+            # --- section: health -------------------------------------------------
+            # --- end: health
+            self._exit_stack = stack
+            yield
 
     async def _watch_signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
