@@ -243,3 +243,86 @@ for _cls in (
 def error_class_for_code(code: str) -> type[SentinelError]:
     """The exception class a client raises for a wire error ``code``."""
     return _BY_CODE.get(code, SentinelError)
+
+
+# --- resilience drivers (appended by the resilience core) -------------------
+
+
+class RetryGaveUpError(RetryExhaustedError):
+    """What the retry drivers raise when they stop retrying a retryable error.
+
+    Chained (``__cause__``) from the last error. ``reason`` says why they
+    stopped: "attempts" (all used), "timeout" (the policy's total-time cap),
+    "deadline" (the next wait would outlast the caller's cancel scope),
+    "budget" (the dependency's retry budget is spent) or "retry_after" (the
+    error's hint is longer than the policy's max delay; ``retry_after`` holds
+    it). ``history`` holds one ``RetryAttempt`` per failed attempt, oldest first.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        reason: str,
+        attempts: int,
+        history: tuple[object, ...],
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retryable=True, retry_after=retry_after)
+        self.operation = operation
+        self.reason = reason
+        self.attempts = attempts
+        self.history = history
+
+
+# --- policy store faults (appended by the PolicyGraph) ----------------------
+
+
+class DatabaseLockedError(PolicyStoreError):
+    """The policy database is locked or busy (another writer); a retry may help."""
+
+
+class DatabaseIOError(PolicyStoreError):
+    """The policy database cannot be opened, read or written (I/O error, permission,
+    read-only file system); a retry may help once the cause is fixed."""
+
+
+class DatabaseCorruptError(PolicyStoreError):
+    """The policy database failed ``quick_check`` or is not a database at all; it is
+    moved aside and rebuilt from the snapshot and the journal. Retrying the same
+    file cannot help."""
+
+    default_retryable = False
+
+
+class DatabaseMovedError(PolicyStoreError):
+    """The path no longer names the open database file (deleted or replaced under
+    it): writes would go to a file nobody will ever open again."""
+
+    default_retryable = False
+
+
+class JournalFullError(PolicyStoreError):
+    """The outage journal reached its size bound; the write was not accepted."""
+
+    code = ErrorCode.BUSY
+
+
+# --- scanning faults (appended by the scanning engine) -----------------------
+
+
+class WorkerCrashedError(ScanError):
+    """A scan worker process died (kill -9, segfault) or ran out of memory during a
+    scan. The worker is replaced; the same scan may succeed on another worker, so
+    the yara retry policy retries it and the yara breaker counts it."""
+
+    default_retryable = True
+
+
+class ScanTimeoutError(ScanError):
+    """A scan ran past its timeout (YARA's own, or the hard deadline after which the
+    worker is killed). Retrying the same bytes would time out again."""
+
+    code = ErrorCode.TIMEOUT
+    default_retryable = False
