@@ -6,7 +6,6 @@ import os
 import random
 
 import pytest
-
 from daemon_harness import DaemonProcess, daemon_factory  # noqa: F401  (fixture)
 
 __all__ = ["DaemonProcess"]
