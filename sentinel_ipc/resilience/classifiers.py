@@ -26,7 +26,7 @@ from concurrent.futures import BrokenExecutor
 
 import trio
 
-from sentinel_ipc.errors import ProtocolError, SentinelError
+from sentinel_ipc.errors import PolicyStoreError, ProtocolError, SentinelError
 from sentinel_ipc.resilience.breaker import BreakerConfig
 from sentinel_ipc.resilience.retry import (
     NO_RETRY,
@@ -117,8 +117,8 @@ def database(error: BaseException) -> RetryDecision:
 def database_failure(error: BaseException) -> bool:
     """Breaker: the database is unwell (locked out, unreadable, corrupt, full,
     read-only, gone), not merely asked something wrong."""
-    if database(error).retry:
-        return True
+    if isinstance(error, PolicyStoreError) or database(error).retry:
+        return True  # the store's own errors, retryable or not (corrupt, moved)
     if isinstance(error, sqlite3.Error) and not isinstance(error, _SQLITE_CALLER_FAULT):
         code = _sqlite_code(error)
         if code is not None:

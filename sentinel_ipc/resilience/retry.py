@@ -22,9 +22,11 @@ Wait before retry ``n`` (``n`` = 1 for the first retry), by ``backoff``:
       delay(n) = min(initial * multiplier ** (n - 1), max_delay) * (1 + U(0, jitter))
 
 * ``full_jitter``: ``U(0, min(initial * multiplier ** (n - 1), max_delay))``
-* ``decorrelated_jitter``: Polly's decorrelated-jitter-v2 with median delays
-  near ``initial * 2 ** (n - 1)``, capped at ``max_delay``; ``multiplier`` and
-  ``jitter`` do not apply.
+* ``decorrelated_jitter``: Polly's decorrelated-jitter-v2: with
+  ``t = (n - 1) + U(0, 1)`` and ``f(t) = 2^t * tanh(sqrt(4t))``, the wait is
+  ``(f(t) - f(t_previous)) / 1.4 * initial`` capped at ``max_delay`` (median
+  waits about 0.9, 1.1, 2, 4, 8 x initial); ``multiplier`` and ``jitter`` do
+  not apply.
 
 An error may carry its own hint (a server's ``retry_after_ms``): a classifier
 returning ``retry_after(seconds)`` replaces the backoff for that wait. A hint
