@@ -19,6 +19,7 @@ import msgspec
 
 from .errors import ConfigError
 from .messages import DEFAULT_MAX_FRAME_BYTES
+from .observability.config import ResilienceConfig
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -62,6 +63,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    resilience: ResilienceConfig = msgspec.field(default_factory=ResilienceConfig)
+    #: Optional HTTP endpoint for scrapers ("127.0.0.1:9464"): /health*, /metrics. Off when unset.
+    http_listen: str | None = None
 
 
 def default_socket_path() -> Path:

@@ -1,0 +1,1 @@
+"""Observability: health checks, metrics, events, persisted resilience state."""
