@@ -452,7 +452,12 @@ class Scanner:
         )
 
     def worker_pids(self) -> list[int]:
+        """Pids of every worker process not yet reaped."""
         return self._pool.worker_pids()
+
+    async def wait_workers(self, count: int | None = None) -> None:
+        """Wait until ``count`` (default: all configured) workers are up (tests, tools)."""
+        await self._pool.wait_alive(count)
 
     def kill_worker(self, pid: int) -> bool:
         """SIGKILL one worker (chaos tools, operators); True if the pid was ours."""

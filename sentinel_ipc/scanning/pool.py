@@ -191,6 +191,7 @@ class WorkerPool:
         #: Every handle whose process may not have been reaped yet (shutdown kills these).
         self._unreaped: set[WorkerHandle] = set()
         self._changed = trio.Event()
+        self._state_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._start_failures_in_row = 0
@@ -240,6 +241,16 @@ class WorkerPool:
     def worker_pids(self) -> list[int]:
         """Pids of every worker process not yet reaped (any state)."""
         return sorted(w.pid for w in self._workers if w.proc.returncode is None)
+
+    async def wait_alive(self, count: int | None = None) -> None:
+        """Wait until ``count`` (default: all) workers of the current rules are alive."""
+        want = self.config.workers if count is None else count
+        while True:
+            alive = sum(1 for w in self._workers if w.generation == self._generation
+                        and w.state in (WorkerState.IDLE, WorkerState.BUSY, WorkerState.DRAINING))
+            if alive >= want:
+                return
+            await self._state_changed.wait()
 
     def retry_after(self) -> float:
         """A hint for BusyError: roughly when a queue slot should free up."""
@@ -491,9 +502,12 @@ class WorkerPool:
         self._nursery.start_soon(self._reap, handle)
         self._make_idle(handle)
         self._ready.set()
+        self._poke()
 
     def _poke(self) -> None:
         self._changed.set()
+        self._state_changed.set()
+        self._state_changed = trio.Event()
 
     def _live_current(self) -> int:
         return sum(

@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""Scan throughput, side by side: raw yara-python vs Sentinel's Scanner (vs the daemon).
+
+    python tools/bench_scan.py --rules DIR --corpus DIR [--workers N] [--modes ...]
+    python tools/bench_scan.py --rules /work/shared/bench/rules --corpus /tmp/c --make-corpus \
+        --total-mib 60          # quick run on a smaller corpus
+
+Every mode scans the same bytes (the corpus, read into memory first) with the
+same compiled rules (one namespace per file, externals defined):
+
+* ``raw1``   raw yara-python, one process, ``Rules.match(data=...)`` per file;
+* ``rawN``   the same in N forked processes pulling files from a shared counter
+             (the fair "N-process" baseline the issue's bar is measured against);
+* ``engine`` Sentinel's Scanner called in-process (``scan_bytes``: memfd + worker
+             pool + breaker/retry + sha256), ``--concurrency`` scans in flight;
+* ``engine_fd`` the Scanner's ``scan_fd`` on the corpus files (no copy at all);
+* ``daemon`` the same bytes through sentineld over its socket (see
+             :func:`scan_via_daemon`; reported as unavailable until the daemon
+             side provides a client).
+
+Prints MB/s, files/s and p50/p99 per-file latency per mode, the ratios to
+``rawN``, and as its last line (machine-readable):
+``bench_scan: daemon_mbps=<float> raw_mbps=<float> ratio=<float> ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sentinel_ipc.scanning.rules import EXTERNALS, load_rules_sync
+
+MAKE_CORPUS = Path("/work/shared/bench/make_corpus.py")
+
+
+@dataclass
+class ModeResult:
+    name: str
+    seconds: float
+    total_bytes: int
+    latencies: list[float]
+    files: int
+    matched_files: int
+    note: str = ""
+
+    @property
+    def mbps(self) -> float:
+        return self.total_bytes / self.seconds / 1e6 if self.seconds else math.nan
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files / self.seconds if self.seconds else math.nan
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return math.nan
+        data = sorted(self.latencies)
+        return data[min(len(data) - 1, int(q * len(data)))] * 1000
+
+
+# ---------------------------------------------------------------------------
+# corpus and rules
+# ---------------------------------------------------------------------------
+
+
+def load_corpus(corpus: Path) -> list[tuple[str, bytes]]:
+    names = sorted(p.name for p in corpus.iterdir() if p.is_file() and p.name != "manifest.json")
+    return [(name, (corpus / name).read_bytes()) for name in names]
+
+
+def ensure_corpus(corpus: Path, total_mib: float, files: int, seed: int) -> None:
+    if (corpus / "manifest.json").exists():
+        return
+    cmd = [sys.executable, str(MAKE_CORPUS), str(corpus), "--seed", str(seed),
+           "--total-mib", str(total_mib), "--files", str(files)]
+    print("making corpus:", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+# ---------------------------------------------------------------------------
+# raw yara-python baselines
+# ---------------------------------------------------------------------------
+
+
+def raw_one_process(compiled: str, corpus: list[tuple[str, bytes]]) -> ModeResult:
+    import yara
+
+    rules = yara.load(compiled)
+    lat: list[float] = []
+    matched = 0
+    start = time.perf_counter()
+    for _name, data in corpus:
+        t = time.perf_counter()
+        if rules.match(data=data):
+            matched += 1
+        lat.append(time.perf_counter() - t)
+    seconds = time.perf_counter() - start
+    return ModeResult("raw1", seconds, sum(len(d) for _, d in corpus), lat, len(corpus), matched)
+
+
+_CHILD: dict[str, Any] = {}
+
+
+def _raw_child(compiled: str, counter: Any, barrier: Any, out: Any) -> None:
+    import yara
+
+    rules = yara.load(compiled)
+    corpus = _CHILD["corpus"]
+    lat: list[tuple[float, int]] = []
+    barrier.wait()
+    while True:
+        with counter.get_lock():
+            i = counter.value
+            counter.value += 1
+        if i >= len(corpus):
+            break
+        t = time.perf_counter()
+        m = rules.match(data=corpus[i][1])
+        lat.append((time.perf_counter() - t, 1 if m else 0))
+    out.put(lat)
+
+
+def raw_n_processes(compiled: str, corpus: list[tuple[str, bytes]], n: int) -> ModeResult:
+    """N forked processes; the corpus is inherited (copy-on-write), not pickled."""
+    ctx = mp.get_context("fork")
+    _CHILD["corpus"] = corpus
+    counter = ctx.Value("q", 0)
+    barrier = ctx.Barrier(n + 1)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_raw_child, args=(compiled, counter, barrier, out))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    start = time.perf_counter()
+    results = [out.get() for _ in procs]
+    seconds = time.perf_counter() - start
+    for p in procs:
+        p.join()
+    lat = [x for r in results for x, _ in r]
+    matched = sum(m for r in results for _, m in r)
+    return ModeResult(f"raw{n}", seconds, sum(len(d) for _, d in corpus), lat, len(corpus),
+                      matched)
+
+
+# ---------------------------------------------------------------------------
+# Sentinel's Scanner, in-process
+# ---------------------------------------------------------------------------
+
+
+def engine_mode(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
+                corpus_dir: Path, workers: int, concurrency: int, use_fd: bool) -> ModeResult:
+    import trio
+
+    from sentinel_ipc.scanning import ScanMeta, ScannerConfig, open_scanner
+
+    lat: list[float] = []
+    matched = 0
+    unscanned = 0
+    seconds = 0.0
+
+    async def main() -> None:
+        nonlocal matched, unscanned, seconds
+        config = ScannerConfig(rules_dir=rules_dir, workers=workers)
+        async with open_scanner(config, data_dir) as scanner:
+            # Let every worker finish starting before the clock runs.
+            await scanner.wait_workers(workers)
+            await scanner.self_test()
+            next_index = 0
+
+            async def client() -> None:
+                nonlocal next_index, matched, unscanned
+                while next_index < len(corpus):
+                    i = next_index
+                    next_index += 1
+                    name, data = corpus[i]
+                    t = time.perf_counter()
+                    if use_fd:
+                        fd = os.open(corpus_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+                        try:
+                            outcome = await scanner.scan_fd(fd, ScanMeta(filename=name))
+                        finally:
+                            os.close(fd)
+                    else:
+                        outcome = await scanner.scan_bytes(data, ScanMeta(filename=name))
+                    lat.append(time.perf_counter() - t)
+                    matched += bool(outcome.matches)
+                    unscanned += not outcome.scanned
+
+            start = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for _ in range(concurrency):
+                    nursery.start_soon(client)
+            seconds = time.perf_counter() - start
+
+    trio.run(main)
+    name = "engine_fd" if use_fd else "engine"
+    note = f"{unscanned} unscanned" if unscanned else ""
+    return ModeResult(name, seconds, sum(len(d) for _, d in corpus), lat, len(corpus), matched,
+                      note)
+
+
+# ---------------------------------------------------------------------------
+# The daemon (filled in by the daemon-side step)
+# ---------------------------------------------------------------------------
+
+
+def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
+                    workers: int, concurrency: int) -> ModeResult | None:
+    """HOOK for the daemon-side step: start ``sentineld --rules rules_dir`` with
+    ``workers`` scan workers, scan every corpus file through the socket with
+    ``concurrency`` concurrent clients (``scan`` frames; ``scan_begin/chunk/end`` for
+    files over the frame limit), and return a ModeResult named "daemon".
+
+    Returns None while the daemon has no client API to do that with.
+    """
+    try:
+        importlib.import_module("sentinel_ipc.client")
+    except ImportError:
+        return None
+    return None  # TODO(daemon step): implement with sentinel_ipc.client
+
+
+# ---------------------------------------------------------------------------
+
+
+def report(results: Sequence[ModeResult], base: ModeResult | None) -> None:
+    print(f"{'mode':<10} {'MB/s':>8} {'files/s':>8} {'p50 ms':>8} {'p99 ms':>9} "
+          f"{'x rawN':>7} {'matched':>7}  note")
+    for r in results:
+        ratio = r.mbps / base.mbps if base else math.nan
+        print(f"{r.name:<10} {r.mbps:8.1f} {r.files_per_s:8.1f} {r.pct(0.5):8.2f} "
+              f"{r.pct(0.99):9.2f} {ratio:7.3f} {r.matched_files:7d}  {r.note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rules", required=True, help="directory of .yar/.yara files")
+    ap.add_argument("--corpus", required=True, type=Path, help="corpus directory")
+    ap.add_argument("--make-corpus", action="store_true",
+                    help="generate the corpus with make_corpus.py if it does not exist")
+    ap.add_argument("--total-mib", type=float, default=300.0, help="with --make-corpus")
+    ap.add_argument("--files", type=int, default=400, help="with --make-corpus")
+    ap.add_argument("--seed", type=int, default=1, help="with --make-corpus")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--concurrency", type=int, default=0,
+                    help="scans in flight for engine/daemon (default: 2 x workers)")
+    ap.add_argument("--modes", default="raw1,rawN,engine,engine_fd,daemon")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="where compiled rules are cached (default: a temp dir)")
+    ap.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+    args = ap.parse_args(argv)
+
+    if args.make_corpus:
+        ensure_corpus(args.corpus, args.total_mib, args.files, args.seed)
+    corpus = load_corpus(args.corpus)
+    total = sum(len(d) for _, d in corpus)
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-scan-"))
+    info = load_rules_sync(args.rules, data_dir / "rules-cache")
+    concurrency = args.concurrency or 2 * args.workers
+    print(f"corpus: {len(corpus)} files, {total / 2**20:.1f} MiB; rules: {info.rule_count} "
+          f"in {info.namespaces} files (version {info.version}); externals "
+          f"{','.join(EXTERNALS)}; workers={args.workers} concurrency={concurrency}; "
+          f"cpus={os.cpu_count()}")
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    runners: dict[str, Callable[[], ModeResult | None]] = {
+        "raw1": lambda: raw_one_process(info.compiled_path, corpus),
+        "rawN": lambda: raw_n_processes(info.compiled_path, corpus, args.workers),
+        "engine": lambda: engine_mode(args.rules, data_dir, corpus, args.corpus, args.workers,
+                                      concurrency, use_fd=False),
+        "engine_fd": lambda: engine_mode(args.rules, data_dir, corpus, args.corpus,
+                                         args.workers, concurrency, use_fd=True),
+        "daemon": lambda: scan_via_daemon(args.rules, data_dir, corpus, args.workers,
+                                          concurrency),
+    }
+    results: list[ModeResult] = []
+    for mode in modes:
+        if mode not in runners:
+            ap.error(f"unknown mode {mode!r}")
+        result = runners[mode]()
+        if result is None:
+            print(f"{mode}: not available yet (no daemon client); skipped", file=sys.stderr)
+            continue
+        results.append(result)
+        print(f"  {result.name}: {result.mbps:.1f} MB/s", file=sys.stderr)
+    base = next((r for r in results if r.name == f"raw{args.workers}"), None)
+    report(results, base)
+
+    def mbps(name: str) -> float:
+        r = next((r for r in results if r.name == name), None)
+        return r.mbps if r else math.nan
+
+    raw = base.mbps if base else math.nan
+    daemon = mbps("daemon")
+    engine = mbps("engine")
+    if args.json:
+        args.json.write_text(json.dumps({
+            r.name: {"mbps": r.mbps, "files_per_s": r.files_per_s, "p50_ms": r.pct(0.5),
+                     "p99_ms": r.pct(0.99), "matched": r.matched_files} for r in results
+        }, indent=2))
+    print(f"bench_scan: daemon_mbps={daemon:.1f} raw_mbps={raw:.1f} ratio={daemon / raw:.3f} "
+          f"engine_mbps={engine:.1f} engine_ratio={engine / raw:.3f} "
+          f"engine_fd_mbps={mbps('engine_fd'):.1f} raw1_mbps={mbps('raw1'):.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
