@@ -197,7 +197,8 @@ class WorkerPool:
         self._start_failures_in_row = 0
         self._last_start_error = ""
         self._swap_lock = trio.Lock()
-        self._ready = trio.Event()
+        #: Set once the first worker start has finished, well or badly.
+        self._settled = trio.Event()
         self._scans = 0
         self._crashes = 0
         self._hard_timeouts = 0
@@ -258,14 +259,15 @@ class WorkerPool:
         return min(5.0, max(0.1, per_worker * self._mean_scan_s))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Supervise the pool until cancelled; started() once the first worker is ready
-        (or the start timeout passed). On exit every worker is killed and reaped."""
+        """Supervise the pool until cancelled; started() once the first worker start
+        has succeeded or failed (or the start timeout passed). On exit every worker
+        is killed and reaped."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._maintain)
                 with trio.move_on_after(self.config.start_timeout):
-                    await self._ready.wait()
+                    await self._settled.wait()
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -292,6 +294,12 @@ class WorkerPool:
             raise BusyError(
                 f"scan queue full ({self._waiting} waiting for {self.config.workers} workers)",
                 retry_after=self.retry_after(),
+            )
+        if self._start_failures_in_row and not self.statistics().alive:
+            # Workers cannot start: waiting would only delay the same answer.
+            raise NoWorkerAvailable(
+                f"no scan worker is running (last start failure: {self._last_start_error})",
+                alive=0,
             )
         self._waiting += 1
         try:
@@ -501,7 +509,6 @@ class WorkerPool:
         self._workers.add(handle)
         self._nursery.start_soon(self._reap, handle)
         self._make_idle(handle)
-        self._ready.set()
         self._poke()
 
     def _poke(self) -> None:
@@ -532,6 +539,7 @@ class WorkerPool:
                 handle = None
             finally:
                 starting -= 1
+                self._settled.set()
                 self._poke()
             if handle is None:
                 return
