@@ -1,0 +1,333 @@
+"""Pushed events: the event bus, and the degraded-mode notices with their two buttons.
+
+The bus
+-------
+A client sends ``subscribe {id, topics}``; from then on the daemon pushes
+``event`` frames (carrying the subscribe request's ``id``) on that connection.
+:meth:`EventBus.publish` never blocks and never fails: it appends to each
+matching subscriber's bounded buffer and wakes that subscriber's pump task,
+which writes to the socket. A slow or stuck client therefore only ever stalls
+its own pump; when its buffer is full, further events are dropped and counted,
+and once there is room again it receives **one** ``events_dropped`` event
+saying how many it missed (one per overflow, however long it lasts), in the
+place where the missing events would have been.
+
+Topics: ``services`` (``service_state`` on every change of a service's
+degradation state), ``degraded`` (``degraded_notice`` / ``degraded_cleared``),
+``breakers`` (``breaker_transition``).
+
+The notices
+-----------
+When a service leaves ``healthy``, subscribers of ``degraded`` get a notice a
+person can read, e.g. "Sentinel operating in degraded mode. Database
+connection lost. Using cached security policies. Some features unavailable."
+with the two actions *Retry Connection* (the client sends ``service_retry``)
+and *Continue with Cache* (``degraded_ack``). Acknowledging suppresses
+repeats (reminders, the replay to a new subscriber) until the service's state
+changes again; :class:`NoticeBoard` keeps that bookkeeping and is persisted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+import trio
+
+from ..errors import BusyError, InvalidMessageError
+from ..logs import log_event
+from ..messages import Event
+
+__all__ = [
+    "ACTION_CONTINUE",
+    "ACTION_RETRY",
+    "NOTICE_ACTIONS",
+    "TOPICS",
+    "EventBus",
+    "NoticeBoard",
+    "Subscription",
+    "notice_text",
+    "open_event_bus",
+]
+
+TOPICS = frozenset({"services", "degraded", "breakers"})
+ACTION_RETRY = "Retry Connection"  # -> service_retry {service}
+ACTION_CONTINUE = "Continue with Cache"  # -> degraded_ack {service}
+NOTICE_ACTIONS = (ACTION_RETRY, ACTION_CONTINUE)
+
+_PREFIX = "Sentinel operating in degraded mode."
+_SUFFIX = "Some features unavailable."
+
+
+def notice_text(service: str, state: str, *, fail_open: bool = True) -> str:
+    """The sentence a UI shows for ``service`` in ``state`` (not ``healthy``)."""
+    if service == "database":
+        if state == "critical":
+            middle = ("Database connection lost. Cached security policies unavailable: "
+                      "only scan results decide.")
+        else:
+            middle = "Database connection lost. Using cached security policies."
+    elif service in ("yara", "scanner"):
+        fallback = (
+            "Downloads are allowed with a warning."
+            if fail_open
+            else "Downloads are blocked until the scanner recovers."
+        )
+        if state == "critical":
+            fallback = "Hash policies cannot be applied either."
+        middle = f"Scanner unavailable. {fallback}"
+    elif service == "ipc":
+        middle = "IPC link unstable. Operations are queued and delivered after reconnect."
+    elif service == "disk":
+        middle = "Disk space low. Logs and quarantine may fail."
+    elif service == "memory":
+        middle = "Memory use high. Workers are recycled."
+    elif service in ("network", "external") or service.startswith("http"):
+        middle = f"Network service {service} unreachable. Outgoing operations are queued for retry."
+    else:
+        middle = f"{service.capitalize()} unavailable."
+    return f"{_PREFIX} {middle} {_SUFFIX}"
+
+
+class NoticeBoard:
+    """Which degraded-mode notices are outstanding and which were acknowledged.
+
+    Pure bookkeeping: ``acknowledged[service]`` is the state the user
+    acknowledged; it lapses as soon as the service's state differs.
+    """
+
+    def __init__(self, acknowledged: dict[str, str] | None = None) -> None:
+        self.acknowledged: dict[str, str] = dict(acknowledged or {})
+        self._last_sent: dict[str, float] = {}
+
+    def state_changed(self, service: str, state: str) -> None:
+        """A new state: any acknowledgement of the old one lapses."""
+        if self.acknowledged.get(service) not in (None, state):
+            del self.acknowledged[service]
+        if state == "healthy":
+            self.acknowledged.pop(service, None)
+        self._last_sent.pop(service, None)
+
+    def acknowledge(self, service: str, state: str) -> bool:
+        """Record the user's *Continue with Cache*. False if nothing to acknowledge."""
+        if state == "healthy":
+            return False
+        self.acknowledged[service] = state
+        return True
+
+    def is_acknowledged(self, service: str, state: str) -> bool:
+        return self.acknowledged.get(service) == state
+
+    def sent(self, service: str, now: float) -> None:
+        self._last_sent[service] = now
+
+    def reminder_due(self, service: str, state: str, now: float, interval: float) -> bool:
+        if state == "healthy" or interval <= 0 or self.is_acknowledged(service, state):
+            return False
+        last = self._last_sent.get(service)
+        return last is None or now - last >= interval
+
+
+class _Dropped:
+    """Placeholder in a buffer where events were dropped."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 1
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One subscriber: its topics, bounded buffer and pump."""
+
+    request_id: int
+    topics: frozenset[str]
+    send: Callable[[Event], Awaitable[None]]
+    limit: int
+    buffer: deque[Event | _Dropped] = field(default_factory=deque)
+    delivered: int = 0
+    dropped_total: int = 0
+    closed: bool = False
+    _wake: trio.Event = field(default_factory=trio.Event)
+    _scope: trio.CancelScope | None = None
+
+    def offer(self, event: Event) -> bool:
+        """Queue ``event`` without blocking; False if it was dropped."""
+        if self.closed:
+            return False
+        buffer = self.buffer
+        if len(buffer) >= self.limit:
+            tail = buffer[-1] if buffer else None
+            if isinstance(tail, _Dropped):
+                tail.count += 1
+            else:
+                buffer.append(_Dropped())  # one slot over the limit, at most
+            self.dropped_total += 1
+            self._wake.set()
+            return False
+        buffer.append(event)
+        self._wake.set()
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self.buffer.clear()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def pump(self, clock: Callable[[], float]) -> None:
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            if self.closed:
+                return
+            try:
+                while True:
+                    while not self.buffer:
+                        self._wake = trio.Event()
+                        await self._wake.wait()
+                    item = self.buffer.popleft()
+                    if isinstance(item, _Dropped):
+                        event = Event(
+                            id=self.request_id,
+                            topic="events",
+                            kind="events_dropped",
+                            reason=f"{item.count} event(s) dropped: the subscriber read too slowly",
+                            at=clock(),
+                            dropped=item.count,
+                        )
+                    else:
+                        event = item
+                    await self.send(event)
+                    self.delivered += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                self.closed = True
+                self.buffer.clear()
+
+
+class EventBus:
+    """Fan-out of events to subscribers; see the module docstring."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        buffer_size: int = 256,
+        max_subscribers: int = 256,
+        clock: Callable[[], float],
+    ) -> None:
+        self._nursery = nursery
+        self.buffer_size = buffer_size
+        self.max_subscribers = max_subscribers
+        self.clock = clock
+        self._subs: set[Subscription] = set()
+        self.published = 0
+
+    @property
+    def subscribers(self) -> int:
+        return sum(1 for s in self._subs if not s.closed)
+
+    def subscribe(
+        self,
+        request_id: int,
+        topics: Iterable[str],
+        send: Callable[[Event], Awaitable[None]],
+        *,
+        initial: Iterable[Event] = (),
+    ) -> Subscription:
+        """Start delivering events of ``topics`` through ``send``; ``initial``
+        events (the current state) are queued first. Raises
+        :class:`InvalidMessageError` for an unknown topic and :class:`BusyError`
+        over ``max_subscribers``."""
+        wanted = frozenset(topics)
+        unknown = sorted(wanted - TOPICS)
+        if unknown or not wanted:
+            raise InvalidMessageError(
+                f"unknown event topic(s) {unknown}; known topics are {sorted(TOPICS)}"
+                if unknown
+                else f"subscribe needs at least one topic of {sorted(TOPICS)}"
+            )
+        self._subs = {s for s in self._subs if not s.closed}
+        if len(self._subs) >= self.max_subscribers:
+            raise BusyError(
+                f"{len(self._subs)} subscribers already (limit {self.max_subscribers})",
+                retry_after=1.0,
+            )
+        sub = Subscription(request_id, wanted, send, self.buffer_size)
+        for event in initial:
+            if event.topic in wanted:
+                sub.offer(_with_id(event, request_id))
+        self._subs.add(sub)
+        self._nursery.start_soon(sub.pump, self.clock)
+        return sub
+
+    def publish(
+        self,
+        topic: str,
+        kind: str,
+        *,
+        service: str | None = None,
+        state: str | None = None,
+        previous: str | None = None,
+        reason: str | None = None,
+        message: str | None = None,
+        actions: Iterable[str] = (),
+        at: float | None = None,
+    ) -> int:
+        """Queue one event for every subscriber of ``topic``; returns how many got it."""
+        self.published += 1
+        event = Event(
+            id=0,
+            topic=topic,
+            kind=kind,
+            service=service,
+            state=state,
+            previous=previous,
+            reason=reason,
+            at=self.clock() if at is None else at,
+            message=message,
+            actions=list(actions),
+        )
+        queued = 0
+        closed = False
+        for sub in self._subs:
+            if sub.closed:
+                closed = True
+                continue
+            if topic in sub.topics and sub.offer(_with_id(event, sub.request_id)):
+                queued += 1
+        if closed:
+            self._subs = {s for s in self._subs if not s.closed}
+        return queued
+
+    def close(self) -> None:
+        for sub in self._subs:
+            sub.close()
+        self._subs.clear()
+
+
+def _with_id(event: Event, request_id: int) -> Event:
+    return msgspec.structs.replace(event, id=request_id)
+
+
+@contextlib.asynccontextmanager
+async def open_event_bus(
+    *, buffer_size: int = 256, max_subscribers: int = 256, clock: Callable[[], float]
+) -> AsyncIterator[EventBus]:
+    """An :class:`EventBus` whose pumps live in its own nursery, all cancelled on exit."""
+    async with trio.open_nursery() as nursery:
+        bus = EventBus(
+            nursery, buffer_size=buffer_size, max_subscribers=max_subscribers, clock=clock
+        )
+        try:
+            yield bus
+        finally:
+            bus.close()
+            nursery.cancel_scope.cancel()
+            log_event("event_bus_closed", logging.DEBUG, published=bus.published)

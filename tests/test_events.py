@@ -1,0 +1,209 @@
+"""Event bus and degraded-mode notices: bounded per-subscriber buffers, one
+``events_dropped`` per overflow, a stuck subscriber never blocks the
+publisher, acknowledgements that lapse when the state changes. Real trio
+socket pairs where a slow reader matters."""
+
+from __future__ import annotations
+
+import socket
+
+import msgspec
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from sentinel_ipc.codec import encode_framed
+from sentinel_ipc.errors import BusyError, InvalidMessageError
+from sentinel_ipc.messages import Event
+from sentinel_ipc.observability.events import (
+    NOTICE_ACTIONS,
+    EventBus,
+    NoticeBoard,
+    notice_text,
+    open_event_bus,
+)
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.gate = trio.Event()
+        self.gate.set()
+
+    async def send(self, event: Event) -> None:
+        await self.gate.wait()
+        self.events.append(event)
+
+
+def test_database_notice_text_is_exactly_the_issue_s() -> None:
+    assert notice_text("database", "failed") == (
+        "Sentinel operating in degraded mode. Database connection lost. "
+        "Using cached security policies. Some features unavailable."
+    )
+    assert NOTICE_ACTIONS == ("Retry Connection", "Continue with Cache")
+
+
+def test_scanner_notice_follows_the_fail_mode() -> None:
+    assert "allowed with a warning" in notice_text("yara", "failed", fail_open=True)
+    assert "blocked" in notice_text("yara", "failed", fail_open=False)
+    assert notice_text("whatever", "degraded").startswith("Sentinel operating in degraded mode.")
+
+
+def test_noticeboard_acknowledgement_lapses_when_the_state_changes() -> None:
+    board = NoticeBoard()
+    assert not board.acknowledge("database", "healthy")
+    assert board.acknowledge("database", "failed")
+    assert board.is_acknowledged("database", "failed")
+    assert not board.reminder_due("database", "failed", now=1000.0, interval=60.0)
+    board.state_changed("database", "failed")  # same state: still acknowledged
+    assert board.is_acknowledged("database", "failed")
+    board.state_changed("database", "critical")
+    assert not board.is_acknowledged("database", "critical")
+    assert not board.is_acknowledged("database", "failed")
+    assert board.reminder_due("database", "critical", now=0.0, interval=60.0)
+    board.sent("database", 10.0)
+    assert not board.reminder_due("database", "critical", now=69.0, interval=60.0)
+    assert board.reminder_due("database", "critical", now=70.0, interval=60.0)
+    board.acknowledge("database", "critical")
+    board.state_changed("database", "healthy")
+    assert board.acknowledged == {}
+
+
+async def test_subscribers_get_only_their_topics_with_their_request_id() -> None:
+    async with open_event_bus(clock=lambda: 123.0) as bus:
+        a, b = Collector(), Collector()
+        bus.subscribe(7, ["services"], a.send)
+        bus.subscribe(8, ["degraded", "services"], b.send)
+        assert bus.publish("services", "service_state", service="database", state="failed",
+                           previous="healthy", reason="breaker open") == 2
+        assert bus.publish("degraded", "degraded_notice", service="database",
+                           message=notice_text("database", "failed"),
+                           actions=NOTICE_ACTIONS) == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert [(e.id, e.kind) for e in a.events] == [(7, "service_state")]
+        assert [(e.id, e.kind) for e in b.events] == [(8, "service_state"), (8, "degraded_notice")]
+        notice = b.events[1]
+        assert notice.actions == list(NOTICE_ACTIONS)
+        assert notice.at == 123.0
+        assert a.events[0].previous == "healthy" and a.events[0].state == "failed"
+
+
+async def test_initial_events_come_first() -> None:
+    async with open_event_bus(clock=lambda: 1.0) as bus:
+        c = Collector()
+        initial = [Event(id=0, topic="services", kind="service_state", service="yara",
+                         state="failed")]
+        bus.subscribe(3, ["services"], c.send, initial=initial)
+        bus.publish("services", "service_state", service="yara", state="healthy")
+        await trio.testing.wait_all_tasks_blocked()
+        assert [(e.id, e.state) for e in c.events] == [(3, "failed"), (3, "healthy")]
+
+
+async def test_overflow_gives_exactly_one_events_dropped_in_place() -> None:
+    async with open_event_bus(buffer_size=4, clock=lambda: 0.0) as bus:
+        c = Collector()
+        c.gate = trio.Event()  # the subscriber is stuck
+        sub = bus.subscribe(1, ["services"], c.send)
+        await trio.testing.wait_all_tasks_blocked()
+        # The pump holds event 0 (blocked in send); 1..4 fill the buffer; 5..9 drop.
+        bus.publish("services", "service_state", reason="0")
+        await trio.testing.wait_all_tasks_blocked()
+        for n in range(1, 10):
+            bus.publish("services", "service_state", reason=str(n))
+        assert sub.dropped_total == 5
+        c.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        bus.publish("services", "service_state", reason="after")
+        await trio.testing.wait_all_tasks_blocked()
+        kinds = [(e.kind, e.reason if e.kind != "events_dropped" else e.dropped) for e in c.events]
+        assert kinds == [
+            ("service_state", "0"),
+            ("service_state", "1"),
+            ("service_state", "2"),
+            ("service_state", "3"),
+            ("service_state", "4"),
+            ("events_dropped", 5),
+            ("service_state", "after"),
+        ]
+        dropped = c.events[5]
+        assert dropped.topic == "events" and dropped.id == 1
+
+
+async def test_a_stuck_socket_subscriber_never_blocks_the_publisher() -> None:
+    """A real client that never reads: the publisher goes on at full speed, the
+    subscriber's memory stays bounded, and a healthy subscriber still gets all."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    try:
+        async with open_event_bus(buffer_size=16, clock=lambda: 0.0) as bus:
+
+            async def send_frame(event: Event) -> None:
+                await stream.send_all(encode_framed(event))
+
+            stuck = bus.subscribe(1, ["services"], send_frame)
+            good = Collector()
+            good_sub = bus.subscribe(2, ["services"], good.send)
+            with trio.fail_after(5):  # the publisher itself is never held up
+                for n in range(3000):
+                    bus.publish("services", "service_state", reason="x" * 200 + str(n))
+                    await trio.lowlevel.checkpoint()  # the healthy subscriber keeps up
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(good.events) == 3000
+            assert good_sub.dropped_total == 0
+            assert len(stuck.buffer) <= 17
+            assert stuck.dropped_total > 2000
+    finally:
+        stream.socket.close()
+        b.close()
+
+
+async def test_a_closed_connection_ends_its_pump() -> None:
+    a, b = socket.socketpair()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    async with open_event_bus(clock=lambda: 0.0) as bus:
+
+        async def send_frame(event: Event) -> None:
+            await stream.send_all(encode_framed(event))
+
+        sub = bus.subscribe(1, ["services"], send_frame)
+        b.close()
+        for _ in range(50):
+            bus.publish("services", "service_state")
+            await trio.lowlevel.checkpoint()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sub.closed
+        assert bus.subscribers == 0
+    stream.socket.close()
+
+
+async def test_subscribe_validates_topics_and_bounds_subscribers() -> None:
+    async with open_event_bus(max_subscribers=2, clock=lambda: 0.0) as bus:
+        c = Collector()
+        with pytest.raises(InvalidMessageError, match="unknown event topic"):
+            bus.subscribe(1, ["services", "gossip"], c.send)
+        with pytest.raises(InvalidMessageError, match="at least one topic"):
+            bus.subscribe(1, [], c.send)
+        first = bus.subscribe(1, ["services"], c.send)
+        bus.subscribe(2, ["services"], c.send)
+        with pytest.raises(BusyError):
+            bus.subscribe(3, ["services"], c.send)
+        first.close()
+        bus.subscribe(4, ["services"], c.send)  # a closed one frees its slot
+
+
+async def test_events_encode_as_wire_frames() -> None:
+    async with open_event_bus(clock=lambda: 5.0) as bus:
+        c = Collector()
+        bus.subscribe(11, ["degraded"], c.send)
+        bus.publish("degraded", "degraded_notice", service="database", state="failed",
+                    message=notice_text("database", "failed"), actions=NOTICE_ACTIONS)
+        await trio.testing.wait_all_tasks_blocked()
+        wire = msgspec.msgpack.decode(msgspec.msgpack.encode(c.events[0]), type=Event)
+        assert wire == c.events[0]
+
+
+def test_event_bus_needs_a_nursery_type() -> None:
+    # EventBus is constructed by open_event_bus; its signature stays explicit.
+    assert EventBus.__init__.__kwdefaults__ == {"buffer_size": 256, "max_subscribers": 256}
