@@ -1,0 +1,1141 @@
+"""Blocking access to ``policy_graph.db``, and the one thread that runs it.
+
+Theory of operation
+-------------------
+:class:`PolicyStore` is plain blocking code over one ``sqlite3`` connection. It
+is not thread-safe and never runs on the event loop: :class:`StoreThread` owns
+one dedicated OS thread and runs every store call there, in submission order,
+handing results back to trio. (A thread pool with a limiter of one would also
+serialise calls, but would move the connection between OS threads; one thread
+keeps SQLite's view simple and makes a stuck call easy to reason about.)
+
+The store maps every sqlite3 exception to the Sentinel error tree at this
+boundary (:func:`map_sqlite_error`), so the retry policy and the breaker above
+it classify Sentinel errors, never SQLite result codes:
+
+=====================================  ===============================  =========
+SQLite                                 Sentinel                         retried
+=====================================  ===============================  =========
+BUSY, LOCKED                           DatabaseLockedError              yes
+IOERR*, CANTOPEN, PERM, READONLY,      DatabaseIOError                  yes
+FULL, NOMEM, PROTOCOL
+CORRUPT, NOTADB                        DatabaseCorruptError             no
+CONSTRAINT*                            PolicyConflictError              no
+anything else (SQL errors)             PolicyStoreError(retryable=no)   no
+=====================================  ===============================  =========
+
+Faults an open connection cannot see
+------------------------------------
+An open SQLite connection keeps reading and writing its file after the path
+was deleted or replaced: everything written then goes to a file nobody will
+open again. At connect time the store finds SQLite's own descriptor for the
+file in ``/proc/self/fd`` and remembers its ``(st_dev, st_ino)``; before every
+operation it compares that with ``os.stat(path)`` and raises
+:class:`~sentinel_ipc.errors.DatabaseMovedError` when they differ. (It never
+opens and closes a descriptor of its own on the database: closing any
+descriptor drops every POSIX lock the process holds on the file, SQLite's
+included.)
+
+Likewise a connection whose pages are cached does not notice the file being
+overwritten in place, or made unreadable. :meth:`PolicyStore.verify` opens the
+path afresh, read-only, and reads the schema: the health check and the
+service's periodic verification use it.
+
+Recovery (:meth:`PolicyStore.ensure_open`)
+------------------------------------------
+* path deleted or replaced under the open connection: copy the old file's
+  content out through the still-open connection (SQLite's backup API: nothing
+  written to it is lost), close it, delete the stale ``-wal``/``-shm`` (they
+  belong to the old file and must never be replayed into a new one), then
+  adopt a *valid* replacement (an administrator restoring a backup) keeping
+  the salvaged copy beside it, or else install the salvaged copy;
+* corrupt (fails ``quick_check``, or "file is not a database"): moved aside as
+  ``policy_graph.db.corrupt-<UTC timestamp>`` (with its ``-wal``/``-shm``), and
+  a new database is built;
+* a new or empty database is seeded from the snapshot the caller passes in
+  (with the policies' original ids, and the id sequence advanced past every
+  id ever handed out), so a deleted database comes back with its policies.
+The caller then replays the journal on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+import msgspec
+import trio
+
+from sentinel_ipc.errors import (
+    BusyError,
+    DatabaseCorruptError,
+    DatabaseIOError,
+    DatabaseLockedError,
+    DatabaseMovedError,
+    NotFoundError,
+    PolicyConflictError,
+    PolicyStoreError,
+    SentinelError,
+    ShuttingDownError,
+)
+from sentinel_ipc.messages import PolicyRecord, RuleMatch, ThreatRecord
+from sentinel_ipc.policy.decision import Decision, PolicyIndex, decide, rule_keys
+from sentinel_ipc.policy.journal import AddPolicy, JournalOp, RecordDecision, RemovePolicy
+from sentinel_ipc.policy.schema import MIGRATIONS, SCHEMA_VERSION, sqlite_glob
+from sentinel_ipc.policy.validation import PolicyDraft, ThreatDraft
+
+log = logging.getLogger("sentinel.policy.store")
+
+DB_FILENAME: Final = "policy_graph.db"
+#: Idempotency keys are kept this long: long enough for any client retry or
+#: outbox replay, short enough that the table stays small.
+KEY_RETENTION_SECONDS: Final = 30 * 24 * 3600
+_REQUIRED_TABLES: Final = frozenset({"policies", "threat_history", "applied_writes"})
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------
+# Error mapping
+# ---------------------------------------------------------------------------
+
+_LOCKED = ("SQLITE_BUSY", "SQLITE_LOCKED")
+_IO = (
+    "SQLITE_IOERR",
+    "SQLITE_CANTOPEN",
+    "SQLITE_PERM",
+    "SQLITE_READONLY",
+    "SQLITE_FULL",
+    "SQLITE_NOMEM",
+    "SQLITE_PROTOCOL",
+    "SQLITE_AUTH",
+)
+_CORRUPT = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+def map_sqlite_error(exc: sqlite3.Error, what: str) -> SentinelError:
+    """The Sentinel error for a sqlite3 exception (the caller raises it ``from exc``)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = f"policy database: {what}: {exc}"
+    if name.startswith(_LOCKED):
+        return DatabaseLockedError(text)
+    if name.startswith(_CORRUPT):
+        return DatabaseCorruptError(text)
+    if name.startswith("SQLITE_CONSTRAINT"):
+        return PolicyConflictError(text)
+    if name.startswith(_IO):
+        return DatabaseIOError(text)
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return DatabaseLockedError(text)
+    return PolicyStoreError(text, retryable=False)
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+class StoreEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """Something recovery did that an operator must hear about (logged and audited)."""
+
+    kind: Literal[
+        "created",
+        "migrated",
+        "seeded",
+        "moved_detected",
+        "salvaged",
+        "replaced_adopted",
+        "corrupt_moved_aside",
+        "rebuilt",
+    ]
+    detail: str
+    path: str | None = None
+
+
+class ReplayOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    key: str
+    op: str
+    status: Literal["applied", "duplicate", "conflict", "not_found"]
+    policy_id: int | None = None
+    detail: str = ""
+
+
+class DecideResult(msgspec.Struct, frozen=True, kw_only=True):
+    decision: Decision
+    #: The deciding policy after its hit was counted (for the snapshot), if any.
+    hit_policy: PolicyRecord | None = None
+    recorded: bool = False
+
+
+def threat_from(
+    decision: Decision,
+    *,
+    sha256: str,
+    url: str | None,
+    matches: Sequence[RuleMatch],
+    now: float,
+    filename: str | None,
+    mime_type: str | None,
+    size: int,
+) -> ThreatDraft | None:
+    """The threat_history row for a decision: every detection and every non-allow verdict."""
+    if not matches and decision.action == "allow":
+        return None
+    return ThreatDraft(
+        detected_at=now,
+        file_hash=sha256,
+        action_taken=decision.action,
+        url=url,
+        filename=filename,
+        mime_type=mime_type,
+        file_size=size,
+        rule_names=[m.rule for m in matches],
+        severity=decision.severity,
+        policy_id=decision.policy_id if decision.policy_id and decision.policy_id > 0 else None,
+    )
+
+
+# ---------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------
+
+
+def _utc_stamp(now: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+
+
+def _row_policy(row: sqlite3.Row) -> PolicyRecord:
+    return PolicyRecord(
+        id=row["id"],
+        action=row["action"],
+        rule_name=row["rule_name"],
+        url_pattern=row["url_pattern"],
+        file_hash=row["file_hash"],
+        mime_type=row["mime_type"],
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        expires_at=row["expires_at"],
+        hit_count=row["hit_count"],
+        last_hit=row["last_hit"],
+        reason=row["reason"],
+    )
+
+
+def _row_threat(row: sqlite3.Row) -> ThreatRecord:
+    try:
+        names = json.loads(row["rule_names"])
+    except (TypeError, ValueError):
+        names = []
+    return ThreatRecord(
+        id=row["id"],
+        detected_at=row["detected_at"],
+        url=row["url"],
+        filename=row["filename"],
+        file_hash=row["file_hash"],
+        mime_type=row["mime_type"],
+        file_size=row["file_size"],
+        rule_names=[str(n) for n in names] if isinstance(names, list) else [],
+        severity=row["severity"],
+        action_taken=row["action_taken"],
+        policy_id=row["policy_id"],
+    )
+
+
+_POLICY_COLUMNS = (
+    "rule_name, url_pattern, url_glob, file_hash, mime_type, action, created_at, created_by, "
+    "expires_at, hit_count, last_hit, reason"
+)
+
+
+class PolicyStore:
+    """One connection to the policy database. Blocking; use from one thread only.
+
+    Every public method raises a :class:`~sentinel_ipc.errors.SentinelError`
+    (see the module table), never a bare sqlite3 exception.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_ms: int = 100,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._wall = wall_clock
+        self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
+
+    # --- lifecycle ----------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
+    def close(self) -> None:
+        conn, self._conn, self._identity = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error as exc:
+                log.warning("policy database: error while closing: %s", exc)
+
+    def ensure_open(
+        self, seed: Sequence[PolicyRecord] = (), seed_max_id: int = 0
+    ) -> list[StoreEvent]:
+        """Make the connection usable, repairing what can be repaired (module docstring).
+
+        ``seed``: the snapshot's policies, for a database that has to be built
+        anew. Raises DatabaseLockedError / DatabaseIOError while the file cannot
+        be used, PolicyStoreError for a schema newer than this code.
+        """
+        events: list[StoreEvent] = []
+        if self._conn is not None:
+            try:
+                self._check_identity()
+                self._call("check", lambda c: c.execute("SELECT 1").fetchone())
+                return events
+            except DatabaseMovedError as exc:
+                events.append(StoreEvent(kind="moved_detected", detail=exc.message))
+                events.extend(self._recover_moved(seed, seed_max_id))
+                return events
+            except DatabaseCorruptError:
+                self.close()
+        events.extend(self._open(seed, seed_max_id, allow_rebuild=True))
+        return events
+
+    def _open(
+        self, seed: Sequence[PolicyRecord], seed_max_id: int, *, allow_rebuild: bool
+    ) -> list[StoreEvent]:
+        events: list[StoreEvent] = []
+        existed = self.path.exists()
+        try:
+            conn = self._connect(self.path, "rwc")
+        except SentinelError:
+            raise
+        try:
+            events.extend(self._prepare(conn, seed, seed_max_id, existed))
+        except DatabaseCorruptError as exc:
+            conn.close()
+            if not allow_rebuild:
+                raise
+            aside = self._move_aside("corrupt")
+            events.append(
+                StoreEvent(kind="corrupt_moved_aside", detail=exc.message, path=str(aside))
+            )
+            events.extend(self._open(seed, seed_max_id, allow_rebuild=False))
+            events.append(
+                StoreEvent(
+                    kind="rebuilt",
+                    detail=f"new database built from the snapshot ({len(seed)} policies)",
+                    path=str(self.path),
+                )
+            )
+            return events
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._identity = self._find_identity(conn)
+        return events
+
+    def _connect(self, path: Path, mode: str) -> sqlite3.Connection:
+        uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
+        try:
+            conn = sqlite3.connect(
+                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=0
+            )
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, f"cannot open {path}") from exc
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise map_sqlite_error(exc, f"cannot open {path}") from exc
+        return conn
+
+    def _prepare(
+        self,
+        conn: sqlite3.Connection,
+        seed: Sequence[PolicyRecord],
+        seed_max_id: int,
+        existed: bool,
+    ) -> list[StoreEvent]:
+        """Schema, WAL, integrity, seeding. Raises DatabaseCorruptError for a bad file."""
+        events: list[StoreEvent] = []
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if version > SCHEMA_VERSION:
+                raise PolicyStoreError(
+                    f"policy database {self.path} has schema version {version}, newer than "
+                    f"this Sentinel ({SCHEMA_VERSION}); refusing to write to it",
+                    retryable=False,
+                )
+            if version == 0 and tables - {"sqlite_sequence"}:
+                raise DatabaseCorruptError(
+                    f"policy database {self.path} holds tables {sorted(tables)} but no "
+                    "Sentinel schema version: not a PolicyGraph database"
+                )
+            if version > 0:
+                check = [r[0] for r in conn.execute("PRAGMA quick_check")]
+                if check != ["ok"]:
+                    raise DatabaseCorruptError(
+                        f"policy database {self.path} failed quick_check: {'; '.join(check[:5])}"
+                    )
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("policy database: journal_mode is %s, not wal", mode)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            for step in range(version, SCHEMA_VERSION):
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _split_sql(MIGRATIONS[step]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {step + 1}")
+                conn.execute("COMMIT")
+            if version == 0:
+                events.append(
+                    StoreEvent(
+                        kind="created",
+                        detail=f"schema version {SCHEMA_VERSION} created",
+                        path=str(self.path),
+                    )
+                )
+                if seed or seed_max_id:
+                    self._seed(conn, seed, seed_max_id)
+                    events.append(
+                        StoreEvent(
+                            kind="seeded",
+                            detail=f"{len(seed)} policies restored from the snapshot"
+                            + ("" if existed else " (the database file was missing)"),
+                            path=str(self.path),
+                        )
+                    )
+            elif version < SCHEMA_VERSION:
+                events.append(
+                    StoreEvent(
+                        kind="migrated",
+                        detail=f"schema version {version} -> {SCHEMA_VERSION}",
+                        path=str(self.path),
+                    )
+                )
+            self._prune_keys(conn)
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise map_sqlite_error(exc, f"cannot prepare {self.path}") from exc
+        return events
+
+    def _seed(self, conn: sqlite3.Connection, seed: Sequence[PolicyRecord], max_id: int) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            f"INSERT OR IGNORE INTO policies (id, {_POLICY_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    p.id,
+                    p.rule_name,
+                    p.url_pattern,
+                    None if p.url_pattern is None else sqlite_glob(p.url_pattern),
+                    p.file_hash,
+                    p.mime_type,
+                    p.action,
+                    p.created_at,
+                    p.created_by,
+                    p.expires_at,
+                    p.hit_count,
+                    p.last_hit,
+                    p.reason,
+                )
+                for p in seed
+                if p.id > 0
+            ],
+        )
+        top = max([max_id, *(p.id for p in seed)])
+        if top > 0:
+            updated = conn.execute(
+                "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'policies'", (top,)
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('policies', ?)", (top,)
+                )
+        conn.execute("COMMIT")
+
+    def _prune_keys(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "DELETE FROM applied_writes WHERE applied_at < ?",
+            (self._wall() - KEY_RETENTION_SECONDS,),
+        )
+
+    # --- identity -----------------------------------------------------------
+
+    def _find_identity(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        """(st_dev, st_ino) of the file SQLite actually has open for this path."""
+        target = os.path.realpath(self.path)
+        found: set[tuple[int, int]] = set()
+        try:
+            for name in os.listdir("/proc/self/fd"):
+                try:
+                    if os.readlink(f"/proc/self/fd/{name}") == target:
+                        st = os.fstat(int(name))
+                        found.add((st.st_dev, st.st_ino))
+                except OSError:
+                    continue
+        except OSError:
+            pass
+        st = os.stat(self.path)
+        here = (st.st_dev, st.st_ino)
+        if found and here not in found:
+            # Replaced between connect and now: the connection holds the old file.
+            return next(iter(found))
+        return here
+
+    def _check_identity(self) -> None:
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise DatabaseMovedError(
+                f"policy database {self.path} was deleted while open"
+            ) from None
+        except OSError as exc:
+            raise DatabaseIOError(
+                f"policy database {self.path}: cannot stat: {exc.strerror or exc}"
+            ) from exc
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise DatabaseMovedError(
+                f"policy database {self.path} was replaced by another file while open"
+            )
+
+    # --- repair -------------------------------------------------------------
+
+    def _recover_moved(self, seed: Sequence[PolicyRecord], seed_max_id: int) -> list[StoreEvent]:
+        events: list[StoreEvent] = []
+        old = self._conn
+        assert old is not None
+        salvage = self.path.with_name(f"{self.path.name}.salvage")
+        salvaged = False
+        try:
+            _unlink_db_files(salvage)
+            dst = sqlite3.connect(str(salvage), isolation_level=None)
+            try:
+                old.backup(dst)
+                ok = [r[0] for r in dst.execute("PRAGMA quick_check")] == ["ok"]
+                dst.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                dst.close()
+            salvaged = ok
+        except (sqlite3.Error, OSError) as exc:
+            log.error("policy database: cannot salvage the moved file: %s", exc)
+        self.close()
+        # The -wal/-shm at the path belong to the old file; a new file must never see them.
+        for suffix in ("-wal", "-shm"):
+            _unlink_quietly(Path(f"{self.path}{suffix}"))
+        if salvaged:
+            events.append(
+                StoreEvent(
+                    kind="salvaged",
+                    detail="copied the open (moved) file's content before closing it",
+                    path=str(salvage),
+                )
+            )
+        if self.path.exists():
+            try:
+                events.extend(self._open(seed, seed_max_id, allow_rebuild=False))
+            except DatabaseCorruptError as exc:
+                aside = self._move_aside("corrupt")
+                events.append(
+                    StoreEvent(kind="corrupt_moved_aside", detail=exc.message, path=str(aside))
+                )
+            else:
+                events.append(
+                    StoreEvent(
+                        kind="replaced_adopted",
+                        detail="the file at the path is a valid PolicyGraph database; "
+                        "adopted it"
+                        + (f", the previous content is kept in {salvage}" if salvaged else ""),
+                        path=str(self.path),
+                    )
+                )
+                if salvaged:
+                    stamp = _utc_stamp(self._wall())
+                    kept = self.path.with_name(f"{self.path.name}.salvaged-{stamp}")
+                    os.replace(salvage, kept)
+                return events
+        if salvaged:
+            os.replace(salvage, self.path)
+            _fsync_dir(self.path.parent)
+        else:
+            _unlink_db_files(salvage)
+        events.extend(self._open(seed, seed_max_id, allow_rebuild=True))
+        if not salvaged:
+            events.append(
+                StoreEvent(
+                    kind="rebuilt",
+                    detail=f"new database built from the snapshot ({len(seed)} policies)",
+                    path=str(self.path),
+                )
+            )
+        return events
+
+    def _move_aside(self, why: str) -> Path:
+        base = f"{self.path.name}.{why}-{_utc_stamp(self._wall())}"
+        aside = self.path.with_name(base)
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{base}.{n}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                os.replace(src, Path(f"{aside}{suffix}"))
+        _fsync_dir(self.path.parent)
+        log.error("policy database: moved %s aside to %s", self.path, aside)
+        return aside
+
+    # --- helpers ------------------------------------------------------------
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise DatabaseIOError(f"policy database {self.path} is not open")
+        self._check_identity()
+        return self._conn
+
+    def _call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise DatabaseIOError(f"policy database {self.path} is not open")
+        try:
+            return fn(conn)
+        except BaseException as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise map_sqlite_error(exc, what) from exc
+            raise
+
+    def _write(self, what: str, fn: Callable[[sqlite3.Connection], T], *, durable: bool) -> T:
+        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction. ``durable``: fsync at commit
+        (policy changes); decision records ride on WAL's ``synchronous=NORMAL``."""
+        self._require()
+
+        def tx(conn: sqlite3.Connection) -> T:
+            if durable:
+                conn.execute("PRAGMA synchronous = FULL")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                    raise
+                return result
+            finally:
+                if durable:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("PRAGMA synchronous = NORMAL")
+
+        return self._call(what, tx)
+
+    # --- health ---------------------------------------------------------------
+
+    def verify(self) -> float:
+        """Open the path afresh, read-only, and read the schema; the open
+        connection must still name that file. Return the seconds it took.
+
+        Raises DatabaseMovedError, DatabaseCorruptError, DatabaseIOError (for
+        example permission denied), DatabaseLockedError.
+        """
+        start = time.perf_counter()
+        self._require()
+        fresh = self._connect(self.path, "ro")
+        try:
+            try:
+                version = fresh.execute("PRAGMA user_version").fetchone()[0]
+                tables = {
+                    r[0] for r in fresh.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc, "verification read") from exc
+        finally:
+            fresh.close()
+        if version != SCHEMA_VERSION or not tables >= _REQUIRED_TABLES:
+            raise DatabaseCorruptError(
+                f"policy database {self.path}: schema version {version}, tables "
+                f"{sorted(tables)}: not the expected schema {SCHEMA_VERSION}"
+            )
+        return time.perf_counter() - start
+
+    def quick_check(self) -> list[str]:
+        self._require()
+        return self._call("quick_check", lambda c: [r[0] for r in c.execute("PRAGMA quick_check")])
+
+    def probe(self) -> None:
+        """Can we read and take the write lock? (The half-open trial call.)"""
+        self._require()
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT count(*) FROM policies").fetchone()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+
+        self._call("probe", run)
+
+    # --- reads ----------------------------------------------------------------
+
+    def load_active(self, now: float) -> tuple[list[PolicyRecord], int]:
+        """Every active (unexpired) policy, and the highest id ever handed out."""
+        self._require()
+
+        def run(conn: sqlite3.Connection) -> tuple[list[PolicyRecord], int]:
+            rows = conn.execute(
+                "SELECT * FROM policies WHERE expires_at IS NULL OR expires_at > ? ORDER BY id",
+                (now,),
+            ).fetchall()
+            seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'policies'").fetchone()
+            return [_row_policy(r) for r in rows], (seq["seq"] if seq else 0)
+
+        return self._call("load policies", run)
+
+    def list_policies(self) -> list[PolicyRecord]:
+        self._require()
+        return self._call(
+            "list policies",
+            lambda c: [_row_policy(r) for r in c.execute("SELECT * FROM policies ORDER BY id")],
+        )
+
+    def get_policy(self, policy_id: int) -> PolicyRecord | None:
+        self._require()
+        row = self._call(
+            "get policy",
+            lambda c: c.execute("SELECT * FROM policies WHERE id = ?", (policy_id,)).fetchone(),
+        )
+        return None if row is None else _row_policy(row)
+
+    def threats(self, limit: int) -> list[ThreatRecord]:
+        self._require()
+        return self._call(
+            "read threat history",
+            lambda c: [
+                _row_threat(r)
+                for r in c.execute(
+                    "SELECT * FROM threat_history ORDER BY id DESC LIMIT ?", (max(0, limit),)
+                )
+            ],
+        )
+
+    def candidates(
+        self, *, sha256: str | None, url: str | None, rule_names: Sequence[str], now: float
+    ) -> list[PolicyRecord]:
+        """The policies that could apply, from three indexed lookups in one statement."""
+        self._require()
+        parts = [
+            "SELECT * FROM policies WHERE file_hash = ? AND (expires_at IS NULL OR expires_at > ?)"
+        ]
+        params: list[Any] = [sha256 or "", now]
+        if url is not None:
+            parts.append(
+                "SELECT * FROM policies WHERE url_glob IS NOT NULL AND file_hash IS NULL "
+                "AND ? GLOB url_glob AND (expires_at IS NULL OR expires_at > ?)"
+            )
+            params += [url, now]
+        if rule_names:
+            marks = ",".join("?" * len(rule_names))
+            parts.append(
+                "SELECT * FROM policies WHERE rule_name IN (" + marks + ") "
+                "AND file_hash IS NULL AND url_pattern IS NULL "
+                "AND (expires_at IS NULL OR expires_at > ?)"
+            )
+            params += [*rule_names, now]
+        sql = " UNION ALL ".join(parts)
+        return self._call(
+            "look up policies", lambda c: [_row_policy(r) for r in c.execute(sql, params)]
+        )
+
+    def decide(
+        self,
+        *,
+        sha256: str,
+        url: str | None,
+        matches: Sequence[RuleMatch],
+        now: float,
+        record: bool,
+        decide_kwargs: dict[str, Any],
+        filename: str | None = None,
+        mime_type: str | None = None,
+        size: int = 0,
+    ) -> DecideResult:
+        """Decide from the database, and record the hit and the threat row in one
+        transaction. Raises like any store call; the caller falls back."""
+        names = sorted({k for m in matches for k in rule_keys(m)})
+        rows = self.candidates(sha256=sha256, url=url, rule_names=names, now=now)
+        decision = decide(
+            PolicyIndex(rows),
+            sha256=sha256,
+            url=url,
+            matches=matches,
+            now=now,
+            mime_type=mime_type,
+            **decide_kwargs,
+        )
+        if not record:
+            return DecideResult(decision=decision)
+        threat = threat_from(
+            decision,
+            sha256=sha256,
+            url=url,
+            matches=matches,
+            now=now,
+            filename=filename,
+            mime_type=mime_type,
+            size=size,
+        )
+        if decision.policy_id is None and threat is None:
+            return DecideResult(decision=decision)
+        hit = self.record(decision.policy_id, threat, now=now)
+        return DecideResult(decision=decision, hit_policy=hit, recorded=True)
+
+    # --- writes ---------------------------------------------------------------
+
+    def record(
+        self, hit_policy_id: int | None, threat: ThreatDraft | None, *, now: float
+    ) -> PolicyRecord | None:
+        """Count a hit and/or write a threat row. Returns the hit policy after the bump."""
+
+        def run(conn: sqlite3.Connection) -> PolicyRecord | None:
+            return self._record_tx(conn, hit_policy_id, threat, now)
+
+        return self._write("record decision", run, durable=False)
+
+    def _record_tx(
+        self,
+        conn: sqlite3.Connection,
+        hit_policy_id: int | None,
+        threat: ThreatDraft | None,
+        at: float,
+    ) -> PolicyRecord | None:
+        hit = None
+        if hit_policy_id is not None and hit_policy_id > 0:
+            row = conn.execute(
+                "UPDATE policies SET hit_count = hit_count + 1, "
+                "last_hit = max(coalesce(last_hit, 0), ?) WHERE id = ? RETURNING *",
+                (at, hit_policy_id),
+            ).fetchone()
+            hit = None if row is None else _row_policy(row)
+        if threat is not None:
+            conn.execute(
+                "INSERT INTO threat_history (detected_at, url, filename, file_hash, mime_type, "
+                "file_size, rule_names, severity, action_taken, policy_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    threat.detected_at,
+                    threat.url,
+                    threat.filename,
+                    threat.file_hash,
+                    threat.mime_type,
+                    threat.file_size,
+                    json.dumps(threat.rule_names),
+                    threat.severity,
+                    threat.action_taken,
+                    threat.policy_id,
+                ),
+            )
+        return hit
+
+    def add(self, draft: PolicyDraft, *, key: str | None, now: float) -> tuple[PolicyRecord, bool]:
+        """Insert a policy. Returns (policy, already_applied): a key seen before returns
+        the policy it created. Raises PolicyConflictError for a duplicate identity."""
+
+        def run(conn: sqlite3.Connection) -> tuple[PolicyRecord, bool]:
+            if key is not None:
+                seen, done = _lookup_key(conn, key)
+                if seen:
+                    if done is None:
+                        raise PolicyConflictError(
+                            f"the write with idempotency key {key!r} was refused as a conflict"
+                        )
+                    row = conn.execute("SELECT * FROM policies WHERE id = ?", (done,)).fetchone()
+                    if row is not None:
+                        return _row_policy(row), True
+                    raise _gone(done, key)
+            policy = self._insert(conn, draft, now)
+            if key is not None:
+                _mark_applied(conn, key, policy.id, now)
+            return policy, False
+
+        return self._write("add policy", run, durable=True)
+
+    def _insert(self, conn: sqlite3.Connection, d: PolicyDraft, at: float) -> PolicyRecord:
+        try:
+            row = conn.execute(
+                f"INSERT INTO policies ({_POLICY_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?) RETURNING *",
+                (
+                    d.rule_name,
+                    d.url_pattern,
+                    None if d.url_pattern is None else sqlite_glob(d.url_pattern),
+                    d.file_hash,
+                    d.mime_type,
+                    d.action,
+                    at,
+                    d.created_by,
+                    d.expires_at,
+                    d.reason,
+                ),
+            ).fetchone()
+        except sqlite3.IntegrityError as exc:
+            existing = conn.execute(
+                "SELECT id FROM policies WHERE ifnull(rule_name, '') = ? "
+                "AND ifnull(url_pattern, '') = ? AND ifnull(file_hash, '') = ?",
+                d.identity,
+            ).fetchone()
+            which = f" (#{existing['id']})" if existing else ""
+            raise PolicyConflictError(
+                "a policy for this rule_name/url_pattern/sha256 already exists"
+                f"{which}; remove it first or choose another combination"
+            ) from exc
+        return _row_policy(row)
+
+    def remove(self, policy_id: int, *, key: str | None, now: float) -> bool:
+        """Delete a policy. Returns already_applied. Raises NotFoundError for an unknown id."""
+
+        def run(conn: sqlite3.Connection) -> bool:
+            if key is not None and _lookup_key(conn, key)[0]:
+                return True
+            deleted = conn.execute("DELETE FROM policies WHERE id = ?", (policy_id,)).rowcount
+            if not deleted:
+                raise NotFoundError(f"no policy with id {policy_id}")
+            if key is not None:
+                _mark_applied(conn, key, policy_id, now)
+            return False
+
+        return self._write("remove policy", run, durable=True)
+
+    def replay(self, ops: Sequence[JournalOp], *, batch: int = 256) -> list[ReplayOutcome]:
+        """Apply journal entries in order, each at most once (by key). One
+        transaction per ``batch`` entries; a failure leaves the applied batches
+        applied and raises (the rest is replayed next time)."""
+        outcomes: list[ReplayOutcome] = []
+        for start in range(0, len(ops), batch):
+            chunk = ops[start : start + batch]
+            outcomes.extend(
+                self._write(
+                    "replay journal",
+                    lambda conn, chunk=chunk: [self._replay_one(conn, op) for op in chunk],  # type: ignore[misc]
+                    durable=True,
+                )
+            )
+        return outcomes
+
+    def _replay_one(self, conn: sqlite3.Connection, op: JournalOp) -> ReplayOutcome:
+        kind = type(op).__name__
+        seen, done = _lookup_key(conn, op.key)
+        if seen:
+            return ReplayOutcome(
+                seq=op.seq, key=op.key, op=kind, status="duplicate", policy_id=done
+            )
+        status: Literal["applied", "duplicate", "conflict", "not_found"] = "applied"
+        policy_id: int | None = None
+        detail = ""
+        if isinstance(op, AddPolicy):
+            conn.execute("SAVEPOINT replay_add")
+            try:
+                policy_id = self._insert(conn, op.policy, op.at).id
+                conn.execute("RELEASE replay_add")
+            except PolicyConflictError as exc:
+                conn.execute("ROLLBACK TO replay_add")
+                conn.execute("RELEASE replay_add")
+                status, detail = "conflict", exc.message
+        elif isinstance(op, RemovePolicy):
+            policy_id = op.policy_id
+            if not conn.execute("DELETE FROM policies WHERE id = ?", (op.policy_id,)).rowcount:
+                status, detail = "not_found", f"no policy with id {op.policy_id}"
+        elif isinstance(op, RecordDecision):
+            self._record_tx(conn, op.hit_policy_id, op.threat, op.at)
+            policy_id = op.hit_policy_id
+        _mark_applied(conn, op.key, policy_id, self._wall())
+        return ReplayOutcome(
+            seq=op.seq, key=op.key, op=kind, status=status, policy_id=policy_id, detail=detail
+        )
+
+    def lookup_key(self, key: str) -> tuple[bool, int | None]:
+        """(applied?, policy id) for an idempotency key."""
+        self._require()
+        return self._call("look up idempotency key", lambda c: _lookup_key(c, key))
+
+
+def _lookup_key(conn: sqlite3.Connection, key: str) -> tuple[bool, int | None]:
+    row = conn.execute(
+        "SELECT policy_id FROM applied_writes WHERE idempotency_key = ?", (key,)
+    ).fetchone()
+    return (False, None) if row is None else (True, row["policy_id"])
+
+
+def _mark_applied(conn: sqlite3.Connection, key: str, policy_id: int | None, at: float) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO applied_writes (idempotency_key, policy_id, applied_at) "
+        "VALUES (?, ?, ?)",
+        (key, policy_id, at),
+    )
+
+
+def _gone(policy_id: int, key: str) -> NotFoundError:
+    return NotFoundError(
+        f"the write with idempotency key {key!r} created policy {policy_id}, "
+        "which has since been removed"
+    )
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration (ours contain no semicolons inside literals)."""
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
+
+
+def _unlink_db_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        _unlink_quietly(Path(f"{path}{suffix}"))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# The dedicated thread
+# ---------------------------------------------------------------------------
+
+
+class StoreThread:
+    """One OS thread that runs blocking calls in submission order for trio callers.
+
+    ``run`` never blocks the event loop. If the caller is cancelled the call
+    still runs to completion on the thread (a SQLite call cannot be abandoned
+    halfway safely); its result is dropped. The queue is bounded: past
+    ``max_pending`` waiting calls ``run`` raises BusyError at once, so a stuck
+    database cannot pile up unbounded work behind it.
+    """
+
+    def __init__(self, name: str = "sentinel-policy-db", *, max_pending: int = 1024) -> None:
+        self.name = name
+        self.max_pending = max_pending
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any], None]] | None]
+        self._queue = queue.SimpleQueue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def _main(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fn, deliver = job
+            try:
+                result: Any = (True, fn())
+            except BaseException as exc:  # delivered to the caller, not lost
+                result = (False, exc)
+            with self._lock:
+                self._pending -= 1
+            deliver(result)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise ShuttingDownError("the policy store is closing")
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise BusyError(
+                    f"{self._pending} policy database calls already waiting", retry_after=0.1
+                )
+            self._pending += 1
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: list[tuple[bool, Any]] = []
+
+        def deliver(result: tuple[bool, Any]) -> None:
+            def settle() -> None:
+                box.append(result)
+                done.set()
+
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(settle)
+
+        self._queue.put((fn, deliver))
+        await done.wait()
+        ok, value = box[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    def run_sync(self, fn: Callable[[], T]) -> T:
+        """Run on the thread and wait, from a non-trio context (startup, tools)."""
+        done = threading.Event()
+        box: list[tuple[bool, Any]] = []
+
+        def deliver(result: tuple[bool, Any]) -> None:
+            box.append(result)
+            done.set()
+
+        with self._lock:
+            self._pending += 1
+        self._queue.put((fn, deliver))
+        done.wait()
+        ok, value = box[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    async def aclose(self, timeout: float = 5.0) -> bool:
+        """Stop after the queued calls; False if the thread did not finish in time
+        (it is a daemon thread and will not keep the process alive)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        await trio.to_thread.run_sync(self._thread.join, timeout, abandon_on_cancel=True)
+        return not self._thread.is_alive()
