@@ -100,6 +100,9 @@ DB_FILENAME: Final = "policy_graph.db"
 #: Idempotency keys are kept this long: long enough for any client retry or
 #: outbox replay, short enough that the table stays small.
 KEY_RETENTION_SECONDS: Final = 30 * 24 * 3600
+#: Keys of decision records ("r:...") only guard against a timed-out call and
+#: its journaled copy both landing: a day is plenty.
+RECORD_KEY_RETENTION_SECONDS: Final = 24 * 3600
 _REQUIRED_TABLES: Final = frozenset({"policies", "threat_history", "applied_writes"})
 
 T = TypeVar("T")
@@ -480,9 +483,11 @@ class PolicyStore:
         conn.execute("COMMIT")
 
     def _prune_keys(self, conn: sqlite3.Connection) -> None:
+        now = self._wall()
         conn.execute(
-            "DELETE FROM applied_writes WHERE applied_at < ?",
-            (self._wall() - KEY_RETENTION_SECONDS,),
+            "DELETE FROM applied_writes WHERE applied_at < ? "
+            "OR (idempotency_key LIKE 'r:%' AND applied_at < ?)",
+            (now - KEY_RETENTION_SECONDS, now - RECORD_KEY_RETENTION_SECONDS),
         )
 
     # --- identity -----------------------------------------------------------
@@ -787,9 +792,12 @@ class PolicyStore:
         filename: str | None = None,
         mime_type: str | None = None,
         size: int = 0,
+        record_key: str | None = None,
     ) -> DecideResult:
         """Decide from the database, and record the hit and the threat row in one
-        transaction. Raises like any store call; the caller falls back."""
+        transaction (under ``record_key``, so that if the caller gave up waiting
+        and journaled the record instead, the replay does not apply it twice).
+        Raises like any store call; the caller falls back."""
         names = sorted({k for m in matches for k in rule_keys(m)})
         rows = self.candidates(sha256=sha256, url=url, rule_names=names, now=now)
         decision = decide(
@@ -815,18 +823,29 @@ class PolicyStore:
         )
         if decision.policy_id is None and threat is None:
             return DecideResult(decision=decision)
-        hit = self.record(decision.policy_id, threat, now=now)
+        hit = self.record(decision.policy_id, threat, now=now, key=record_key)
         return DecideResult(decision=decision, hit_policy=hit, recorded=True)
 
     # --- writes ---------------------------------------------------------------
 
     def record(
-        self, hit_policy_id: int | None, threat: ThreatDraft | None, *, now: float
+        self,
+        hit_policy_id: int | None,
+        threat: ThreatDraft | None,
+        *,
+        now: float,
+        key: str | None = None,
     ) -> PolicyRecord | None:
-        """Count a hit and/or write a threat row. Returns the hit policy after the bump."""
+        """Count a hit and/or write a threat row, at most once per ``key``.
+        Returns the hit policy after the bump."""
 
         def run(conn: sqlite3.Connection) -> PolicyRecord | None:
-            return self._record_tx(conn, hit_policy_id, threat, now)
+            if key is not None and _lookup_key(conn, key)[0]:
+                return None
+            hit = self._record_tx(conn, hit_policy_id, threat, now)
+            if key is not None:
+                _mark_applied(conn, key, hit_policy_id, now)
+            return hit
 
         return self._write("record decision", run, durable=False)
 

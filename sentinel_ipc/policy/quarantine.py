@@ -1,0 +1,323 @@
+"""Quarantine: the bytes of a file whose verdict is ``quarantine``, kept aside.
+
+Layout: ``<data dir>/quarantine/`` (mode 0700) holds, per item, the bytes as
+``<id>.bin`` (mode 0400) and a JSON sidecar ``<id>.json`` (url, filename,
+sha256, size, rules, time). The id is 32 hex digits and is the only thing a
+client names, so no request can reach a path outside the directory.
+
+Both files are written to a temporary name, fsync'd and renamed, the sidecar
+last: an item is listed only once both are complete, and leftovers of a crash
+(temporary files, bytes without a sidecar) are cleared at the next start.
+The bytes are hashed while they are copied, in and out: a file that changed
+after it was scanned is refused, and a quarantined file that was altered on
+disk is never restored silently. The same sha256 is kept once.
+
+Every method is async and does its file I/O on a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import stat
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import trio
+
+from sentinel_ipc.audit import AuditLog
+from sentinel_ipc.errors import NotFoundError, ScanError, SentinelError
+from sentinel_ipc.messages import QuarantineItem
+
+log = logging.getLogger("sentinel.quarantine")
+
+_ID = re.compile(r"[0-9a-f]{32}")
+_CHUNK: Final = 1 << 20
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(QuarantineItem)
+
+
+class QuarantineError(SentinelError):
+    """The quarantine directory refused a store, restore or delete."""
+
+
+_List = list  # Quarantine has a method named ``list``
+
+
+class Quarantine:
+    """The quarantine directory. The constructor creates it (0700) and clears
+    leftovers of an interrupted store; that is quick and done once at startup."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        audit: AuditLog | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.directory = Path(directory)
+        self._audit = audit
+        self._wall = wall_clock
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if stat.S_IMODE(self.directory.stat().st_mode) != 0o700:
+            os.chmod(self.directory, 0o700)
+        self._clean_leftovers()
+
+    # --- public, async --------------------------------------------------------
+
+    async def store(
+        self,
+        data: bytes | int,
+        *,
+        sha256: str,
+        url: str | None = None,
+        filename: str | None = None,
+        rules: _List[str] | None = None,
+    ) -> QuarantineItem:
+        """Keep ``data`` (bytes, or a readable file descriptor, read from offset 0
+        without moving its position) aside. Returns the item (the existing one
+        if this sha256 is already quarantined).
+
+        Raises ScanError if the bytes do not hash to ``sha256`` (changed since
+        the scan), QuarantineError if the directory refuses.
+        """
+        item = await trio.to_thread.run_sync(
+            self._store_sync, data, sha256.lower(), url, filename, [*(rules or [])]
+        )
+        self._record("quarantine", item)
+        return item
+
+    async def list(self) -> _List[QuarantineItem]:
+        """Every complete item, oldest first."""
+        return await trio.to_thread.run_sync(self._list_sync)
+
+    async def get(self, quarantine_id: str) -> QuarantineItem:
+        return await trio.to_thread.run_sync(self._read_item, quarantine_id)
+
+    async def restore(self, quarantine_id: str, dest_fd: int) -> int:
+        """Write the bytes to ``dest_fd`` (at its current position); return the size.
+        The item stays quarantined (delete it separately). Raises NotFoundError,
+        QuarantineError (the stored bytes no longer match their sha256)."""
+        item = await self.get(quarantine_id)
+        n = await trio.to_thread.run_sync(self._copy_out, item, dest_fd)
+        self._record("quarantine_restore", item, dest="fd")
+        return n
+
+    async def restore_to_path(self, quarantine_id: str, path: Path) -> int:
+        """Restore into a new file (mode 0600; never overwrites, never follows a symlink)."""
+        item = await self.get(quarantine_id)
+
+        def run() -> int:
+            try:
+                fd = os.open(
+                    path,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+            except OSError as exc:
+                raise QuarantineError(
+                    f"cannot create {path}: {exc.strerror or exc}", retryable=False
+                ) from exc
+            try:
+                n = self._copy_out(item, fd)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
+            os.close(fd)
+            return n
+
+        n = await trio.to_thread.run_sync(run)
+        self._record("quarantine_restore", item, dest=str(path))
+        return n
+
+    async def delete(self, quarantine_id: str) -> None:
+        """Remove an item for good. Raises NotFoundError."""
+        item = await self.get(quarantine_id)
+        await trio.to_thread.run_sync(self._delete_sync, item.quarantine_id)
+        self._record("quarantine_delete", item)
+
+    # --- blocking internals ---------------------------------------------------
+
+    def _paths(self, qid: str) -> tuple[Path, Path]:
+        if not isinstance(qid, str) or not _ID.fullmatch(qid):
+            raise NotFoundError(f"no quarantined item {qid!r} (ids are 32 hex digits)")
+        return self.directory / f"{qid}.bin", self.directory / f"{qid}.json"
+
+    def _read_item(self, qid: str) -> QuarantineItem:
+        _, meta = self._paths(qid)
+        try:
+            return _decoder.decode(meta.read_bytes())
+        except FileNotFoundError:
+            raise NotFoundError(f"no quarantined item {qid!r}") from None
+        except (OSError, msgspec.DecodeError) as exc:
+            raise QuarantineError(f"quarantine item {qid}: unreadable sidecar: {exc}") from exc
+
+    def _list_sync(self) -> _List[QuarantineItem]:
+        items = []
+        for entry in os.scandir(self.directory):
+            name = entry.name
+            if name.endswith(".json") and _ID.fullmatch(name[:-5]):
+                try:
+                    items.append(self._read_item(name[:-5]))
+                except SentinelError as exc:
+                    log.warning("%s", exc)
+        items.sort(key=lambda i: (i.quarantined_at, i.quarantine_id))
+        return items
+
+    def _store_sync(
+        self,
+        data: bytes | int,
+        sha256: str,
+        url: str | None,
+        filename: str | None,
+        rules: _List[str],
+    ) -> QuarantineItem:
+        for existing in self._list_sync():
+            if (
+                existing.sha256 == sha256
+                and (self.directory / f"{existing.quarantine_id}.bin").exists()
+            ):
+                return existing
+        qid = uuid.uuid4().hex
+        blob, meta = self._paths(qid)
+        tmp_blob = self.directory / f".{qid}.bin.tmp"
+        tmp_meta = self.directory / f".{qid}.json.tmp"
+        try:
+            fd = os.open(tmp_blob, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                digest = hashlib.sha256()
+                size = 0
+                for chunk in _chunks(data):
+                    digest.update(chunk)
+                    _write_all(fd, chunk)
+                    size += len(chunk)
+                if digest.hexdigest() != sha256:
+                    raise ScanError(
+                        f"the file changed after it was scanned (sha256 {digest.hexdigest()} "
+                        f"!= {sha256}); not quarantined",
+                        retryable=False,
+                    )
+                os.fchmod(fd, 0o400)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            item = QuarantineItem(
+                quarantine_id=qid,
+                sha256=sha256,
+                size=size,
+                url=url,
+                filename=filename,
+                rules=rules,
+                quarantined_at=self._wall(),
+            )
+            os.replace(tmp_blob, blob)
+            fd = os.open(tmp_meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+            try:
+                _write_all(fd, _encoder.encode(item))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_meta, meta)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            for p in (tmp_blob, tmp_meta, blob):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise QuarantineError(
+                f"cannot quarantine into {self.directory}: {exc.strerror or exc}"
+            ) from exc
+        except BaseException:
+            for p in (tmp_blob, tmp_meta, blob):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise
+        return item
+
+    def _copy_out(self, item: QuarantineItem, dest_fd: int) -> int:
+        blob, _ = self._paths(item.quarantine_id)
+        digest = hashlib.sha256()
+        n = 0
+        try:
+            with open(blob, "rb", buffering=0) as src:
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    _write_all(dest_fd, chunk)
+                    n += len(chunk)
+        except FileNotFoundError:
+            raise NotFoundError(f"quarantined bytes of {item.quarantine_id} are missing") from None
+        except OSError as exc:
+            raise QuarantineError(f"restore failed: {exc.strerror or exc}") from exc
+        if digest.hexdigest() != item.sha256 or n != item.size:
+            raise QuarantineError(
+                f"quarantined file {item.quarantine_id} was altered on disk "
+                f"(sha256 {digest.hexdigest()}, expected {item.sha256}); restore refused",
+                retryable=False,
+            )
+        return n
+
+    def _delete_sync(self, qid: str) -> None:
+        blob, meta = self._paths(qid)
+        meta.unlink(missing_ok=True)  # first: the item disappears from list() at once
+        blob.unlink(missing_ok=True)
+        _fsync_dir(self.directory)
+
+    def _clean_leftovers(self) -> None:
+        names = set(os.listdir(self.directory))
+        for name in names:
+            stale = name.startswith(".") and name.endswith(".tmp")
+            orphan = name.endswith(".bin") and f"{name[:-4]}.json" not in names
+            if stale or orphan:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.directory / name)
+                log.warning("quarantine: removed leftover %s", name)
+
+    def _record(self, kind: str, item: QuarantineItem, **extra: object) -> None:
+        if self._audit is not None:
+            self._audit.record(
+                kind,
+                quarantine_id=item.quarantine_id,
+                sha256=item.sha256,
+                size=item.size,
+                url=item.url,
+                filename=item.filename,
+                rules=item.rules,
+                **extra,
+            )
+
+
+def _chunks(data: bytes | int) -> Iterator[bytes | memoryview]:
+    """Bytes as views (no copies), or a descriptor read from offset 0 with pread
+    (the caller's file position is left alone)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data)
+        for i in range(0, len(view), _CHUNK):
+            yield view[i : i + _CHUNK]
+        return
+    offset = 0
+    while chunk := os.pread(data, _CHUNK, offset):
+        offset += len(chunk)
+        yield chunk
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

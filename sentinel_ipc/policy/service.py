@@ -1,0 +1,1052 @@
+"""PolicyService: the async façade over the PolicyGraph, and its degraded mode.
+
+Theory of operation
+-------------------
+The service is *healthy* or *degraded* (``degraded_reason`` says why).
+
+Healthy: every call goes to the database on the store's dedicated thread
+(:class:`~sentinel_ipc.policy.store.StoreThread`), each attempt bounded by
+``op_timeout``, under the database retry policy and the ``"database"``
+circuit breaker (:func:`~sentinel_ipc.resilience.guarded_call`). The
+in-memory snapshot follows every successful read and write.
+
+The first call that fails for a reason of the database (not of the caller:
+conflicts, unknown ids and invalid input pass straight through) turns the
+service degraded. Then, without touching the database at all:
+
+* decisions and queries come from the snapshot, marked ``degraded`` with the
+  reason; a hash the snapshot has never seen falls through to the rule tiers;
+* policy writes are validated, appended to the fsync'd journal and answered
+  ``queued=True``; they are laid over the snapshot at once;
+* a decision's hit count and threat row are journaled too;
+* ``list`` answers from the snapshot with ``degraded=True``.
+
+A background task recovers. It attempts :meth:`PolicyStore.ensure_open`
+(which repairs a deleted, replaced or corrupt file) and a write-lock probe as
+breaker trial calls, as soon as the breaker admits one: at once after a
+failure that recovery itself can fix (file deleted/replaced/corrupt), after
+``open_timeout`` when the breaker opened, or immediately on
+:meth:`PolicyService.retry_now` (which half-opens the breaker). On success it
+replays the journal in order (exactly once: see ``journal``), reloads the
+snapshot from the database and becomes healthy; no restart is ever needed.
+
+Writes hold ``_write_lock`` while choosing between database and journal, and
+the switch back to healthy happens under it after the last policy write was
+replayed, so a new write can never overtake a queued one. (Decision records
+commute with everything, so a record journaled during the switch is simply
+replayed a moment later.)
+
+While healthy, the same task verifies the file every ``verify_interval``
+(opening the path afresh; see :meth:`PolicyStore.verify`): an open connection
+does not notice its file being overwritten or made unreadable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import msgspec
+import trio
+
+from sentinel_ipc.audit import AuditLog
+from sentinel_ipc.errors import (
+    BusyError,
+    CircuitOpenError,
+    DatabaseCorruptError,
+    DatabaseIOError,
+    DatabaseLockedError,
+    DatabaseMovedError,
+    JournalFullError,
+    NotFoundError,
+    PolicyConflictError,
+    PolicyStoreError,
+    PolicyValidationError,
+    RetryExhaustedError,
+    SentinelError,
+    UnavailableError,
+)
+from sentinel_ipc.messages import Action, PolicyRecord, RuleMatch, ThreatRecord
+from sentinel_ipc.policy.decision import Decision, decide
+from sentinel_ipc.policy.journal import (
+    DEFAULT_MAX_BYTES as JOURNAL_MAX_BYTES,
+)
+from sentinel_ipc.policy.journal import (
+    JOURNAL_FILENAME,
+    AddPolicy,
+    Journal,
+    JournalOp,
+    RecordDecision,
+    RemovePolicy,
+    new_key,
+)
+from sentinel_ipc.policy.snapshot import (
+    SNAPSHOT_FILENAME,
+    PolicySnapshot,
+    SnapshotError,
+    load_snapshot_file,
+    save_snapshot_file,
+)
+from sentinel_ipc.policy.store import (
+    DB_FILENAME,
+    PolicyStore,
+    ReplayOutcome,
+    StoreEvent,
+    StoreThread,
+    threat_from,
+)
+from sentinel_ipc.policy.validation import validate_policy, validate_query
+from sentinel_ipc.resilience import (
+    BREAKER_PRESETS,
+    RETRY_PRESETS,
+    BreakerConfig,
+    BreakerState,
+    BreakerTransition,
+    CircuitBreaker,
+    RetryPolicy,
+    guarded_call,
+)
+from sentinel_ipc.resilience.classifiers import database_failure
+
+log = logging.getLogger("sentinel.policy")
+
+T = TypeVar("T")
+
+QUARANTINE_DIRNAME: Final = "quarantine"
+_RECENT_KEYS: Final = 10_000
+_REPLAY_CHUNK: Final = 1_000
+
+
+def policy_database_failure(error: BaseException) -> bool:
+    """Breaker classifier: the preset's, plus the faults recovery repairs (a
+    corrupt or moved file is not worth a *retry*, but it is a failure)."""
+    return database_failure(error) or isinstance(
+        error, (DatabaseCorruptError, DatabaseMovedError, DatabaseIOError)
+    )
+
+
+DEFAULT_BREAKER: Final = dataclasses.replace(
+    BREAKER_PRESETS["database"], is_failure=policy_database_failure
+)
+
+
+class PolicyConfig(msgspec.Struct, kw_only=True):
+    """Settings of the PolicyGraph. Paths default to files in the data dir."""
+
+    db_path: str | None = None  # <data_dir>/policy_graph.db
+    snapshot_path: str | None = None  # <data_dir>/policy_snapshot.json
+    journal_path: str | None = None  # <data_dir>/policy_journal.jsonl
+    quarantine_dir: str | None = None  # <data_dir>/quarantine
+    default_match_action: Action = "block"
+    #: A matched rule's ``severity`` meta -> action, instead of the default.
+    severity_actions: dict[str, Action] = msgspec.field(default_factory=lambda: {"low": "warn"})
+    admin_uids: list[int] = []
+    #: Scanner unavailable: block instead of allowing with a warning.
+    fail_closed: bool = False
+    breaker: BreakerConfig = DEFAULT_BREAKER
+    retry: RetryPolicy = RETRY_PRESETS["database"]
+    busy_timeout_ms: int = 100
+    #: Bound on one database attempt (a stuck file system must not hang callers).
+    op_timeout: float = 2.0
+    #: While healthy: how often to verify the file afresh (deleted, overwritten, unreadable).
+    verify_interval: float = 5.0
+    #: While degraded and the breaker admits calls: pause between recovery attempts.
+    probe_interval: float = 1.0
+    #: While healthy: how often to reload the snapshot from the database.
+    refresh_interval: float = 300.0
+    max_journal_bytes: int = JOURNAL_MAX_BYTES
+
+    def resolve(self, data_dir: Path) -> tuple[Path, Path, Path, Path]:
+        """(db, snapshot, journal, quarantine dir)."""
+        return (
+            Path(self.db_path) if self.db_path else data_dir / DB_FILENAME,
+            Path(self.snapshot_path) if self.snapshot_path else data_dir / SNAPSHOT_FILENAME,
+            Path(self.journal_path) if self.journal_path else data_dir / JOURNAL_FILENAME,
+            Path(self.quarantine_dir) if self.quarantine_dir else data_dir / QUARANTINE_DIRNAME,
+        )
+
+
+StateListener = Callable[[bool, str | None], object]
+
+#: Errors that say something about the caller's request, not the database.
+_CALLER_ERRORS = (PolicyConflictError, NotFoundError, PolicyValidationError)
+
+
+def outage_reason(error: BaseException) -> str:
+    """A short human reason for a database failure (shown in verdicts and notices)."""
+    cause: BaseException = error
+    while isinstance(cause, RetryExhaustedError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, CircuitOpenError):
+        return "database circuit breaker open"
+    if isinstance(cause, DatabaseLockedError):
+        return "database locked"
+    if isinstance(cause, DatabaseMovedError):
+        return "database file deleted or replaced"
+    if isinstance(cause, DatabaseCorruptError):
+        return "database corrupt"
+    if isinstance(cause, DatabaseIOError):
+        return "database unavailable: " + cause.message.removeprefix("policy database: ")
+    if isinstance(cause, trio.TooSlowError):
+        return "database not responding"
+    if isinstance(cause, BusyError):
+        return "database overloaded"
+    if isinstance(cause, SentinelError):
+        return cause.message
+    return f"{type(cause).__name__}: {cause}"
+
+
+_List = list  # the class below has a method named ``list``
+
+
+class PolicyService:
+    """Create with :func:`open_policy_service`. All methods run on the trio thread."""
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        data_dir: Path,
+        *,
+        audit: AuditLog | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.db_path, self.snapshot_path, self.journal_path, self.quarantine_dir = config.resolve(
+            data_dir
+        )
+        self._audit = audit
+        self._wall = wall_clock
+        self.breaker = CircuitBreaker("database", config.breaker, clock=trio.current_time)
+        self.breaker.add_listener(self._on_breaker)
+        self._thread = StoreThread()
+        self._store = PolicyStore(
+            self.db_path, busy_timeout_ms=config.busy_timeout_ms, wall_clock=wall_clock
+        )
+        self._journal: Journal | None = None
+        self._snapshot = PolicySnapshot()
+        self._degraded = False
+        self._reason: str | None = None
+        self._listeners: _List[StateListener] = []
+        self._write_lock = trio.Lock()
+        self._recover_lock = trio.Lock()
+        self._journal_lock = trio.Lock()
+        self._journal_queue: _List[_Pending] = []
+        self._snapshot_lock = trio.Lock()
+        self._wake = trio.Event()
+        self._recent_keys: OrderedDict[str, int | None] = OrderedDict()
+        self._replayed_seq = 0
+        self._next_verify = 0.0
+        self._next_refresh = 0.0
+        self.records_dropped = 0
+        self.snapshot_error: str | None = None
+
+    # --- state ----------------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    @property
+    def degraded_reason(self) -> str | None:
+        return self._reason if self._degraded else None
+
+    @property
+    def journal_depth(self) -> int:
+        return 0 if self._journal is None else self._journal.depth
+
+    @property
+    def snapshot_size(self) -> int:
+        return len(self._snapshot)
+
+    def add_state_listener(self, cb: StateListener) -> None:
+        """``cb(degraded, reason)`` on every change of state (or of its reason)."""
+        self._listeners.append(cb)
+
+    def _set_state(self, degraded: bool, reason: str | None) -> None:
+        if degraded == self._degraded and (not degraded or reason == self._reason):
+            return
+        was = self._degraded
+        self._degraded, self._reason = degraded, reason
+        if degraded:
+            log.warning("policy database degraded: %s (deciding from cached policies)", reason)
+        else:
+            log.info("policy database recovered")
+        if degraded != was:
+            self._audit_event(
+                "degraded" if degraded else "recovered",
+                service="database",
+                reason=reason,
+                journal_depth=self.journal_depth,
+            )
+        for cb in list(self._listeners):
+            try:
+                cb(degraded, reason if degraded else None)
+            except Exception:
+                log.exception("policy state listener failed")
+
+    def _enter_degraded(self, error: BaseException) -> None:
+        reason = outage_reason(error)
+        if not self._degraded or isinstance(error, (DatabaseMovedError, DatabaseCorruptError)):
+            self._set_state(True, reason)
+        self._wake.set()
+
+    def _on_breaker(self, t: BreakerTransition) -> None:
+        if t.to_state in (BreakerState.CLOSED, BreakerState.HALF_OPEN):
+            self._wake.set()  # a manual reset / half-open: try to recover now
+        self._audit_event(
+            "breaker_transition",
+            breaker=t.breaker,
+            from_state=str(t.from_state),
+            to_state=str(t.to_state),
+            reason=t.reason,
+        )
+
+    def _audit_event(self, kind: str, **fields: Any) -> None:
+        if self._audit is not None:
+            self._audit.record(kind, **fields)
+
+    # --- the database path ----------------------------------------------------
+
+    async def _db(self, fn: Callable[[], T], operation: str) -> T:
+        """One store call on the store thread, bounded, retried and behind the breaker."""
+
+        async def attempt() -> T:
+            with trio.fail_after(self.config.op_timeout):
+                return await self._thread.run(fn)
+
+        return await guarded_call(
+            attempt,
+            breaker=self.breaker,
+            retry=self.config.retry,
+            operation=f"database_{operation}",
+        )
+
+    def _decide_kwargs(self, fail_closed: bool | None) -> dict[str, Any]:
+        return {
+            "default_match_action": self.config.default_match_action,
+            "severity_actions": self.config.severity_actions,
+            "fail_closed": self.config.fail_closed if fail_closed is None else fail_closed,
+        }
+
+    # --- decisions ------------------------------------------------------------
+
+    async def decide(
+        self,
+        *,
+        sha256: str,
+        url: str | None,
+        matches: _List[RuleMatch],
+        scanned: bool = True,
+        record: bool = True,
+        filename: str | None = None,
+        mime_type: str | None = None,
+        size: int = 0,
+        fail_closed: bool | None = None,
+    ) -> Decision:
+        """The verdict for one scanned file (order in ``decision``); never raises
+        for a database failure: then it decides from the snapshot, degraded.
+
+        With ``record`` it also counts the deciding policy's hit and writes the
+        threat row (every detection, every non-allow verdict): to the database,
+        or to the journal during an outage.
+        """
+        now = self._wall()
+        kwargs = self._decide_kwargs(fail_closed)
+        kwargs["scanned"] = scanned
+        # One key for the record, whichever way it goes: a database attempt that
+        # timed out may still commit later, and its journaled copy must not land too.
+        record_key = new_key("r")
+        if not self._degraded:
+            try:
+                result = await self._db(
+                    partial(
+                        self._store.decide,
+                        sha256=sha256,
+                        url=url,
+                        matches=matches,
+                        now=now,
+                        record=record,
+                        decide_kwargs=kwargs,
+                        filename=filename,
+                        mime_type=mime_type,
+                        size=size,
+                        record_key=record_key,
+                    ),
+                    "decide",
+                )
+            except SentinelError as exc:
+                self._enter_degraded(exc)
+            except trio.TooSlowError as exc:
+                self._enter_degraded(exc)
+            else:
+                if result.hit_policy is not None and result.hit_policy.id in self._snapshot.index:
+                    self._snapshot.touch(result.hit_policy)
+                if record:
+                    self._audit_decision(result.decision, sha256, url, matches, filename)
+                return result.decision
+        decision = self._decide_from_snapshot(sha256, url, matches, now, mime_type, kwargs)
+        if record:
+            await self._journal_record(
+                decision, sha256, url, matches, now, filename, mime_type, size, record_key
+            )
+            self._audit_decision(decision, sha256, url, matches, filename)
+        return decision
+
+    def _decide_from_snapshot(
+        self,
+        sha256: str,
+        url: str | None,
+        matches: Sequence[RuleMatch],
+        now: float,
+        mime_type: str | None,
+        kwargs: dict[str, Any],
+    ) -> Decision:
+        d = decide(
+            self._snapshot.index,
+            sha256=sha256,
+            url=url,
+            matches=matches,
+            now=now,
+            mime_type=mime_type,
+            **kwargs,
+        )
+        reason = self._reason or "database unavailable"
+        if d.policy_id is not None and d.policy_id < 0:
+            # A policy queued during the outage: it has no database id yet.
+            d.reason = d.reason.replace(f"policy #{d.policy_id}", "queued policy", 1)
+            d.reason += " (not yet in the database)"
+            d.policy_id = None
+        d.degraded = True
+        d.degraded_reason = (
+            f"{d.degraded_reason}; {reason}" if d.degraded_reason else reason
+        ) + "; decided from cached policies"
+        d.warnings = [
+            *d.warnings,
+            f"policy database unavailable ({reason}); using cached security policies",
+        ]
+        return d
+
+    def _audit_decision(
+        self,
+        d: Decision,
+        sha256: str,
+        url: str | None,
+        matches: Sequence[RuleMatch],
+        filename: str | None,
+    ) -> None:
+        if matches or d.action != "allow":
+            self._audit_event(
+                "detection",
+                sha256=sha256,
+                url=url,
+                filename=filename,
+                rules=[m.rule for m in matches],
+                action=d.action,
+                policy_id=d.policy_id,
+                reason=d.reason,
+                degraded=d.degraded,
+            )
+
+    async def _journal_record(
+        self,
+        d: Decision,
+        sha256: str,
+        url: str | None,
+        matches: Sequence[RuleMatch],
+        now: float,
+        filename: str | None,
+        mime_type: str | None,
+        size: int,
+        key: str,
+    ) -> None:
+        threat = threat_from(
+            d,
+            sha256=sha256,
+            url=url,
+            matches=matches,
+            now=now,
+            filename=filename,
+            mime_type=mime_type,
+            size=size,
+        )
+        hit = d.policy_id if d.policy_id is not None and d.policy_id > 0 else None
+        if threat is None and hit is None:
+            return
+        op = RecordDecision(key=key, at=now, hit_policy_id=hit, threat=threat)
+        try:
+            await self._journal_append([op])
+        except SentinelError as exc:
+            self.records_dropped += 1
+            d.warnings.append(f"the threat record could not be queued: {exc.message}")
+            log.error("policy: decision record dropped: %s", exc)
+
+    async def query(
+        self,
+        *,
+        sha256: str | None = None,
+        url: str | None = None,
+        rule_names: Sequence[str] = (),
+        mime_type: str | None = None,
+    ) -> Decision:
+        """A dry run of :meth:`decide` for the given rule names: no hit, no threat row.
+        Raises PolicyValidationError for malformed input."""
+        sha, url, names = validate_query(sha256=sha256, url=url, rule_names=list(rule_names))
+        matches = [_match_for(n) for n in names]
+        return await self.decide(
+            sha256=sha or "", url=url, matches=matches, record=False, mime_type=mime_type
+        )
+
+    # --- writes -----------------------------------------------------------------
+
+    async def add(
+        self,
+        *,
+        action: str,
+        sha256: str | None = None,
+        url_pattern: str | None = None,
+        rule_name: str | None = None,
+        mime_type: str | None = None,
+        reason: str | None = None,
+        expires_at: float | None = None,
+        created_by: str,
+        idempotency_key: str | None = None,
+    ) -> tuple[int | None, bool]:
+        """Add a policy: ``(policy_id, False)``, or ``(None, True)`` when queued in the
+        journal during an outage. A re-sent ``idempotency_key`` returns the first
+        result instead of adding twice.
+
+        Raises PolicyValidationError, PolicyConflictError (same rule_name/
+        url_pattern/sha256 exists), JournalFullError / UnavailableError (outage
+        and the journal cannot take it).
+        """
+        now = self._wall()
+        draft = validate_policy(
+            action=action,
+            now=now,
+            sha256=sha256,
+            url_pattern=url_pattern,
+            rule_name=rule_name,
+            mime_type=mime_type,
+            reason=reason,
+            expires_at=expires_at,
+            created_by=created_by,
+        )
+        client_key = idempotency_key
+        # Every write gets a key before its first attempt: an attempt that timed
+        # out may still commit, and the journaled copy must then be a no-op.
+        key = client_key or new_key("a")
+        async with self._write_lock:
+            if client_key is not None and client_key in self._recent_keys:
+                return self._recent_keys[client_key], False
+            if not self._degraded:
+                try:
+                    policy, duplicate = await self._db(
+                        partial(self._store.add, draft, key=key, now=now), "add"
+                    )
+                except _CALLER_ERRORS:
+                    raise
+                except (SentinelError, trio.TooSlowError) as exc:
+                    self._enter_degraded(exc)
+                else:
+                    self._remember_key(client_key, policy.id)
+                    self._snapshot.put(policy)
+                    if not duplicate:
+                        self._audit_event(
+                            "policy_add",
+                            policy_id=policy.id,
+                            queued=False,
+                            **_policy_fields(policy),
+                        )
+                    await self._persist_snapshot()
+                    return policy.id, False
+            # Degraded: validate against what we know, then journal.
+            if (
+                client_key is not None
+                and self._journal is not None
+                and client_key in self._journal.pending_keys()
+            ):
+                return None, True
+            existing = self._snapshot.index.find_identity(draft.identity)
+            if existing is not None:
+                raise PolicyConflictError(
+                    "a policy for this rule_name/url_pattern/sha256 already exists"
+                    + (f" (#{existing.id})" if existing.id > 0 else " (queued)")
+                )
+            op = AddPolicy(key=key, at=now, policy=draft)
+            stored = await self._journal_append([op])
+            self._snapshot.overlay(stored[0])
+            self._audit_event(
+                "policy_add",
+                policy_id=None,
+                queued=True,
+                journal_seq=stored[0].seq,
+                action=draft.action,
+                rule_name=draft.rule_name,
+                url_pattern=draft.url_pattern,
+                sha256=draft.file_hash,
+                created_by=draft.created_by,
+                reason=draft.reason,
+            )
+            return None, True
+
+    async def remove(
+        self, policy_id: int, *, idempotency_key: str | None = None, removed_by: str = ""
+    ) -> tuple[int | None, bool]:
+        """Remove a policy: ``(policy_id, queued)``. Raises NotFoundError for an
+        id that does not exist (during an outage: that the snapshot has never seen)."""
+        now = self._wall()
+        client_key = idempotency_key
+        key = client_key or new_key("d")
+        async with self._write_lock:
+            if client_key is not None and client_key in self._recent_keys:
+                return policy_id, False
+            if not self._degraded:
+                try:
+                    await self._db(
+                        partial(self._store.remove, policy_id, key=key, now=now), "remove"
+                    )
+                except _CALLER_ERRORS:
+                    raise
+                except (SentinelError, trio.TooSlowError) as exc:
+                    self._enter_degraded(exc)
+                else:
+                    self._remember_key(client_key, policy_id)
+                    old = self._snapshot.remove(policy_id)
+                    self._audit_event(
+                        "policy_remove",
+                        policy_id=policy_id,
+                        queued=False,
+                        removed_by=removed_by,
+                        **({} if old is None else _policy_fields(old)),
+                    )
+                    await self._persist_snapshot()
+                    return policy_id, False
+            if (
+                client_key is not None
+                and self._journal is not None
+                and client_key in self._journal.pending_keys()
+            ):
+                return policy_id, True
+            if policy_id <= 0 or policy_id > self._snapshot.max_policy_id:
+                raise NotFoundError(f"no policy with id {policy_id}")
+            op = RemovePolicy(key=key, at=now, policy_id=policy_id)
+            stored = await self._journal_append([op])
+            self._snapshot.overlay(stored[0])
+            self._audit_event(
+                "policy_remove",
+                policy_id=policy_id,
+                queued=True,
+                journal_seq=stored[0].seq,
+                removed_by=removed_by,
+            )
+            return policy_id, True
+
+    def _remember_key(self, key: str | None, policy_id: int | None) -> None:
+        if key is None:
+            return
+        self._recent_keys[key] = policy_id
+        self._recent_keys.move_to_end(key)
+        while len(self._recent_keys) > _RECENT_KEYS:
+            self._recent_keys.popitem(last=False)
+
+    # --- reads ------------------------------------------------------------------
+
+    async def list(self) -> tuple[_List[PolicyRecord], bool]:
+        """All policies (with hit counts and expired ones) and whether the list came
+        from the snapshot (degraded: active policies only, queued writes not shown)."""
+        if not self._degraded:
+            try:
+                policies = await self._db(self._store.list_policies, "list")
+            except (SentinelError, trio.TooSlowError) as exc:
+                self._enter_degraded(exc)
+            else:
+                return policies, False
+        return sorted(self._snapshot.real_policies(), key=lambda p: p.id), True
+
+    async def threats(self, limit: int = 100) -> _List[ThreatRecord]:
+        """The newest threat_history rows. Raises UnavailableError during an outage
+        (the history lives only in the database; records made meanwhile are queued)."""
+        limit = max(0, min(int(limit), 10_000))
+        if not self._degraded:
+            try:
+                return await self._db(partial(self._store.threats, limit), "threats")
+            except (SentinelError, trio.TooSlowError) as exc:
+                self._enter_degraded(exc)
+        stats = self.breaker.statistics()
+        raise UnavailableError(
+            f"threat history is unavailable: {self._reason}; "
+            f"{self.journal_depth} writes queued for replay",
+            retry_after=stats.retry_after,
+        )
+
+    async def check_health(self) -> float:
+        """Verify the database afresh (see PolicyStore.verify); return seconds taken.
+        Raises the failure (and turns the service degraded) when it is not usable."""
+        start = trio.current_time()
+        try:
+            await self._thread_call(self._store.verify)
+        except (SentinelError, trio.TooSlowError) as exc:
+            self._enter_degraded(exc)
+            raise
+        return trio.current_time() - start
+
+    async def _thread_call(self, fn: Callable[[], T]) -> T:
+        with trio.fail_after(self.config.op_timeout):
+            return await self._thread.run(fn)
+
+    # --- recovery ---------------------------------------------------------------
+
+    async def retry_now(self) -> bool:
+        """The notice's *Retry Connection*: half-open the breaker and try to recover
+        at once. True if the service is healthy afterwards."""
+        self.breaker.half_open(reason="service_retry")
+        return await self._recover_once()
+
+    async def _recover_once(self) -> bool:
+        async with self._recover_lock:
+            if not self._degraded and not self.journal_depth:
+                return True
+            try:
+                if self._degraded:
+                    events = await self._db(
+                        partial(
+                            self._store.ensure_open,
+                            self._snapshot.real_policies(),
+                            self._snapshot.max_policy_id,
+                        ),
+                        "recover",
+                    )
+                    self._report_events(events)
+                    await self._db(self._store.probe, "probe")
+                await self._replay()
+                async with self._write_lock:
+                    await self._replay()
+                    if self._degraded:
+                        policies, max_id = await self._db(
+                            partial(self._store.load_active, self._wall()), "load"
+                        )
+                        self._snapshot.replace_all(policies, max_id)
+                        self._set_state(False, None)
+            except (SentinelError, trio.TooSlowError) as exc:
+                reason = outage_reason(exc)
+                log.info("policy database recovery attempt failed: %s", reason)
+                if self._degraded and not isinstance(exc, CircuitOpenError):
+                    self._set_state(True, reason)
+                return False
+        await self._persist_snapshot()
+        return True
+
+    async def _replay(self) -> None:
+        journal = self._journal
+        if journal is None:
+            return
+        while True:
+            ops = journal.pending(self._replayed_seq)[:_REPLAY_CHUNK]
+            if not ops:
+                break
+            outcomes = await self._db(partial(self._store.replay, ops), "replay")
+            self._replayed_seq = ops[-1].seq
+            self._report_replay(ops, outcomes)
+        if journal.depth:
+            try:
+                await trio.to_thread.run_sync(journal.discard_through, self._replayed_seq)
+            except OSError as exc:
+                # Harmless for correctness (replay skips applied keys), but the
+                # journal keeps growing: say so.
+                log.error("policy journal: cannot discard replayed entries: %s", exc)
+
+    def _report_replay(self, ops: Sequence[JournalOp], outcomes: Sequence[ReplayOutcome]) -> None:
+        applied = sum(o.status == "applied" for o in outcomes)
+        log.info("policy journal: replayed %d entries (%d applied)", len(ops), applied)
+        for op, o in zip(ops, outcomes, strict=True):
+            if isinstance(op, RecordDecision) and o.status in ("applied", "duplicate"):
+                continue
+            if o.status == "applied":
+                self._remember_key(op.key, o.policy_id)
+            self._audit_event(
+                "journal_replay",
+                seq=o.seq,
+                op=o.op,
+                status=o.status,
+                policy_id=o.policy_id,
+                detail=o.detail or None,
+            )
+            if o.status in ("conflict", "not_found"):
+                log.warning("policy journal entry %d (%s) not applied: %s", o.seq, o.op, o.detail)
+
+    def _report_events(self, events: Sequence[StoreEvent]) -> None:
+        for e in events:
+            level = logging.WARNING
+            if e.kind in ("corrupt_moved_aside", "moved_detected"):
+                level = logging.ERROR
+            log.log(level, "policy database %s: %s", e.kind, e.detail)
+            self._audit_event("database_" + e.kind, detail=e.detail, path=e.path)
+
+    async def _maintenance(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Recovers while degraded; verifies and refreshes while healthy. Never dies:
+        an unexpected error is logged and the loop goes on after a pause."""
+        task_status.started()
+        self._next_verify = trio.current_time() + self.config.verify_interval
+        self._next_refresh = trio.current_time() + self.config.refresh_interval
+        while True:
+            # A fresh event *before* the work, so a wake-up during it is not lost.
+            self._wake = trio.Event()
+            try:
+                wait_until = await self._maintenance_step()
+            except Exception:
+                log.exception("policy maintenance step failed")
+                wait_until = trio.current_time() + max(self.config.probe_interval, 1.0)
+            with trio.move_on_at(wait_until):
+                await self._wake.wait()
+
+    async def _maintenance_step(self) -> float:
+        """One round; returns when the next one is due (a wake-up comes sooner)."""
+        now = trio.current_time()
+        if self._degraded or self.journal_depth:
+            if await self._recover_once():
+                return now
+            stats = self.breaker.statistics()
+            wait = self.config.probe_interval
+            if stats.state is BreakerState.OPEN and stats.retry_after is not None:
+                wait = max(stats.retry_after, 0.001)
+            return trio.current_time() + wait
+        if now >= self._next_verify:
+            self._next_verify = now + self.config.verify_interval
+            with contextlib.suppress(SentinelError, trio.TooSlowError):
+                await self.check_health()
+        if now >= self._next_refresh and not self._degraded:
+            self._next_refresh = now + self.config.refresh_interval
+            await self.refresh_snapshot()
+        if self._snapshot.dirty and not self._degraded:
+            await self._persist_snapshot()
+        if self._degraded:
+            return trio.current_time()
+        return min(self._next_verify, self._next_refresh)
+
+    async def refresh_snapshot(self) -> bool:
+        """Reload the snapshot from the database (healthy only). True on success."""
+        if self._degraded:
+            return False
+        try:
+            policies, max_id = await self._db(
+                partial(self._store.load_active, self._wall()), "load"
+            )
+        except (SentinelError, trio.TooSlowError) as exc:
+            self._enter_degraded(exc)
+            return False
+        async with self._write_lock:
+            if not self._degraded and not self.journal_depth:
+                self._snapshot.replace_all(policies, max_id)
+        await self._persist_snapshot()
+        return True
+
+    # --- snapshot and journal I/O ---------------------------------------------
+
+    async def _persist_snapshot(self) -> bool:
+        """Write the snapshot file if it changed. Failure is reported, not raised:
+        the database (or the journal) holds the writes; the file is a fallback."""
+        async with self._snapshot_lock:
+            snap = self._snapshot
+            if not snap.dirty:
+                return True
+            version = snap.version
+            data = snap.to_file(self._wall())
+            try:
+                await trio.to_thread.run_sync(save_snapshot_file, self.snapshot_path, data)
+            except OSError as exc:
+                message = f"cannot save policy snapshot {self.snapshot_path}: {exc.strerror or exc}"
+                if self.snapshot_error != message:
+                    log.error("%s", message)
+                    self._audit_event("snapshot_persist_failed", error=message)
+                self.snapshot_error = message
+                return False
+            if snap is self._snapshot:
+                snap.saved_version = version
+            if self.snapshot_error is not None:
+                self._audit_event("snapshot_persisted", path=str(self.snapshot_path))
+            self.snapshot_error = None
+            return True
+
+    async def _journal_append(self, ops: _List[JournalOp]) -> _List[JournalOp]:
+        """Append with group commit: one write + fsync for everything queued meanwhile."""
+        journal = self._journal
+        if journal is None:
+            raise UnavailableError(
+                "the policy database is unavailable and the write journal could not be "
+                f"opened ({self.journal_path}); the write was not accepted"
+            )
+        item = _Pending(ops)
+        self._journal_queue.append(item)
+        async with self._journal_lock:
+            if not item.done:
+                batch, self._journal_queue = self._journal_queue, []
+                flat = [op for it in batch for op in it.ops]
+                try:
+                    stored = await trio.to_thread.run_sync(journal.append, flat)
+                except Exception as exc:
+                    for it in batch:
+                        it.error, it.done = exc, True
+                else:
+                    i = 0
+                    for it in batch:
+                        it.stored, it.done = stored[i : i + len(it.ops)], True
+                        i += len(it.ops)
+        if item.error is not None:
+            raise item.error
+        return item.stored
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def _start(self) -> None:
+        """Load snapshot and journal, then try the database once (no retries: a
+        daemon must come up, degraded if need be)."""
+        now = self._wall()
+        try:
+            snap = await trio.to_thread.run_sync(load_snapshot_file, self.snapshot_path)
+        except SnapshotError as exc:
+            log.error("%s; starting without cached policies", exc)
+            self._audit_event("snapshot_unusable", error=str(exc))
+            snap = None
+        if snap is not None:
+            self._snapshot = PolicySnapshot.from_file(snap, now)
+            self._snapshot.saved_version = self._snapshot.version
+        try:
+            self._journal = await trio.to_thread.run_sync(
+                partial(Journal.open, self.journal_path, max_bytes=self.config.max_journal_bytes)
+            )
+        except OSError as exc:
+            log.error(
+                "policy journal %s cannot be opened (%s): writes during a database outage "
+                "will be refused",
+                self.journal_path,
+                exc.strerror or exc,
+            )
+            self._audit_event("journal_unavailable", error=str(exc))
+        if self._journal is not None:
+            for op in self._journal.pending():
+                self._snapshot.overlay(op)
+            if self._journal.depth:
+                log.warning("policy journal: %d writes pending replay", self._journal.depth)
+        try:
+            events = await self._thread_call(
+                partial(
+                    self._store.ensure_open,
+                    self._snapshot.real_policies(),
+                    self._snapshot.max_policy_id,
+                )
+            )
+        except (SentinelError, trio.TooSlowError) as exc:
+            self._set_state(True, outage_reason(exc))
+            return
+        self._report_events(events)
+        try:
+            await self._replay()
+            policies, max_id = await self._thread_call(partial(self._store.load_active, now))
+        except (SentinelError, trio.TooSlowError) as exc:
+            self._set_state(True, outage_reason(exc))
+            return
+        self._snapshot.replace_all(policies, max_id)
+        self._degraded, self._reason = False, None
+        await self._persist_snapshot()
+
+    async def _stop(self) -> None:
+        with trio.CancelScope(shield=True):
+            if not self._degraded:
+                await self._persist_snapshot()
+            with contextlib.suppress(SentinelError, trio.TooSlowError):
+                await self._thread_call(self._store.close)
+            await self._thread.aclose()
+            if self._journal is not None:
+                await trio.to_thread.run_sync(self._journal.close)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "degraded": self._degraded,
+            "reason": self.degraded_reason,
+            "journal_depth": self.journal_depth,
+            "snapshot_policies": len(self._snapshot),
+            "records_dropped": self.records_dropped,
+            "snapshot_error": self.snapshot_error,
+            "breaker": self.breaker.statistics().state.value,
+        }
+
+
+class _Pending:
+    __slots__ = ("done", "error", "ops", "stored")
+
+    def __init__(self, ops: list[JournalOp]) -> None:
+        self.ops = ops
+        self.stored: list[JournalOp] = []
+        self.error: BaseException | None = None
+        self.done = False
+
+
+def _match_for(name: str) -> RuleMatch:
+    ns, sep, rule = name.rpartition(":")
+    return RuleMatch(rule=rule, namespace=ns) if sep else RuleMatch(rule=name)
+
+
+def _policy_fields(p: PolicyRecord) -> dict[str, Any]:
+    return {
+        "action": p.action,
+        "rule_name": p.rule_name,
+        "url_pattern": p.url_pattern,
+        "sha256": p.file_hash,
+        "mime_type": p.mime_type,
+        "created_by": p.created_by,
+        "reason": p.reason,
+        "expires_at": p.expires_at,
+    }
+
+
+@contextlib.asynccontextmanager
+async def open_policy_service(
+    config: PolicyConfig,
+    data_dir: Path,
+    audit: AuditLog | None = None,
+    *,
+    wall_clock: Callable[[], float] = time.time,
+) -> AsyncIterator[PolicyService]:
+    """Open the PolicyGraph in ``data_dir`` (created 0700 if missing) and run its
+    recovery/verification task; close everything on exit.
+
+    Never fails because the database is unusable: the service then starts
+    degraded, deciding from the persisted snapshot, and recovers by itself.
+    """
+    data_dir = Path(data_dir)
+    with contextlib.suppress(OSError):
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    service = PolicyService(config, data_dir, audit=audit, wall_clock=wall_clock)
+    try:
+        await service._start()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service._maintenance)
+            try:
+                yield service
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        await service._stop()
+
+
+__all__ = [
+    "DEFAULT_BREAKER",
+    "Decision",
+    "JournalFullError",
+    "PolicyConfig",
+    "PolicyService",
+    "PolicyStoreError",
+    "open_policy_service",
+    "outage_reason",
+    "policy_database_failure",
+]
