@@ -390,11 +390,29 @@ def test_statistics_count_calls_by_outcome() -> None:
 
 
 def test_settling_a_permit_twice_is_a_local_error() -> None:
-    breaker = CircuitBreaker("dep", BreakerConfig())
-    permit = breaker.acquire(0.0)
-    breaker.record_success(permit, 0.0)
+    breaker = CircuitBreaker("dep", BreakerConfig(failure_threshold=1, open_timeout=1.0))
+    breaker.record_failure(breaker.acquire(0.0), 0.0)
+    trial = breaker.acquire(1.0)
+    breaker.release(trial)
     with pytest.raises(LocalProtocolError, match="settled twice"):
-        breaker.record_failure(permit, 0.0)
+        breaker.record_failure(trial, 1.0)
+    assert breaker.statistics(1.0).state is HALF_OPEN  # the second report changed nothing
+
+
+def test_closed_breaker_shares_one_permit_and_needs_no_time() -> None:
+    """The hot path: no allocation, no clock (see Permit)."""
+    breaker = CircuitBreaker("dep", BreakerConfig(failure_threshold=2))  # no clock at all
+    first, second = breaker.acquire(), breaker.acquire()
+    assert first is second and first.started is None
+    breaker.record_success(first)
+    breaker.record_failure(second, 1.0)
+    breaker.record_failure(breaker.acquire(), 2.0)
+    assert breaker.statistics(2.0).state is OPEN
+    stale = first  # admitted before the breaker opened: changes nothing now
+    breaker.record_failure(stale, 3.0)
+    assert breaker.statistics(3.0).failures == 3 and breaker.state is OPEN
+    measured = CircuitBreaker("dep", BreakerConfig(slow_call_duration=1.0))
+    assert measured.acquire(0.0) is not measured.acquire(0.0)
 
 
 def test_a_raising_listener_is_counted_not_propagated() -> None:
@@ -421,7 +439,7 @@ def test_clock_is_used_when_now_is_omitted() -> None:
     t[0] = 29.0
     assert breaker.statistics().retry_after == pytest.approx(1.0)
     with pytest.raises(TypeError, match="no clock"):
-        CircuitBreaker("x").acquire()
+        CircuitBreaker("x").statistics()
 
 
 @pytest.mark.parametrize(

@@ -152,11 +152,17 @@ class BreakerConfig:
 
 
 class Permit:
-    """Leave to make one call; settle it exactly once. Opaque to callers."""
+    """Leave to make one call; settle it exactly once. Opaque to callers.
+
+    While closed (or disabled) with no slow-call or rate window to feed, every
+    caller gets the same shared permit (``started`` is None): the breaker then
+    needs neither an allocation nor the time per call, which is most of its
+    cost. Settling twice is detected for the other permits only.
+    """
 
     __slots__ = ("epoch", "settled", "started", "trial")
 
-    def __init__(self, epoch: int, started: float, trial: bool) -> None:
+    def __init__(self, epoch: int, started: float | None, trial: bool) -> None:
         self.epoch = epoch
         self.started = started
         self.trial = trial
@@ -245,6 +251,8 @@ TransitionListener = Callable[[BreakerTransition], object]
 
 # Window fields.
 _CALLS, _FAILED, _SLOW = 0, 1, 2
+# Module constants: an enum attribute lookup costs more than the hot path.
+_CLOSED, _DISABLED = BreakerState.CLOSED, BreakerState.DISABLED
 
 
 class CircuitBreaker:
@@ -271,6 +279,7 @@ class CircuitBreaker:
         "_opened_at",
         "_rejected",
         "_reopens",
+        "_shared",
         "_slow",
         "_slow_after",
         "_state",
@@ -309,6 +318,8 @@ class CircuitBreaker:
         self._window = (
             SlidingWindow(config.window, buckets=10, fields=3) if config.uses_window else None
         )
+        self._shared: Permit | None = None
+        self._share_permits()
 
     # --- observation ------------------------------------------------------
 
@@ -316,15 +327,6 @@ class CircuitBreaker:
     def state(self) -> BreakerState:
         """The state as of the last call; time-based moves happen on the next one."""
         return self._state
-
-    @property
-    def measures_duration(self) -> bool:
-        """Whether a closed-state success needs its true end time (slow calls, windows).
-
-        Drivers use it to skip reading the clock after a plain success; a trial
-        permit (``permit.trial``) always needs it.
-        """
-        return self._slow_after is not None or self._window is not None
 
     def add_listener(self, listener: TransitionListener) -> None:
         """Call ``listener(BreakerTransition)`` on every state transition."""
@@ -374,10 +376,13 @@ class CircuitBreaker:
 
         Never blocks: a caller that cannot be admitted is told so at once.
         """
+        shared = self._shared
+        if shared is not None:  # the hot path: closed, nothing to measure
+            return shared
         if now is None:
             now = self._now(now)
         state = self._state
-        if state is BreakerState.CLOSED or state is BreakerState.DISABLED:
+        if state is _CLOSED or state is _DISABLED:
             return Permit(self._epoch, now, False)
         self._tick(now)
         state = self._state
@@ -404,16 +409,18 @@ class CircuitBreaker:
         raise CircuitOpenError(self.name, retry_after, f"circuit breaker {self.name!r} is {detail}")
 
     def record_success(self, permit: Permit, now: float | None = None) -> None:
-        if now is None:
-            now = self._now(now)
-        self._settle(permit)
+        """Settle a call that succeeded. ``now`` is not read for a shared permit."""
         self._successes += 1
-        slow_after = self._slow_after
-        slow = slow_after is not None and now - permit.started >= slow_after
-        if slow:
-            self._slow += 1
-        if permit.epoch != self._epoch:
+        if permit is self._shared:
+            self._consecutive_failures = 0
             return
+        self._settle(permit)
+        if permit.epoch != self._epoch:  # admitted before the last transition
+            if now is not None:
+                self._is_slow(permit, now)
+            return
+        now = self._now(now)
+        slow = self._is_slow(permit, now)
         state = self._state
         if state is BreakerState.CLOSED:
             self._consecutive_failures = 0
@@ -436,10 +443,7 @@ class CircuitBreaker:
         self._settle(permit)
         self._failures += 1
         self._last_failure_at = now
-        slow_after = self._slow_after
-        slow = slow_after is not None and now - permit.started >= slow_after
-        if slow:
-            self._slow += 1
+        slow = self._is_slow(permit, now)
         if permit.epoch != self._epoch:
             return
         state = self._state
@@ -600,7 +604,28 @@ class CircuitBreaker:
             )
         return self._clock()
 
+    def _is_slow(self, permit: Permit, now: float) -> bool:
+        slow_after, started = self._slow_after, permit.started
+        if slow_after is None or started is None or now - started < slow_after:
+            return False
+        self._slow += 1
+        return True
+
+    def _share_permits(self) -> None:
+        """Hand out one shared permit while no call needs watching (see Permit)."""
+        state = self._state
+        if (
+            (state is _CLOSED or state is _DISABLED)
+            and self._slow_after is None
+            and (self._window is None or state is _DISABLED)
+        ):
+            self._shared = Permit(self._epoch, None, False)
+        else:
+            self._shared = None
+
     def _settle(self, permit: Permit) -> None:
+        if permit.started is None:  # a shared permit: nothing to track
+            return
         if permit.settled:
             raise LocalProtocolError(f"breaker {self.name!r}: permit settled twice")
         permit.settled = True
@@ -696,6 +721,7 @@ class CircuitBreaker:
         self._epoch += 1
         self._state = new
         self._changed_at = now
+        self._share_permits()
         if new is old:
             return
         record = BreakerTransition(self.name, old, new, now, reason or event.value)

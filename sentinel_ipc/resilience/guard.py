@@ -55,6 +55,8 @@ Ts = TypeVarTuple("Ts")
 
 # Jitter only needs to differ between processes and calls; tests inject their own.
 _RNG = random.Random()
+# Bound once: the attribute lookup is a measurable part of a closed-breaker call.
+_current_time = trio.current_time
 
 
 async def guarded_call(
@@ -77,7 +79,7 @@ async def guarded_call(
     attempts, time, deadline or budget; chained from the last error), or the
     callable's own error when it is not retryable (or there is no policy).
     """
-    now = trio.current_time()
+    now = _current_time()
     if budget is not None:
         budget.deposit(now)
     permit = breaker.acquire(now) if breaker is not None else None
@@ -86,19 +88,18 @@ async def guarded_call(
     except BaseException as exc:
         error: BaseException = exc
     else:
-        if breaker is not None:
-            assert permit is not None
-            end = trio.current_time() if permit.trial or breaker.measures_duration else now
-            breaker.record_success(permit, end)
+        if breaker is not None and permit is not None:
+            # A shared permit (closed breaker, nothing measured) needs no end time.
+            breaker.record_success(permit, None if permit.started is None else _current_time())
         if retry is not None:
-            RETRY_COUNTERS.count_outcome(operation, RetryOutcome.SUCCESS_NO_RETRY)
+            RETRY_COUNTERS.count_first_try_success(operation)
             if observer is not None:
                 _finish(
                     observer,
                     operation,
                     RetryOutcome.SUCCESS_NO_RETRY,
                     1,
-                    trio.current_time() - now,
+                    _current_time() - now,
                     None,
                 )
         return result
@@ -217,16 +218,18 @@ def guarded_call_sync(
         except BaseException as exc:
             error: BaseException = exc
         else:
-            if breaker is not None:
-                assert permit is not None
-                breaker.record_success(permit, clock())
+            if breaker is not None and permit is not None:
+                breaker.record_success(permit, None if permit.started is None else clock())
             if policy is not None:
-                outcome = (
-                    RetryOutcome.SUCCESS_WITH_RETRY
-                    if policy.history
-                    else RetryOutcome.SUCCESS_NO_RETRY
-                )
-                _finish(observer, operation, outcome, policy.attempt, clock() - started, None)
+                if not policy.history and observer is None:
+                    RETRY_COUNTERS.count_first_try_success(operation)
+                else:
+                    outcome = (
+                        RetryOutcome.SUCCESS_WITH_RETRY
+                        if policy.history
+                        else RetryOutcome.SUCCESS_NO_RETRY
+                    )
+                    _finish(observer, operation, outcome, policy.attempt, clock() - started, None)
             return result
         now = clock()
         _settle_error(breaker, permit, error, now)

@@ -154,17 +154,34 @@ class RetryCountersStatistics:
 
 
 class RetryCounters:
-    """A :class:`RetryObserver` that only counts. Cheap enough for every call."""
+    """A :class:`RetryObserver` that only counts. Cheap enough for every call.
+
+    Counts live in one small list per operation, indexed by outcome, so the
+    per-call cost is a dict lookup and an integer add (hashing an enum member
+    costs more than that).
+    """
 
     __slots__ = ("_outcomes", "_retries")
 
     def __init__(self) -> None:
-        self._outcomes: dict[tuple[str, RetryOutcome], int] = {}
+        self._outcomes: dict[str, list[int]] = {}
         self._retries: dict[str, int] = {}
 
+    def _row(self, operation: str) -> list[int]:
+        row = self._outcomes.get(operation)
+        if row is None:
+            row = self._outcomes[operation] = [0] * len(_OUTCOMES)
+        return row
+
     def count_outcome(self, operation: str, outcome: RetryOutcome) -> None:
-        key = (operation, outcome)
-        self._outcomes[key] = self._outcomes.get(key, 0) + 1
+        self._row(operation)[_OUTCOME_INDEX[outcome]] += 1
+
+    def count_first_try_success(self, operation: str) -> None:
+        """``count_outcome(operation, SUCCESS_NO_RETRY)``, for the drivers' hot path."""
+        row = self._outcomes.get(operation)
+        if row is None:
+            row = self._outcomes[operation] = [0] * len(_OUTCOMES)
+        row[0] += 1
 
     def count_retry(self, operation: str) -> None:
         self._retries[operation] = self._retries.get(operation, 0) + 1
@@ -176,10 +193,22 @@ class RetryCounters:
         self.count_outcome(record.operation, record.outcome)
 
     def statistics(self) -> RetryCountersStatistics:
+        """Every outcome of every operation seen so far (zeros included, as
+        Prometheus prefers series that exist from the start)."""
+        outcomes = {
+            (operation, outcome): row[i]
+            for operation, row in self._outcomes.items()
+            for i, outcome in enumerate(_OUTCOMES)
+        }
         return RetryCountersStatistics(
-            outcomes=MappingProxyType(dict(self._outcomes)),
+            outcomes=MappingProxyType(outcomes),
             retries=MappingProxyType(dict(self._retries)),
         )
+
+
+_OUTCOMES = tuple(RetryOutcome)  # SUCCESS_NO_RETRY first: count_first_try_success uses [0]
+_OUTCOME_INDEX = {outcome: i for i, outcome in enumerate(_OUTCOMES)}
+assert _OUTCOMES[0] is RetryOutcome.SUCCESS_NO_RETRY
 
 
 #: Process-wide counters every driver feeds (what ``sentinel_retries_total`` exposes).
