@@ -103,6 +103,9 @@ class Connection:
         self._fds: deque[tuple[int, int]] = deque()  # (stream offset, fd)
         self._closed = False
         self._idle_scope: trio.CancelScope | None = None
+        #: When the frame in progress must be complete (slowloris bound); the
+        #: timer covers the whole frame, so dribbling bytes does not extend it.
+        self._frame_deadline: float | None = None
 
     # -- public API for handlers ---------------------------------------------
 
@@ -158,6 +161,7 @@ class Connection:
                 return
             if frame is not NEED_DATA:
                 assert isinstance(frame, bytes)
+                self._frame_deadline = None
                 if not await self._handle_frame(frame, nursery):
                     return
                 continue
@@ -167,7 +171,9 @@ class Connection:
                 return
             try:
                 if self._decoder.in_frame:
-                    with trio.move_on_after(config.frame_read_timeout) as scope:
+                    if self._frame_deadline is None:
+                        self._frame_deadline = trio.current_time() + config.frame_read_timeout
+                    with trio.move_on_at(self._frame_deadline) as scope:
                         await self._receive()
                     if scope.cancelled_caught:
                         self.server.note_error(ErrorCode.TIMEOUT)
