@@ -120,14 +120,14 @@ async def job(pool: WorkerPool, data: bytes, *, hard_timeout: float = 30.0,
 
 async def wait_busy(pool: WorkerPool) -> int:
     """The pid of a worker that is busy, as soon as one is."""
-    while not pool.statistics().busy_pids:
+    while not pool.statistics().busy_pids:  # noqa: ASYNC110 - another process
         await trio.sleep(0.005)
     return pool.statistics().busy_pids[0]
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
     with trio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - state of other processes
             await trio.sleep(0.01)
 
 

@@ -1,0 +1,512 @@
+"""The Scanner engine end to end with real workers: the three ways in (bytes, fd,
+stream), external variables, crash retry, the yara breaker and fail-open/closed,
+timeouts, hot reload, bounds and bad descriptors, and a clean shutdown."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import os
+import shutil
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from sentinel_ipc.errors import (
+    BadFileDescriptorError,
+    BusyError,
+    ErrorCode,
+    RulesError,
+    ScanError,
+    ScanTooLargeError,
+)
+from sentinel_ipc.resilience import BREAKER_PRESETS, RETRY_PRESETS
+from sentinel_ipc.scanning import ScanMeta, Scanner, ScannerConfig, open_scanner
+from sentinel_ipc.scanning.rules import BUILTIN_RULES_DIR
+
+EICAR = base64.b64decode(
+    "WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo="
+)
+EICAR_SHA256 = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
+SLOW_RULE = """
+rule Sentinel_Test_Slow
+{
+    meta:
+        description = "test only: slow on crafted input"
+        severity = "low"
+    condition:
+        uint32(0) == 0x574F4C53 and
+        for all i in (4..filesize - 1) : ( for all j in (0..99) : ( uint8(i) == 0x41 ) )
+}
+"""
+EXT_RULE = """
+rule Sentinel_Test_Extension
+{
+    meta:
+        description = "test only: matches on the request's file extension"
+        severity = "low"
+    condition:
+        extension == ".sentinel-test"
+}
+"""
+#: The yara presets, with waits short enough for a test (thresholds unchanged).
+FAST_RETRY = dataclasses.replace(RETRY_PRESETS["yara"], initial=0.01, max_delay=0.02)
+SHORT_BREAKER = dataclasses.replace(BREAKER_PRESETS["yara"], open_timeout=0.5)
+
+
+def slow_input(seconds: float) -> bytes:
+    return b"SLOW" + b"A" * int(seconds * 160_000)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def rule_names(outcome: Any) -> list[str]:
+    return [m.rule for m in outcome.matches]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared so the compiled-rules cache is reused across tests."""
+    return tmp_path_factory.mktemp("scanner-data")
+
+
+@pytest.fixture(scope="module")
+def test_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("scanner-rules")
+    for src in BUILTIN_RULES_DIR.glob("*.yar"):
+        shutil.copy(src, root / src.name)
+    (root / "slow.yar").write_text(SLOW_RULE)
+    (root / "ext.yar").write_text(EXT_RULE)
+    return root
+
+
+@asynccontextmanager
+async def scanner_for(rules: Path | None, data_dir: Path, **options: Any) -> AsyncIterator[Scanner]:
+    options.setdefault("workers", 2)
+    options.setdefault("retry", FAST_RETRY)
+    options.setdefault("breaker", SHORT_BREAKER)
+    config = ScannerConfig(rules_dir=str(rules) if rules else None, **options)
+    pids: set[int] = set()
+    async with open_scanner(config, data_dir) as scanner:
+        await scanner.wait_workers()
+        yield scanner
+        pids.update(scanner.worker_pids())
+    assert scanner.worker_pids() == []
+    assert all(gone(pid) for pid in pids)
+
+
+async def kill_busy_workers(scanner: Scanner, count: int) -> None:
+    """kill -9 the next ``count`` workers seen busy (from outside, like an OOM killer)."""
+    killed: set[int] = set()
+    while len(killed) < count:
+        for pid in scanner.statistics().pool.busy_pids:
+            if pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        await trio.sleep(0.005)
+
+
+# --- detection through each way in ------------------------------------------------
+
+
+async def test_eicar_detected_via_bytes_fd_and_stream(data_dir: Path, tmp_path: Path) -> None:
+    async with scanner_for(None, data_dir) as scanner:
+        meta = ScanMeta(url="https://example.com/eicar.com", filename="eicar.com")
+        by_bytes = await scanner.scan_bytes(EICAR, meta)
+
+        path = tmp_path / "eicar.com"
+        path.write_bytes(EICAR)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            by_fd = await scanner.scan_fd(fd, meta)
+            assert os.fstat(fd).st_size == len(EICAR)  # still the caller's, still open
+        finally:
+            os.close(fd)
+
+        stream = scanner.open_stream(meta, declared_size=len(EICAR))
+        for i in range(0, len(EICAR), 10):
+            stream.write(EICAR[i:i + 10])
+        by_stream = await stream.finish()
+        assert stream.closed
+
+        for outcome in (by_bytes, by_fd, by_stream):
+            assert rule_names(outcome) == ["EICAR_Test_File"]
+            assert outcome.matches[0].namespace == "eicar"
+            assert outcome.matches[0].meta["description"]
+            assert outcome.sha256 == EICAR_SHA256 and outcome.size == len(EICAR)
+            assert outcome.scanned and not outcome.degraded and outcome.warnings == []
+            assert outcome.rules_version == scanner.rules_version != ""
+            assert outcome.default_action(fail_closed=False) == "block"
+        assert scanner.rule_count >= 5
+        assert scanner.statistics().scans_matched == 3
+
+
+async def test_clean_bytes_are_scanned_and_allowed(data_dir: Path) -> None:
+    async with scanner_for(None, data_dir) as scanner:
+        data = b"just a text file\n" * 1000
+        outcome = await scanner.scan_bytes(memoryview(data), ScanMeta(filename="notes.txt"))
+        assert outcome.scanned and outcome.matches == []
+        assert outcome.sha256 == hashlib.sha256(data).hexdigest() and outcome.size == len(data)
+        assert outcome.default_action(fail_closed=True) == "allow"
+
+
+async def test_rule_with_external_variable_extension(data_dir: Path, test_rules: Path) -> None:
+    async with scanner_for(test_rules, data_dir) as scanner:
+        hit = await scanner.scan_bytes(b"anything", ScanMeta(filename="Report.SENTINEL-TEST"))
+        assert rule_names(hit) == ["Sentinel_Test_Extension"]
+        via_url = await scanner.scan_bytes(
+            b"anything", ScanMeta(url="https://example.com/dl/x.sentinel-test?token=1"))
+        assert rule_names(via_url) == ["Sentinel_Test_Extension"]
+        miss = await scanner.scan_bytes(b"anything", ScanMeta(filename="report.txt"))
+        assert miss.matches == []
+        # Built-in rule on the same external: an ELF named like a PDF.
+        elf = await scanner.scan_bytes(b"\x7fELF" + b"\0" * 64, ScanMeta(filename="cv.pdf"))
+        assert rule_names(elf) == ["Executable_With_Document_Extension"]
+        assert elf.filetype == "ELF"
+
+
+# --- crashes, retry, breaker, fail-open / fail-closed -----------------------------------
+
+
+async def test_kill_9_mid_scan_still_yields_the_verdict(data_dir: Path,
+                                                        test_rules: Path) -> None:
+    async with scanner_for(test_rules, data_dir) as scanner:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_busy_workers, scanner, 1)
+            outcome = await scanner.scan_bytes(slow_input(0.4), ScanMeta(filename="x.bin"))
+        assert outcome.scanned and not outcome.degraded
+        assert rule_names(outcome) == ["Sentinel_Test_Slow"]
+        stats = scanner.statistics()
+        assert stats.pool.crashes_total == 1
+        assert scanner.breaker.statistics().failures == 1  # counted, but below the threshold
+        assert stats.breaker_state == "closed"
+
+
+async def test_repeated_crashes_open_the_breaker_then_it_recovers(
+    data_dir: Path, test_rules: Path
+) -> None:
+    async with scanner_for(test_rules, data_dir) as scanner:
+        # Scan 1: crashes on both attempts (2 failures) -> not scanned.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_busy_workers, scanner, 2)
+            first = await scanner.scan_bytes(slow_input(2.0), ScanMeta())
+        assert not first.scanned and first.degraded
+        assert first.warnings[0].startswith("file was not scanned: scan failed after retries")
+        assert "SIGKILL" in first.warnings[0]
+        # Scan 2: a third crash opens the breaker; the retry is refused.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_busy_workers, scanner, 1)
+            second = await scanner.scan_bytes(slow_input(2.0), ScanMeta())
+        assert not second.scanned and "circuit breaker open" in second.warnings[0]
+        assert scanner.statistics().breaker_state == "open"
+
+        # While open: answered at once, unscanned, EICAR not even looked at, hash still right.
+        with trio.fail_after(0.3):
+            blind = await scanner.scan_bytes(EICAR, ScanMeta())
+        assert not blind.scanned and blind.degraded and blind.matches == []
+        assert blind.sha256 == EICAR_SHA256
+        assert blind.default_action(fail_closed=False) == "allow"
+        assert blind.default_action(fail_closed=True) == "block"
+
+        # Workers are healthy again; after the open timeout, 3 trial scans close it.
+        await scanner.wait_workers()
+        await trio.sleep(0.55)
+        for _ in range(3):
+            healed = await scanner.scan_bytes(EICAR, ScanMeta())
+            assert healed.scanned and rule_names(healed) == ["EICAR_Test_File"]
+        assert scanner.statistics().breaker_state == "closed"
+        assert scanner.statistics().scans_unscanned == 3
+
+
+async def test_breaker_tripped_by_hand_gives_fail_open_outcome(data_dir: Path,
+                                                               tmp_path: Path) -> None:
+    async with scanner_for(None, data_dir, fail_closed=True) as scanner:
+        scanner.breaker.trip()
+        path = tmp_path / "f.bin"
+        path.write_bytes(EICAR)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            outcome = await scanner.scan_fd(fd, ScanMeta())
+        finally:
+            os.close(fd)
+        assert not outcome.scanned and outcome.sha256 == EICAR_SHA256
+        assert outcome.warnings == [
+            "file was not scanned: the scanner is unavailable (circuit breaker open)"
+        ]
+        assert outcome.default_action(scanner.config.fail_closed) == "block"
+        scanner.breaker.reset()
+        assert (await scanner.scan_bytes(EICAR, ScanMeta())).scanned
+
+
+# --- timeouts -----------------------------------------------------------------------------
+
+
+async def test_yara_timeout_ends_the_scan_and_keeps_the_worker(data_dir: Path,
+                                                               test_rules: Path) -> None:
+    async with scanner_for(test_rules, data_dir, workers=1, scan_timeout=1.0,
+                           kill_grace=2.0) as scanner:
+        pids = scanner.worker_pids()
+        outcome = await scanner.scan_bytes(slow_input(4.0), ScanMeta())
+        assert not outcome.scanned and outcome.degraded
+        assert outcome.warnings == ["file was not scanned: scan timed out after 1 s"]
+        assert 900 < outcome.scan_ms < 2500
+        assert scanner.worker_pids() == pids  # YARA stopped itself: no kill needed
+        assert scanner.breaker.statistics().failures == 0  # slow input is not a broken scanner
+
+
+async def test_scan_past_the_hard_deadline_kills_the_worker(data_dir: Path,
+                                                            test_rules: Path) -> None:
+    # YARA's timeout is whole seconds (1 s here); the hard deadline comes first.
+    async with scanner_for(test_rules, data_dir, workers=1, scan_timeout=0.3,
+                           kill_grace=0.2) as scanner:
+        pid = scanner.worker_pids()[0]
+        outcome = await scanner.scan_bytes(slow_input(3.0), ScanMeta())
+        assert not outcome.scanned and "killed" in outcome.warnings[0]
+        assert outcome.scan_ms < 900
+        await scanner.wait_workers()
+        assert pid not in scanner.worker_pids() and gone(pid)
+        assert scanner.statistics().pool.hard_timeouts_total == 1
+        assert (await scanner.scan_bytes(EICAR, ScanMeta())).matches
+
+
+# --- hot reload -----------------------------------------------------------------------------
+
+
+async def test_reload_swaps_rules_and_a_broken_file_keeps_the_old_set(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules"
+    shutil.copytree(BUILTIN_RULES_DIR, rules)
+    marker = b"... SENTINEL-RELOAD-MARKER ..."
+    async with scanner_for(rules, data_dir) as scanner:
+        v1 = scanner.rules_version
+        pids = scanner.worker_pids()
+        same = await scanner.reload()
+        assert same.version == v1 and scanner.worker_pids() == pids  # nothing changed
+
+        (rules / "new.yar").write_text(
+            'rule Reload_Marker { meta: description = "t" severity = "low" '
+            'strings: $m = "SENTINEL-RELOAD-MARKER" condition: $m }')
+        info = await scanner.reload()
+        assert info.version != v1 and scanner.rules_version == info.version
+        assert info.rule_count == scanner.rule_count
+        hit = await scanner.scan_bytes(marker, ScanMeta())
+        assert rule_names(hit) == ["Reload_Marker"] and hit.rules_version == info.version
+
+        (rules / "zz_broken.yar").write_text("rule ok { condition: true }\nrule bad {\n"
+                                             "  condition: no_such_thing\n}\n")
+        with pytest.raises(RulesError) as error:
+            await scanner.reload()
+        assert error.value.message == 'zz_broken.yar:3: undefined identifier "no_such_thing"'
+        assert error.value.code == ErrorCode.RULES_INVALID
+        still = await scanner.scan_bytes(marker, ScanMeta())
+        assert rule_names(still) == ["Reload_Marker"] and still.rules_version == info.version
+
+        (rules / "zz_broken.yar").unlink()
+        assert (await scanner.reload()).version == info.version
+
+
+async def test_reload_while_scanning_loses_no_scan(data_dir: Path, tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    shutil.copytree(BUILTIN_RULES_DIR, rules)
+    async with scanner_for(rules, data_dir) as scanner:
+        outcomes: list[Any] = []
+
+        async def scan_loop() -> None:
+            for _ in range(40):
+                outcomes.append(await scanner.scan_bytes(EICAR, ScanMeta()))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(scan_loop)
+            (rules / "extra.yar").write_text("rule Extra { condition: false }")
+            await scanner.reload()
+        assert len(outcomes) == 120
+        assert all(o.scanned and rule_names(o) == ["EICAR_Test_File"] for o in outcomes)
+        assert len({o.rules_version for o in outcomes}) in (1, 2)
+
+
+# --- bounds -----------------------------------------------------------------------------------
+
+
+async def test_oversize_stream_bytes_and_fd_are_refused(data_dir: Path, tmp_path: Path) -> None:
+    async with scanner_for(None, data_dir, max_stream_bytes=1000) as scanner:
+        stream = scanner.open_stream(ScanMeta())
+        stream.write(b"a" * 600)
+        with pytest.raises(ScanTooLargeError) as error:
+            stream.write(b"a" * 600)
+        assert error.value.code == ErrorCode.TOO_LARGE and not error.value.retryable
+        assert stream.closed and scanner.statistics().open_streams == 0
+        assert scanner.statistics().pending_bytes == 0
+        with pytest.raises(ScanError):
+            stream.write(b"more")
+
+        with pytest.raises(ScanTooLargeError):
+            scanner.open_stream(ScanMeta(), declared_size=1001)
+        with pytest.raises(ScanTooLargeError):
+            await scanner.scan_bytes(b"b" * 1001, ScanMeta())
+        path = tmp_path / "big"
+        path.write_bytes(b"c" * 1001)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(ScanTooLargeError):
+                await scanner.scan_fd(fd, ScanMeta())
+        finally:
+            os.close(fd)
+        # Exactly at the limit is fine.
+        assert (await scanner.scan_bytes(b"d" * 1000, ScanMeta())).scanned
+
+
+async def test_buffered_bytes_are_bounded_across_streams(data_dir: Path) -> None:
+    async with scanner_for(None, data_dir, max_pending_bytes=1000) as scanner:
+        a = scanner.open_stream(ScanMeta())
+        b = scanner.open_stream(ScanMeta())
+        a.write(b"x" * 600)
+        with pytest.raises(BusyError) as error:
+            b.write(b"y" * 600)
+        assert error.value.retryable and b.closed
+        assert (await a.finish()).scanned
+        assert scanner.statistics().pending_bytes == 0
+
+
+async def test_full_queue_is_busy_and_a_long_wait_fails_open(data_dir: Path,
+                                                             test_rules: Path) -> None:
+    async with scanner_for(test_rules, data_dir, workers=1, max_queue=1,
+                           worker_wait_timeout=0.3) as scanner:
+        results: dict[str, Any] = {}
+
+        async def scan(name: str, data: bytes) -> None:
+            results[name] = await scanner.scan_bytes(data, ScanMeta())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scan, "slow", slow_input(1.0))
+            with trio.fail_after(5):
+                while scanner.statistics().pool.busy == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.005)
+            nursery.start_soon(scan, "waiting", EICAR)
+            with trio.fail_after(5):
+                while scanner.statistics().pool.waiting == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.005)
+            with pytest.raises(BusyError) as busy:
+                await scanner.scan_bytes(EICAR, ScanMeta())
+            assert busy.value.code == ErrorCode.BUSY and busy.value.retry_after
+        assert rule_names(results["slow"]) == ["Sentinel_Test_Slow"]
+        waited = results["waiting"]
+        assert not waited.scanned and waited.sha256 == EICAR_SHA256
+        assert "busy" in waited.warnings[0]
+        # Overload is not a scanner failure.
+        assert scanner.breaker.statistics().failures == 0
+        assert scanner.statistics().busy_rejections == 1
+
+
+# --- descriptors ------------------------------------------------------------------------------
+
+
+def _bad_fds(tmp_path: Path) -> list[tuple[str, int]]:
+    r, w = os.pipe()
+    os.close(w)
+    closed = 999_999  # above any descriptor this process has open
+    wfile = tmp_path / "w"
+    wfile.write_bytes(b"x")
+    a, b = socket.socketpair()
+    b.close()
+    return [
+        ("a pipe", r),
+        ("a directory", os.open(tmp_path, os.O_RDONLY)),
+        ("closed", closed),
+        ("not open for reading", os.open(wfile, os.O_WRONLY)),
+        ("not open for reading", os.open(wfile, os.O_PATH)),
+        ("a socket", a.detach()),
+        ("not a file descriptor", -1),
+    ]
+
+
+async def test_bad_descriptors_are_refused(data_dir: Path, tmp_path: Path) -> None:
+    async with scanner_for(None, data_dir) as scanner:
+        for expected, fd in _bad_fds(tmp_path):
+            try:
+                with pytest.raises(BadFileDescriptorError, match=expected) as error:
+                    await scanner.scan_fd(fd, ScanMeta())
+                assert error.value.code == ErrorCode.BAD_FD and not error.value.retryable
+            finally:
+                if 0 <= fd != 999_999:
+                    os.close(fd)
+        memfd = os.memfd_create("ok")
+        os.write(memfd, EICAR)
+        try:
+            assert rule_names(await scanner.scan_fd(memfd, ScanMeta())) == ["EICAR_Test_File"]
+        finally:
+            os.close(memfd)
+        assert scanner.statistics().scans_total == 1
+
+
+async def test_file_truncated_during_scan_is_the_clients_fault(data_dir: Path,
+                                                               test_rules: Path,
+                                                               tmp_path: Path) -> None:
+    path = tmp_path / "shrinking"
+    path.write_bytes(slow_input(2.0))
+    async with scanner_for(test_rules, data_dir) as scanner:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def truncate_when_busy() -> None:
+                    while not scanner.statistics().pool.busy:  # noqa: ASYNC110
+                        await trio.sleep(0.005)
+                    await trio.sleep(0.05)
+                    os.truncate(path, 4)
+
+                nursery.start_soon(truncate_when_busy)
+                with pytest.raises(ScanError, match="shrank") as error:
+                    await scanner.scan_fd(fd, ScanMeta())
+        finally:
+            os.close(fd)
+        assert not error.value.retryable
+        assert scanner.breaker.statistics().failures == 0
+
+
+# --- health, cancellation, shutdown -----------------------------------------------------------
+
+
+async def test_self_test_reports_milliseconds(data_dir: Path) -> None:
+    async with scanner_for(None, data_dir) as scanner:
+        ms = await scanner.self_test()
+        assert 0 < ms < 2000
+
+
+async def test_cancelled_scan_frees_its_buffer_and_the_scanner_goes_on(
+    data_dir: Path, test_rules: Path
+) -> None:
+    async with scanner_for(test_rules, data_dir, workers=1) as scanner:
+        with trio.move_on_after(0.05) as scope:
+            await scanner.scan_bytes(slow_input(0.3), ScanMeta())
+        assert scope.cancelled_caught
+        assert scanner.statistics().pending_bytes == 0
+        assert rule_names(await scanner.scan_bytes(EICAR, ScanMeta())) == ["EICAR_Test_File"]
+        assert scanner.statistics().pool.crashes_total == 0
+
+
+async def test_closing_leaves_no_worker_descriptor_or_stream(data_dir: Path) -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    async with scanner_for(None, data_dir) as scanner:
+        pids = scanner.worker_pids()
+        assert len(pids) == 2
+        dangling = scanner.open_stream(ScanMeta())
+        dangling.write(b"never finished")
+        await scanner.scan_bytes(EICAR, ScanMeta())
+    assert dangling.closed
+    assert all(gone(pid) for pid in pids)
+    assert set(os.listdir("/proc/self/fd")) == before
