@@ -23,6 +23,7 @@ PURE = [
     "sentinel_ipc.resilience.retry",
     "sentinel_ipc.resilience.budget",
     "sentinel_ipc.resilience.instruments",
+    "sentinel_ipc.resilience.fallback",
 ]
 BANNED = {"trio", "time", "random", "socket", "sqlite3", "asyncio", "selectors", "subprocess"}
 

@@ -1,10 +1,10 @@
-"""Resilience core: circuit breaker, retry policy, retry budget, their trio
-drivers and metrics hooks.
+"""Resilience core: circuit breaker, retry policy, retry budget, fallback
+states, their trio drivers and metrics hooks.
 
-The state machines (``breaker``, ``retry``, ``budget``, ``instruments``) are
-pure: they take ``now`` and an injected ``random.Random`` and import neither
-trio nor time, random, socket or sqlite3 (``tests/test_pure_imports.py``
-keeps that true). ``guard`` drives them under trio; ``classifiers`` knows
+The state machines (``breaker``, ``retry``, ``budget``, ``fallback``, and the
+records and counters in ``instruments``) are pure: they take ``now`` and an
+injected ``random.Random`` and import neither trio nor time, random, socket
+or sqlite3 (``tests/test_pure_imports.py`` keeps that true). ``guard`` drives them under trio; ``classifiers`` knows
 which errors of sqlite3, the OS, trio and yara are worth a retry.
 """
 
@@ -18,6 +18,14 @@ from sentinel_ipc.resilience.breaker import (
 )
 from sentinel_ipc.resilience.budget import BudgetStatistics, RetryBudget
 from sentinel_ipc.resilience.classifiers import BREAKER_PRESETS, RETRY_PRESETS
+from sentinel_ipc.resilience.fallback import (
+    FallbackEvent,
+    FallbackManager,
+    FallbackStatistics,
+    ServiceState,
+    ServiceStatus,
+    ServiceTransition,
+)
 from sentinel_ipc.resilience.guard import guarded_call, guarded_call_sync
 from sentinel_ipc.resilience.instruments import (
     RETRY_COUNTERS,
@@ -55,6 +63,9 @@ __all__ = [
     "BudgetStatistics",
     "CallOutcome",
     "CircuitBreaker",
+    "FallbackEvent",
+    "FallbackManager",
+    "FallbackStatistics",
     "Permit",
     "RetryAttempt",
     "RetryBudget",
@@ -66,6 +77,9 @@ __all__ = [
     "RetryOutcome",
     "RetryPolicy",
     "RetryScheduled",
+    "ServiceState",
+    "ServiceStatus",
+    "ServiceTransition",
     "count_every_exception",
     "guarded_call",
     "guarded_call_sync",
