@@ -326,3 +326,35 @@ class ScanTimeoutError(ScanError):
 
     code = ErrorCode.TIMEOUT
     default_retryable = False
+
+
+# --- external integrations (appended by sentinel_ipc.external) ---------------
+
+
+class ExternalServiceError(UnavailableError):
+    """An external HTTP integration (reputation lookup, event forwarding) failed.
+
+    Raised at the boundary from httpx's exceptions and from HTTP status codes, so
+    the retry classifiers and the "external" breaker see Sentinel's own flags:
+    connection errors, timeouts, 5xx, 408 and 429 are ``retryable`` (429/503
+    carry the server's ``Retry-After`` in ``retry_after``); other 4xx are not
+    (the request itself is wrong, or the credentials). ``target`` names the
+    integration ("reputation", "forward"), ``status`` the HTTP status if any, and
+    ``outcome`` the bounded metric label (``timeout``, ``connect_error``,
+    ``protocol_error``, ``http_5xx``, ``http_4xx``, ``invalid_response``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        target: str,
+        outcome: str,
+        status: int | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retryable=retryable, retry_after=retry_after)
+        self.target = target
+        self.outcome = outcome
+        self.status = status
