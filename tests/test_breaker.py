@@ -568,7 +568,7 @@ OPS = st.sampled_from(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     steps=st.lists(st.tuples(st.floats(0, 20), OPS), max_size=60),
     max_calls=st.integers(1, 3),

@@ -4,8 +4,9 @@ states, their trio drivers and metrics hooks.
 The state machines (``breaker``, ``retry``, ``budget``, ``fallback``, and the
 records and counters in ``instruments``) are pure: they take ``now`` and an
 injected ``random.Random`` and import neither trio nor time, random, socket
-or sqlite3 (``tests/test_pure_imports.py`` keeps that true). ``guard`` drives them under trio; ``classifiers`` knows
-which errors of sqlite3, the OS, trio and yara are worth a retry.
+or sqlite3 (``tests/test_pure_imports.py`` keeps that true). ``guard`` drives
+them under trio; ``classifiers`` knows which errors of sqlite3, the OS, trio
+and yara are worth a retry, and holds the SPEC's presets.
 """
 
 from sentinel_ipc.resilience.breaker import (

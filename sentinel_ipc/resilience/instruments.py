@@ -24,9 +24,12 @@ Calls by outcome (``sentinel_circuit_breaker_calls_total{breaker,outcome}``)
     in a custom collector at scrape time: exact, and it costs the call path nothing.
 
 Retries by operation and outcome (``sentinel_retries_total{operation,outcome}``)
-    Every driver call that has a retry policy ends in exactly one
-    :class:`RetryOutcome` (``success_no_retry``, ``success_with_retry``,
-    ``failed_no_retry``, ``failed_with_retry``, ``budget_exhausted``). The drivers
+    Every driver call that has a retry policy and makes at least one attempt
+    ends in exactly one :class:`RetryOutcome` (``success_no_retry``,
+    ``success_with_retry``, ``failed_no_retry``, ``failed_with_retry``,
+    ``budget_exhausted``); a call the breaker rejects before its first attempt
+    counts as ``rejected`` on the breaker only, and a cancelled call counts
+    nowhere (cancellation is not an outcome of the dependency). The drivers
     count it in the process-wide :data:`RETRY_COUNTERS` (read
     ``RETRY_COUNTERS.statistics().outcomes[(operation, outcome)]``), and, if the
     caller passed ``observer=``, call ``observer.on_retry_finished(RetryFinished)``.
