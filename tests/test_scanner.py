@@ -510,3 +510,44 @@ async def test_closing_leaves_no_worker_descriptor_or_stream(data_dir: Path) -> 
     assert dangling.closed
     assert all(gone(pid) for pid in pids)
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+async def test_no_scan_is_lost_under_random_kills_and_cancellations(
+    data_dir: Path, test_rules: Path, rng: Any
+) -> None:
+    """Every scan ends in an outcome (right verdict when scanned) or a typed error."""
+    async with scanner_for(test_rules, data_dir, max_queue=64) as scanner:
+        outcomes: list[Any] = []
+        cancelled = 0
+
+        async def client(n: int) -> None:
+            nonlocal cancelled
+            for i in range(8):
+                data = EICAR if (n + i) % 2 else slow_input(0.02) + b"B"  # clean, not slow
+                with trio.move_on_after(rng.uniform(0.005, 0.2) if i % 3 == 0 else 30) as scope:
+                    outcomes.append((data is EICAR, await scanner.scan_bytes(data, ScanMeta())))
+                cancelled += scope.cancelled_caught
+
+        async def chaos() -> None:
+            for _ in range(6):
+                await trio.sleep(rng.uniform(0.02, 0.08))
+                pids = scanner.worker_pids()
+                if pids:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(chaos)
+            for n in range(6):
+                nursery.start_soon(client, n)
+        assert len(outcomes) + cancelled == 48
+        for is_eicar, outcome in outcomes:
+            if outcome.scanned:
+                assert rule_names(outcome) == (["EICAR_Test_File"] if is_eicar else [])
+            else:
+                assert outcome.degraded and outcome.warnings[0].startswith("file was not scanned")
+        with trio.fail_after(10):  # cancelled jobs drain, killed workers are replaced
+            while scanner.statistics().pool.idle < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        stats = scanner.statistics()
+        assert stats.pending_bytes == 0 and stats.pool.alive == 2 and stats.pool.draining == 0
+        assert stats.pool.crashes_total >= 1

@@ -365,8 +365,8 @@ class WorkerPool:
                 raise
             if sent and handle.state is WorkerState.BUSY:
                 self._start_drain(handle, job_id, deadline)
-            elif isinstance(exc, OSError):
-                # sendmsg failed: the worker is gone or its socket broke.
+            elif isinstance(exc, (OSError, trio.ClosedResourceError)):
+                # sendmsg failed: the worker is gone (its reaper closed the socket).
                 handle.kill("socket error")
                 raise WorkerCrashedError(f"scan worker {handle.pid}: {exc}") from exc
             raise
@@ -646,9 +646,9 @@ class WorkerPool:
         handle.state = WorkerState.DEAD
         handle.exited.set()
         self._workers.discard(handle)
-        if was is not WorkerState.BUSY:
-            # A busy worker's job task still reads the socket; it sees EOF.
-            handle.close_socket()
+        # A task blocked on the socket (a job or a drain) wakes with
+        # ClosedResourceError and reports the crash; nobody else reads it any more.
+        handle.close_socket()
         if handle.kill_reason is None and not self._closing:
             self._crashes += 1
             log_event("scan_worker_died", 40, pid=handle.pid,
