@@ -1,0 +1,429 @@
+"""Reaching the daemon through restarts: lazy connect, retry, breaker, renewal.
+
+Theory of operation
+-------------------
+Every call runs as *attempts* under :func:`~sentinel_ipc.resilience.guarded_call`
+with the ipc retry policy and the ipc breaker (SPEC section 3; both from
+:class:`~sentinel_ipc.client.config.ClientConfig`), inside one cancel scope
+whose deadline is the call's timeout. One attempt:
+
+1. takes the current :class:`~sentinel_ipc.client.link.Link`, or connects and
+   greets (``hello`` -> ``welcome``) when there is none or it died;
+2. gives the request a fresh id, registers it, sends it, waits for the reply.
+
+What a lost connection means depends on the request and on how far it got:
+
+============================  ===========================================
+failure                        outcome of the attempt
+============================  ===========================================
+connect refused / no socket    ``TransportError``: retried (nothing was sent)
+link died before our frame     ``TransportError``: retried
+link died after, idempotent    ``TransportError``: retried on a new link
+link died after, other         ``ConnectionLostError``: not retried, the
+                               outcome is unknown (writes use the outbox)
+daemon's ``error`` reply       its typed error; retried iff ``retryable``
+no reply before the deadline   ``RequestTimeoutError``, a breaker failure
+============================  ===========================================
+
+Only link failures count against the breaker (see
+:func:`~sentinel_ipc.client.config.link_failure`). While it is open, calls
+fail at once with ``CircuitOpenError`` and its ``retry_after``; after the open
+timeout one trial call reconnects and, if it succeeds, closes it.
+
+Subscriptions belong to the connector: every new link re-subscribes them, and
+while any exist a keeper task reconnects (under the same policy and breaker)
+even when nobody is calling, so events keep flowing after a daemon restart.
+
+Concurrent callers share one connect attempt: callers queued behind a connect
+that failed get its error at once instead of each waiting their own timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TypeVar, TypeVarTuple, Unpack
+
+import msgspec
+import trio
+
+from ..errors import (
+    CircuitOpenError,
+    RequestTimeoutError,
+    SentinelError,
+    TransportError,
+    UnsupportedVersionError,
+)
+from ..logs import log_event
+from ..messages import (
+    DEFAULT_MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    Error,
+    Event,
+    Hello,
+    Reply,
+    Subscribe,
+    Welcome,
+    type_tag,
+)
+from ..resilience import CircuitBreaker, guarded_call
+from ..transport import FramedConnection, connect_unix
+from .config import ClientConfig
+from .errors import ConnectionLostError, error_from_reply
+from .events import EventCallback, Subscription, local_event
+from .link import Link, Pending
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+_OPERATION = "ipc"
+
+
+class Connector:
+    """Owns the link to one daemon socket; runs calls under retry + breaker."""
+
+    def __init__(self, socket_path: Path, config: ClientConfig, nursery: trio.Nursery) -> None:
+        self.socket_path = socket_path
+        self.config = config
+        self.breaker = CircuitBreaker(
+            f"ipc:{socket_path}", config.breaker, clock=trio.current_time
+        )
+        self.retry = config.retry
+        self._nursery = nursery
+        self._ids = itertools.count(1)
+        self._link: Link | None = None
+        self._generation = 0
+        self._connect_lock = trio.Lock()
+        self._connect_failures = 0
+        self._last_connect_error: SentinelError | None = None
+        self._subs: list[Subscription] = []
+        self._keeper: trio.CancelScope | None = None
+        self._closing = False
+        #: Successful (re)connects so far; tests and the CLI read it.
+        self.connects = 0
+
+    # --- state ------------------------------------------------------------------
+
+    @property
+    def link(self) -> Link | None:
+        """The current link, if one is up."""
+        link = self._link
+        return link if link is not None and not link.closed else None
+
+    @property
+    def welcome(self) -> Welcome | None:
+        link = self._link
+        return None if link is None else link.welcome
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    # --- running calls -------------------------------------------------------------
+
+    async def run(
+        self,
+        attempt: Callable[[Unpack[Ts]], Awaitable[T]],
+        *args: *Ts,
+        timeout: float,
+        what: str,
+    ) -> T:
+        """``attempt(*args)`` under the retry policy and the breaker, within ``timeout``.
+
+        Raises the attempt's error when it is not retryable, ``CircuitOpenError``,
+        ``RetryExhaustedError`` (chained from the last failure), or
+        :class:`RequestTimeoutError` when ``timeout`` runs out.
+        """
+        if self._closing:
+            raise TransportError("the client is closed")
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
+            return await guarded_call(
+                attempt, *args, breaker=self.breaker, retry=self.retry, operation=_OPERATION
+            )
+        # Only reached when our deadline cancelled the call.
+        error = RequestTimeoutError(f"{what}: no reply from the daemon within {timeout:g} s")
+        self._count_failure(error)
+        raise error
+
+    async def call(
+        self,
+        request: msgspec.Struct,
+        *,
+        idempotent: bool,
+        timeout: float,
+        fds: Sequence[int] = (),
+    ) -> Reply:
+        """Send ``request`` (its ``id`` is assigned per attempt) and return the reply."""
+        return await self.run(
+            self.attempt, request, idempotent, fds, timeout=timeout, what=type_tag(type(request))
+        )
+
+    async def attempt(
+        self, request: msgspec.Struct, idempotent: bool, fds: Sequence[int] = ()
+    ) -> Reply:
+        """One try of one request on the current (or a new) link."""
+        link = self._link
+        if link is None or link.closed:
+            link = await self.connect()
+        request_id = next(self._ids)
+        request.id = request_id  # type: ignore[attr-defined]
+        await link.acquire_slot()
+        pending: Pending | None = None
+        try:
+            pending = link.register(request_id)
+            await link.send(link.encode(request), fds)
+            pending.sent = True
+            return await link.wait(pending)
+        except TransportError as exc:
+            outcome = self.outcome_of_loss(exc, request, pending, idempotent)
+            if outcome is exc:
+                raise
+            raise outcome from exc
+        finally:
+            link.unregister(request_id)
+            link.release_slot()
+
+    def outcome_of_loss(
+        self,
+        error: TransportError,
+        request: msgspec.Struct,
+        pending: Pending | None,
+        idempotent: bool,
+    ) -> SentinelError:
+        """The error an attempt raises when its link died (table in the module doc)."""
+        if idempotent or pending is None or not pending.sent or pending.reply is not None:
+            return error
+        lost = ConnectionLostError(
+            f"the connection was lost after {type_tag(type(request))} was sent; "
+            f"whether the daemon applied it is unknown ({error.message})"
+        )
+        lost.__cause__ = error
+        return lost
+
+    def _count_failure(self, error: SentinelError) -> None:
+        """A call timed out: count it against the breaker like a refused connect.
+
+        guarded_call only sees a cancellation (which says nothing about the
+        dependency), so without this a daemon that accepts but never answers
+        would never open the breaker.
+        """
+        now = trio.current_time()
+        try:
+            permit = self.breaker.acquire(now)
+        except CircuitOpenError:
+            return
+        self.breaker.record_error(permit, error, now)
+
+    # --- connecting ------------------------------------------------------------------
+
+    async def connect(self) -> Link:
+        """The current link, or a new one (connect + hello). Raises ``TransportError``
+        (retryable) or the daemon's typed refusal (e.g. ``UnsupportedVersionError``)."""
+        failures_seen = self._connect_failures
+        async with self._connect_lock:
+            link = self._link
+            if link is not None and not link.closed:
+                return link
+            last = self._last_connect_error
+            if self._connect_failures != failures_seen and isinstance(last, TransportError):
+                # Someone tried while we queued and failed: share the verdict
+                # rather than queueing one connect timeout after another.
+                raise TransportError(last.message) from last
+            if self._closing:
+                raise TransportError("the client is closed")
+            try:
+                with trio.move_on_after(self.config.connect_timeout) as scope:
+                    link = await self._open_link()
+                if scope.cancelled_caught or link is None:
+                    raise TransportError(
+                        f"no welcome from {self.socket_path} within "
+                        f"{self.config.connect_timeout:g} s"
+                    )
+            except SentinelError as exc:
+                self._connect_failures += 1
+                self._last_connect_error = exc
+                raise
+            self._last_connect_error = None
+            self._link = link
+            self.connects += 1
+            self._nursery.start_soon(self._read, link)
+            if self._subs:
+                self._nursery.start_soon(self._renew, link)
+            return link
+
+    async def _open_link(self) -> Link:
+        sock = await connect_unix(self.socket_path)
+        conn = FramedConnection(sock, DEFAULT_MAX_FRAME_BYTES)
+        try:
+            hello_id = next(self._ids)
+            await conn.send(
+                Hello(
+                    id=hello_id,
+                    client=self.config.client_name,
+                    protocol_version=PROTOCOL_VERSION,
+                    capabilities=list(self.config.capabilities),
+                )
+            )
+            reply = await conn.receive()
+            if type(reply) is Error:
+                raise error_from_reply(reply)
+            if type(reply) is not Welcome or reply.id != hello_id:
+                raise TransportError(
+                    f"expected a welcome for hello, got {type_tag(type(reply))} "
+                    f"(id {reply.id})"
+                )
+            if reply.protocol_version != PROTOCOL_VERSION:
+                raise UnsupportedVersionError(
+                    f"the daemon speaks protocol {reply.protocol_version}, "
+                    f"this client {PROTOCOL_VERSION}"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        self._generation += 1
+        return Link(conn, reply, self._generation)
+
+    async def _read(self, link: Link) -> None:
+        await link.run_reader()
+        cause = link.cause
+        log_event(
+            "client_link_lost",
+            logging.INFO,
+            socket=str(self.socket_path),
+            generation=link.generation,
+            cause=None if cause is None else cause.message,
+        )
+        if self._closing:
+            return
+        event = local_event(
+            "connection_lost",
+            f"lost the connection to sentineld ({cause.message if cause else 'closed'}); "
+            "reconnecting",
+            trio.current_time(),
+        )
+        for sub in list(self._subs):
+            if sub.generation == link.generation:
+                sub.generation = -1
+                sub.deliver(event)
+
+    # --- subscriptions -----------------------------------------------------------
+
+    async def subscribe(
+        self,
+        topics: Sequence[str],
+        *,
+        callback: EventCallback | None,
+        timeout: float,
+    ) -> Subscription:
+        """Subscribe (renewed on every reconnect until closed)."""
+        sub = Subscription(
+            tuple(topics),
+            buffer=self.config.event_buffer,
+            callback=callback,
+            on_close=self._forget,
+        )
+        self._subs.append(sub)
+        try:
+            await self.run(self._subscribe_attempt, sub, timeout=timeout, what="subscribe")
+        except BaseException:
+            self._subs.remove(sub)
+            sub.closed = True
+            raise
+        if self._keeper is None:
+            self._keeper = trio.CancelScope()
+            self._nursery.start_soon(self._keep_connected, self._keeper)
+        return sub
+
+    async def _subscribe_attempt(self, sub: Subscription) -> None:
+        link = self._link
+        if link is None or link.closed:
+            link = await self.connect()  # renews every subscription, this one too
+        await self._subscribe_on(link, sub)
+
+    async def _subscribe_on(self, link: Link, sub: Subscription) -> None:
+        if sub.closed or sub.generation == link.generation:
+            return
+        sub.generation = link.generation
+        request_id = next(self._ids)
+        link.event_routes[request_id] = sub.deliver
+        try:
+            await link.acquire_slot()
+            try:
+                pending = link.register(request_id)
+                await link.send(link.encode(Subscribe(id=request_id, topics=list(sub.topics))))
+                pending.sent = True
+                await link.wait(pending)
+            finally:
+                link.unregister(request_id)
+                link.release_slot()
+        except BaseException:
+            link.event_routes.pop(request_id, None)
+            if sub.generation == link.generation:
+                sub.generation = -1
+            raise
+
+    async def _renew(self, link: Link) -> None:
+        """Re-subscribe everything on a new link; failures wait for the next link."""
+        renewed = 0
+        for sub in list(self._subs):
+            try:
+                with trio.fail_after(self.config.timeout):
+                    await self._subscribe_on(link, sub)
+            except (SentinelError, trio.TooSlowError) as exc:
+                log_event("client_resubscribe_failed", logging.WARNING, error=str(exc))
+                if link.closed:
+                    return
+                continue
+            renewed += 1
+            sub.deliver(
+                local_event("resubscribed", "reconnected to sentineld", trio.current_time())
+            )
+        if renewed:
+            log_event("client_resubscribed", logging.INFO, subscriptions=renewed)
+
+    async def _keep_connected(self, scope: trio.CancelScope) -> None:
+        """While subscriptions exist, reconnect after a loss even if nobody calls."""
+        with scope:
+            while self._subs and not self._closing:
+                link = self._link
+                if link is not None and not link.closed:
+                    await link.closed_event.wait()
+                    continue
+                try:
+                    await self.run(self.connect, timeout=self.config.timeout, what="reconnect")
+                except CircuitOpenError as exc:
+                    await trio.sleep(
+                        exc.retry_after if exc.retry_after else self.config.breaker.open_timeout
+                    )
+                except SentinelError:
+                    await trio.sleep(self.retry.max_delay)
+
+    def _forget(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+        link = self._link
+        if link is not None:
+            for rid, sink in list(link.event_routes.items()):
+                if sink == sub.deliver:
+                    del link.event_routes[rid]
+        if not self._subs and self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
+
+    def route_unclaimed(self, event: Event) -> None:  # pragma: no cover - diagnostics
+        log_event("client_event_unclaimed", logging.DEBUG, topic=event.topic, kind=event.kind)
+
+    # --- closing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Fail every call in flight and stop reconnecting."""
+        self._closing = True
+        for sub in list(self._subs):
+            sub.close()
+        link = self._link
+        if link is not None:
+            link.fail(TransportError("the client is closed"))
+
+
+__all__ = ["Connector"]
