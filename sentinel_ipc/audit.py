@@ -49,8 +49,6 @@ _STOP: Final = object()
 def _default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=str)
     if isinstance(obj, BaseException):
         return f"{type(obj).__name__}: {obj}"
     return str(obj)
@@ -171,7 +169,14 @@ class AuditLog:
             if _STOP in batch:
                 stop = True
                 batch = [e for e in batch if e is not _STOP]
-            self._write_batch(batch)
+            try:
+                self._write_batch(batch)
+            except Exception:  # the writer must outlive any one bad batch
+                log.exception("audit log: unexpected error; %d events lost", len(batch))
+                with self._lock:
+                    self._errors += 1
+                    self._dropped += len(batch)
+                    self._dropped_total += len(batch)
         self._sync_and_close()
 
     def _write_batch(self, batch: list[object]) -> None:
@@ -196,7 +201,7 @@ class AuditLog:
                 self._file.write(data)
                 self._size += len(data)
                 written += 1
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: the file object was closed
             with self._lock:
                 self._errors += 1
                 lost = len(lines) - written

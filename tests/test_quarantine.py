@@ -1,0 +1,137 @@
+"""Quarantine: bytes kept aside (0700 dir, 0400 file, JSON sidecar), listed,
+restored to a descriptor or a new path, deleted; never through a bad id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from sentinel_ipc.audit import open_audit_log
+from sentinel_ipc.errors import NotFoundError, ScanError
+from sentinel_ipc.policy.quarantine import Quarantine, QuarantineError
+
+DATA = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*" * 100
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+async def test_store_list_restore_delete(tmp_path: Path) -> None:
+    qdir = tmp_path / "quarantine"
+    async with open_audit_log(tmp_path / "audit.jsonl") as audit:
+        q = Quarantine(qdir, audit=audit)
+        item = await q.store(
+            DATA, sha256=SHA, url="https://x/e.com", filename="e.com", rules=["EICAR"]
+        )
+        assert (item.sha256, item.size, item.rules, item.filename) == (
+            SHA,
+            len(DATA),
+            ["EICAR"],
+            "e.com",
+        )
+        assert mode(qdir) == 0o700
+        blob = qdir / f"{item.quarantine_id}.bin"
+        assert mode(blob) == 0o400 and blob.read_bytes() == DATA
+        sidecar = json.loads((qdir / f"{item.quarantine_id}.json").read_text())
+        assert sidecar["url"] == "https://x/e.com" and sidecar["sha256"] == SHA
+        assert sidecar["quarantined_at"] > 0
+
+        # the same file again is kept once
+        again = await q.store(DATA, sha256=SHA, url="https://y/", filename=None, rules=[])
+        assert again.quarantine_id == item.quarantine_id
+        assert [i.quarantine_id for i in await q.list()] == [item.quarantine_id]
+
+        r, w = os.pipe()  # as a client would pass with SCM_RIGHTS (DATA fits the pipe buffer)
+        try:
+            assert await q.restore(item.quarantine_id, w) == len(DATA)
+            os.close(w)
+            with os.fdopen(r, "rb") as reader:
+                assert reader.read() == DATA
+        except BaseException:
+            os.close(w)
+            raise
+        out = tmp_path / "restored.bin"
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            assert await q.restore(item.quarantine_id, fd) == len(DATA)
+        finally:
+            os.close(fd)
+        assert out.read_bytes() == DATA
+        dest = tmp_path / "again.bin"
+        assert await q.restore_to_path(item.quarantine_id, dest) == len(DATA)
+        assert mode(dest) == 0o600 and dest.read_bytes() == DATA
+        with pytest.raises(QuarantineError):  # never overwrites
+            await q.restore_to_path(item.quarantine_id, dest)
+
+        await q.delete(item.quarantine_id)
+        assert await q.list() == []
+        assert list(qdir.iterdir()) == []
+        with pytest.raises(NotFoundError):
+            await q.delete(item.quarantine_id)
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert (
+        kinds.count("quarantine") == 2
+        and "quarantine_restore" in kinds
+        and "quarantine_delete" in kinds
+    )
+
+
+async def test_store_from_a_descriptor_leaves_its_position_alone(tmp_path: Path) -> None:
+    src = tmp_path / "download.bin"
+    src.write_bytes(DATA)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.lseek(fd, 17, os.SEEK_SET)
+        item = await Quarantine(tmp_path / "q").store(fd, sha256=SHA)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 17
+    finally:
+        os.close(fd)
+    assert item.size == len(DATA)
+
+
+async def test_changed_file_is_refused(tmp_path: Path) -> None:
+    q = Quarantine(tmp_path / "q")
+    with pytest.raises(ScanError, match="changed after it was scanned"):
+        await q.store(DATA + b"!", sha256=SHA)
+    assert list((tmp_path / "q").iterdir()) == []
+
+
+async def test_tampered_quarantine_file_is_not_restored(tmp_path: Path) -> None:
+    q = Quarantine(tmp_path / "q")
+    item = await q.store(DATA, sha256=SHA)
+    blob = tmp_path / "q" / f"{item.quarantine_id}.bin"
+    os.chmod(blob, 0o600)
+    blob.write_bytes(b"evil" + DATA[4:])
+    with pytest.raises(QuarantineError, match="altered"):
+        await q.restore_to_path(item.quarantine_id, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("qid", ["../../etc/passwd", "", "ABCDEF" * 6, "0" * 31, "0" * 32 + "/x"])
+async def test_bad_ids_never_reach_the_file_system(tmp_path: Path, qid: str) -> None:
+    q = Quarantine(tmp_path / "q")
+    with pytest.raises(NotFoundError):
+        await q.delete(qid)
+    with pytest.raises(NotFoundError):
+        await q.restore(qid, 1)
+
+
+async def test_leftovers_of_an_interrupted_store_are_cleared(tmp_path: Path) -> None:
+    qdir = tmp_path / "q"
+    q = Quarantine(qdir)
+    item = await q.store(DATA, sha256=SHA)
+    (qdir / f".{'1' * 32}.bin.tmp").write_bytes(b"partial")
+    (qdir / f"{'2' * 32}.bin").write_bytes(b"no sidecar")
+    os.chmod(qdir, 0o755)
+    Quarantine(qdir)
+    assert sorted(p.name for p in qdir.iterdir()) == sorted(
+        [f"{item.quarantine_id}.bin", f"{item.quarantine_id}.json"]
+    )
+    assert mode(qdir) == 0o700
