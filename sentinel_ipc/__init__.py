@@ -2,4 +2,44 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# The client library is the public API; everything else is private to its module.
+from .client import (  # after __version__: handlers import it
+    Client,
+    ClientConfig,
+    ConnectionLostError,
+    DeliveryPendingError,
+    OutboxError,
+    OutboxFullError,
+    OutboxTicket,
+    Subscription,
+    SyncClient,
+    SyncSubscription,
+    open_client,
+)
+from .errors import (
+    CircuitOpenError,
+    RequestTimeoutError,
+    RetryExhaustedError,
+    SentinelError,
+    TransportError,
+)
+
+__all__ = [
+    "CircuitOpenError",
+    "Client",
+    "ClientConfig",
+    "ConnectionLostError",
+    "DeliveryPendingError",
+    "OutboxError",
+    "OutboxFullError",
+    "OutboxTicket",
+    "RequestTimeoutError",
+    "RetryExhaustedError",
+    "SentinelError",
+    "Subscription",
+    "SyncClient",
+    "SyncSubscription",
+    "TransportError",
+    "__version__",
+    "open_client",
+]
