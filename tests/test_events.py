@@ -50,24 +50,18 @@ def test_scanner_notice_follows_the_fail_mode() -> None:
     assert notice_text("whatever", "degraded").startswith("Sentinel operating in degraded mode.")
 
 
-def test_noticeboard_acknowledgement_lapses_when_the_state_changes() -> None:
+def test_noticeboard_spaces_reminders_and_never_reminds_of_an_acknowledged_notice() -> None:
     board = NoticeBoard()
-    assert not board.acknowledge("database", "healthy")
-    assert board.acknowledge("database", "failed")
-    assert board.is_acknowledged("database", "failed")
-    assert not board.reminder_due("database", "failed", now=1000.0, interval=60.0)
-    board.state_changed("database", "failed")  # same state: still acknowledged
-    assert board.is_acknowledged("database", "failed")
-    board.state_changed("database", "critical")
-    assert not board.is_acknowledged("database", "critical")
-    assert not board.is_acknowledged("database", "failed")
-    assert board.reminder_due("database", "critical", now=0.0, interval=60.0)
+    due = board.reminder_due
+    assert due("database", "failed", acknowledged=False, now=0.0, interval=60.0)
     board.sent("database", 10.0)
-    assert not board.reminder_due("database", "critical", now=69.0, interval=60.0)
-    assert board.reminder_due("database", "critical", now=70.0, interval=60.0)
-    board.acknowledge("database", "critical")
-    board.state_changed("database", "healthy")
-    assert board.acknowledged == {}
+    assert not due("database", "failed", acknowledged=False, now=69.0, interval=60.0)
+    assert due("database", "failed", acknowledged=False, now=70.0, interval=60.0)
+    assert not due("database", "failed", acknowledged=True, now=1000.0, interval=60.0)
+    assert not due("database", "healthy", acknowledged=False, now=1000.0, interval=60.0)
+    assert not due("database", "failed", acknowledged=False, now=1000.0, interval=0.0)
+    board.state_changed("database")
+    assert due("database", "critical", acknowledged=False, now=11.0, interval=60.0)
 
 
 async def test_subscribers_get_only_their_topics_with_their_request_id() -> None:

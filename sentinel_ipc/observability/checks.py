@@ -11,6 +11,7 @@ dependency costs one thread, not one per check interval.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import sqlite3
@@ -142,26 +143,57 @@ def database_check(
 # -- yara ------------------------------------------------------------------------
 
 
-def yara_check(self_test: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[CheckOutcome]]:
+def yara_check(
+    self_test: Callable[[], Awaitable[object]],
+    *,
+    timeout: float | None = None,
+    progress: Callable[[], int] | None = None,
+) -> Callable[[], Awaitable[CheckOutcome]]:
     """Scan a small buffer through the real worker pool (the scanner's ``self_test``).
 
-    ``self_test`` may return ``None``/``True`` (passed), ``False`` (failed), or an
-    object with ``ok`` and ``message`` attributes; an exception is a failure.
+    ``self_test`` may return a number (milliseconds), ``None``/``True`` (passed),
+    ``False`` (failed), or an object with ``ok`` and ``message``; an exception is
+    a failure. Under full load every worker may be busy and the test scan waits
+    in line: with ``timeout`` and ``progress`` (a counter of scans the pool
+    completed), a test that fails while the pool *did* complete scans since the
+    previous check is reported healthy-but-busy, not as a dead scanner.
     """
+    last_progress = progress() if progress is not None else 0
 
     async def check() -> CheckOutcome:
+        nonlocal last_progress
         start = trio.current_time()
-        result = await self_test()
+        failure = ""
+        result: object = None
+        scope = trio.CancelScope(deadline=math.inf if timeout is None else start + timeout)
+        with scope:
+            try:
+                result = await self_test()
+            except Exception as exc:
+                failure = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        if scope.cancelled_caught:
+            assert timeout is not None
+            failure = f"timed out after {timeout * 1000:.0f} ms"
         elapsed_ms = (trio.current_time() - start) * 1000
-        ok = getattr(result, "ok", result if isinstance(result, bool) else True)
-        message = getattr(result, "message", None)
-        if not isinstance(message, str) or not message:
-            message = (
-                f"test scan through the worker pool took {elapsed_ms:.1f} ms"
-                if ok
-                else "test scan failed"
-            )
-        return CheckOutcome(ok=bool(ok), message=message)
+        if not failure:
+            ok = getattr(result, "ok", result if isinstance(result, bool) else True)
+            message = getattr(result, "message", None)
+            if not ok:
+                failure = message if isinstance(message, str) and message else "test scan failed"
+            elif not isinstance(message, str) or not message:
+                message = f"test scan through the worker pool took {elapsed_ms:.1f} ms"
+        if progress is not None:
+            before, last_progress = last_progress, progress()
+            if failure and last_progress > before:
+                return CheckOutcome(
+                    ok=True,
+                    message=f"workers busy: {last_progress - before} scans completed since the "
+                    f"last check (test scan: {failure})",
+                )
+        if failure:
+            return CheckOutcome(ok=False, message=failure)
+        assert isinstance(message, str)
+        return CheckOutcome(ok=True, message=message)
 
     return check
 

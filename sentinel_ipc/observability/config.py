@@ -124,6 +124,9 @@ class ResilienceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     scanner_fail_mode: Literal["open", "closed"] = "open"
     #: Seconds between two periodic runs of the health checks.
     check_interval: float = 30.0
+    #: While a check fails, it is re-run this often (capped by check_interval), so a
+    #: recovered dependency is noticed within one probe.
+    failing_check_interval: float = 5.0
     #: Seconds between reminders of an unacknowledged degraded-mode notice (0: never).
     notice_repeat_interval: float = 300.0
     #: Events buffered per subscriber before it gets one ``events_dropped`` event.
@@ -144,6 +147,10 @@ class ResilienceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
         self.retries = merged_r
         if not self.check_interval > 0:
             raise ValueError(f"check_interval must be > 0, got {self.check_interval!r}")
+        if not self.failing_check_interval > 0:
+            raise ValueError(
+                f"failing_check_interval must be > 0, got {self.failing_check_interval!r}"
+            )
         if self.subscriber_buffer < 1:
             raise ValueError(f"subscriber_buffer must be >= 1, got {self.subscriber_buffer!r}")
         for name, b in self.breakers.items():

@@ -24,7 +24,8 @@ connection lost. Using cached security policies. Some features unavailable."
 with the two actions *Retry Connection* (the client sends ``service_retry``)
 and *Continue with Cache* (``degraded_ack``). Acknowledging suppresses
 repeats (reminders, the replay to a new subscriber) until the service's state
-changes again; :class:`NoticeBoard` keeps that bookkeeping and is persisted.
+changes again (the FallbackManager keeps and persists that flag);
+:class:`NoticeBoard` spaces the reminders.
 """
 
 from __future__ import annotations
@@ -94,39 +95,27 @@ def notice_text(service: str, state: str, *, fail_open: bool = True) -> str:
 
 
 class NoticeBoard:
-    """Which degraded-mode notices are outstanding and which were acknowledged.
+    """When each outstanding degraded-mode notice was last sent, for reminders.
 
-    Pure bookkeeping: ``acknowledged[service]`` is the state the user
-    acknowledged; it lapses as soon as the service's state differs.
+    Acknowledgements themselves live in the FallbackManager (its
+    ``acknowledge()`` flag lapses on the service's next state change and is
+    part of its persisted snapshot); this only spaces the reminders.
     """
 
-    def __init__(self, acknowledged: dict[str, str] | None = None) -> None:
-        self.acknowledged: dict[str, str] = dict(acknowledged or {})
+    def __init__(self) -> None:
         self._last_sent: dict[str, float] = {}
 
-    def state_changed(self, service: str, state: str) -> None:
-        """A new state: any acknowledgement of the old one lapses."""
-        if self.acknowledged.get(service) not in (None, state):
-            del self.acknowledged[service]
-        if state == "healthy":
-            self.acknowledged.pop(service, None)
+    def state_changed(self, service: str) -> None:
+        """A new state: its notice is new, not a reminder."""
         self._last_sent.pop(service, None)
-
-    def acknowledge(self, service: str, state: str) -> bool:
-        """Record the user's *Continue with Cache*. False if nothing to acknowledge."""
-        if state == "healthy":
-            return False
-        self.acknowledged[service] = state
-        return True
-
-    def is_acknowledged(self, service: str, state: str) -> bool:
-        return self.acknowledged.get(service) == state
 
     def sent(self, service: str, now: float) -> None:
         self._last_sent[service] = now
 
-    def reminder_due(self, service: str, state: str, now: float, interval: float) -> bool:
-        if state == "healthy" or interval <= 0 or self.is_acknowledged(service, state):
+    def reminder_due(
+        self, service: str, state: str, *, acknowledged: bool, now: float, interval: float
+    ) -> bool:
+        if state == "healthy" or acknowledged or interval <= 0:
             return False
         last = self._last_sent.get(service)
         return last is None or now - last >= interval
@@ -154,7 +143,13 @@ class Subscription:
     dropped_total: int = 0
     closed: bool = False
     _wake: trio.Event = field(default_factory=trio.Event)
+    _armed: trio.Event = field(default_factory=trio.Event)
     _scope: trio.CancelScope | None = None
+
+    def resume(self) -> None:
+        """Start delivering (a subscription made ``paused`` waits for this, so the
+        ``subscribed`` reply can go out before the first event)."""
+        self._armed.set()
 
     def offer(self, event: Event) -> bool:
         """Queue ``event`` without blocking; False if it was dropped."""
@@ -186,6 +181,7 @@ class Subscription:
             if self.closed:
                 return
             try:
+                await self._armed.wait()
                 while True:
                     while not self.buffer:
                         self._wake = trio.Event()
@@ -240,9 +236,11 @@ class EventBus:
         send: Callable[[Event], Awaitable[None]],
         *,
         initial: Iterable[Event] = (),
+        paused: bool = False,
     ) -> Subscription:
         """Start delivering events of ``topics`` through ``send``; ``initial``
-        events (the current state) are queued first. Raises
+        events (the current state) are queued first. With ``paused``, delivery
+        starts at :meth:`Subscription.resume`. Raises
         :class:`InvalidMessageError` for an unknown topic and :class:`BusyError`
         over ``max_subscribers``."""
         wanted = frozenset(topics)
@@ -263,6 +261,8 @@ class EventBus:
         for event in initial:
             if event.topic in wanted:
                 sub.offer(_with_id(event, request_id))
+        if not paused:
+            sub.resume()
         self._subs.add(sub)
         self._nursery.start_soon(sub.pump, self.clock)
         return sub

@@ -229,6 +229,11 @@ class HealthRegistry:
         """Ask the periodic loop for an immediate round (no waiting)."""
         self._wake.set()
 
+    async def wait_wake(self) -> None:
+        """Wait for :meth:`run_now` (for custom periodic loops)."""
+        await self._wake.wait()
+        self._wake = trio.Event()
+
     async def run_periodically(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -239,8 +244,7 @@ class HealthRegistry:
         task_status.started()
         while True:
             with trio.move_on_after(self.interval):
-                await self._wake.wait()
-            self._wake = trio.Event()
+                await self.wait_wake()
             await self.run_all()
             self.periodic_runs += 1
 

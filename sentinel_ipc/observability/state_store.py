@@ -2,9 +2,9 @@
 
 What survives a restart (``<data dir>/resilience_state.json``):
 
-* the FallbackManager's snapshot (each service's state, reason, when it changed);
-* each breaker's snapshot (its state and the time it still had to stay open);
-* the acknowledged degraded-mode notices (service -> the state acknowledged).
+* the FallbackManager's snapshot (each service's state, reason, when it
+  changed, and whether its degraded-mode notice was acknowledged);
+* each breaker's snapshot (its state and the time it still had to stay open).
 
 Why it matters: a daemon restarted during a database outage must come back
 *knowing* the database was failing, keep its breaker open for what was left of
@@ -51,8 +51,6 @@ class PersistedState(msgspec.Struct, kw_only=True):
     fallback: dict[str, Any] | None = None
     #: breaker name -> ``CircuitBreaker.snapshot()``.
     breakers: dict[str, dict[str, Any]] = {}
-    #: service -> the service state the user acknowledged ("Continue with Cache").
-    acknowledged: dict[str, str] = {}
 
     def elapsed(self, now_wall: float) -> float:
         """Seconds since the save, never negative (a clock stepped back counts as 0)."""

@@ -1,0 +1,70 @@
+"""Observability requests: ``health``, ``metrics``, ``breakers``, ``breaker_control``
+(admin), ``subscribe``, ``service_retry`` (admin) and ``degraded_ack``.
+
+The handlers only translate between the wire and
+:class:`~sentinel_ipc.observability.hub.Observability`; every decision lives
+there. ``health`` and ``metrics`` never wait on a dependency (cached check
+results, figures read at scrape time), so they stay fast under full scan load.
+"""
+
+from __future__ import annotations
+
+from ..messages import (
+    Ack,
+    BreakerControl,
+    Breakers,
+    BreakersReport,
+    DegradedAck,
+    Health,
+    HealthReport,
+    Metrics,
+    MetricsReport,
+    ServiceRetry,
+    Subscribe,
+    Subscribed,
+)
+from ..observability.hub import Observability
+from ..server.dispatch import Dispatcher, RequestContext
+
+
+def register(dispatcher: Dispatcher, hub: Observability) -> None:
+    async def health(request: Health, ctx: RequestContext) -> HealthReport:
+        return await hub.health_report(request.id, request.probe)
+
+    async def metrics(request: Metrics, ctx: RequestContext) -> MetricsReport:
+        content_type, text = hub.metrics.render(request.format)
+        return MetricsReport(id=request.id, content_type=content_type, text=text)
+
+    async def breakers(request: Breakers, ctx: RequestContext) -> BreakersReport:
+        return BreakersReport(id=request.id, breakers=hub.breaker_infos())
+
+    async def breaker_control(request: BreakerControl, ctx: RequestContext) -> Ack:
+        detail = hub.control_breaker(request.name, request.action, uid=ctx.peer.uid)
+        return Ack(id=request.id, detail=detail)
+
+    async def subscribe(request: Subscribe, ctx: RequestContext) -> None:
+        conn = ctx.connection
+        sub = hub.subscribe(request.id, request.topics, conn.send)  # validates first
+        conn.on_close(sub.close)
+        try:
+            await conn.send(Subscribed(id=request.id, topics=sorted(sub.topics)))
+        except BaseException:
+            sub.close()
+            raise
+        sub.resume()  # events only after the reply, so the client sees them in order
+        return None
+
+    async def service_retry(request: ServiceRetry, ctx: RequestContext) -> Ack:
+        detail = await hub.retry_service(request.service)
+        return Ack(id=request.id, detail=detail)
+
+    async def degraded_ack(request: DegradedAck, ctx: RequestContext) -> Ack:
+        return Ack(id=request.id, detail=hub.acknowledge(request.service))
+
+    dispatcher.register(Health, health)
+    dispatcher.register(Metrics, metrics)
+    dispatcher.register(Breakers, breakers)
+    dispatcher.register(BreakerControl, breaker_control, admin=True)
+    dispatcher.register(Subscribe, subscribe)
+    dispatcher.register(ServiceRetry, service_retry, admin=True)
+    dispatcher.register(DegradedAck, degraded_ack)
