@@ -26,6 +26,7 @@ from sentinel_ipc.errors import (
     RulesError,
     ScanError,
     ScanTooLargeError,
+    ShuttingDownError,
 )
 from sentinel_ipc.resilience import BREAKER_PRESETS, RETRY_PRESETS
 from sentinel_ipc.scanning import ScanMeta, Scanner, ScannerConfig, open_scanner
@@ -509,6 +510,8 @@ async def test_closing_leaves_no_worker_descriptor_or_stream(data_dir: Path) -> 
         await scanner.scan_bytes(EICAR, ScanMeta())
     assert dangling.closed
     assert all(gone(pid) for pid in pids)
+    with pytest.raises(ShuttingDownError):
+        await scanner.scan_bytes(EICAR, ScanMeta())
     assert set(os.listdir("/proc/self/fd")) == before
 
 

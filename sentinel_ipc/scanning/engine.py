@@ -26,10 +26,13 @@ not scanned: ..."), and the caller applies fail-open (allow with the warning)
 or fail-closed (block) -- see :meth:`ScanOutcome.default_action`. That covers
 an open breaker, retries exhausted, no worker within ``worker_wait_timeout``
 and a scan timeout. The sha256 is still computed (in a thread), so hash
-policies keep working while the scanner is down. Only three things raise:
-:class:`~sentinel_ipc.errors.BusyError` when the wait queue is full (retryable,
-``retry_after``), :class:`~sentinel_ipc.errors.ScanTooLargeError` and
-:class:`~sentinel_ipc.errors.BadFileDescriptorError` (the request itself is wrong).
+policies keep working while the scanner is down. What raises:
+:class:`~sentinel_ipc.errors.BusyError` when the wait queue or the buffer budget
+is full (retryable, ``retry_after``), :class:`~sentinel_ipc.errors.ScanTooLargeError`
+and :class:`~sentinel_ipc.errors.BadFileDescriptorError` (the request itself is
+wrong), a non-retryable :class:`~sentinel_ipc.errors.ScanError` when the client's
+file cannot be read or shrank under the scan, and
+:class:`~sentinel_ipc.errors.ShuttingDownError` once the scanner is closed.
 
 What counts against the breaker: worker crashes and memory exhaustion (the
 preset's classifier), and "no worker is running at all" (the pool cannot
@@ -66,6 +69,7 @@ from ..errors import (
     ScanError,
     ScanTimeoutError,
     ScanTooLargeError,
+    ShuttingDownError,
     WorkerCrashedError,
 )
 from ..logs import log_event
@@ -338,7 +342,10 @@ class Scanner:
         return self._pool.rules.rule_count
 
     async def scan_bytes(self, data: bytes | memoryview, meta: ScanMeta) -> ScanOutcome:
-        """Scan an in-memory buffer. Raises ScanTooLargeError, BusyError."""
+        """Scan an in-memory buffer (copied once, into a sealed memfd).
+
+        Raises ScanTooLargeError, BusyError, ShuttingDownError.
+        """
         size = memoryview(data).nbytes
         if size > self.config.max_stream_bytes:
             raise ScanTooLargeError(
@@ -361,8 +368,11 @@ class Scanner:
 
     async def scan_fd(self, fd: int, meta: ScanMeta) -> ScanOutcome:
         """Scan through a caller-owned descriptor (regular file or memfd); the
-        caller keeps ownership. Raises BadFileDescriptorError, ScanTooLargeError,
-        BusyError."""
+        caller keeps ownership (the worker gets its own duplicate).
+
+        Raises BadFileDescriptorError, ScanTooLargeError, BusyError,
+        ShuttingDownError, ScanError (file unreadable, or shrank during the scan).
+        """
         size = _check_scan_fd(fd, self.config.max_stream_bytes)
         return await self._scan(fd, size, meta, owned=False, data=None)
 
@@ -510,6 +520,8 @@ class Scanner:
 
     async def _scan(self, fd: int, size: int, meta: ScanMeta, *, owned: bool,
                     data: bytes | memoryview | None) -> ScanOutcome:
+        if self._closed:
+            raise ShuttingDownError("the scanner is shutting down")
         started = time.perf_counter()
         self._scans += 1
         externals = externals_for(meta.url, meta.filename)

@@ -290,6 +290,8 @@ class WorkerPool:
         Raises BusyError (retryable, ``retry_after``) when ``max_queue`` tasks are
         already waiting, NoWorkerAvailable when none frees up within ``wait_timeout``.
         """
+        if self._closing:
+            raise NoWorkerAvailable("the scanner is shutting down", alive=0)
         if self._waiting >= self.config.max_queue:
             raise BusyError(
                 f"scan queue full ({self._waiting} waiting for {self.config.workers} workers)",
@@ -305,7 +307,10 @@ class WorkerPool:
         try:
             with trio.move_on_after(self.config.wait_timeout):
                 while True:
-                    handle = await self._idle_recv.receive()
+                    try:
+                        handle = await self._idle_recv.receive()
+                    except (trio.EndOfChannel, trio.ClosedResourceError):
+                        raise NoWorkerAvailable("the scanner is shutting down", alive=0) from None
                     if handle.state is not WorkerState.IDLE:
                         continue  # died or retired while queued
                     if handle.generation != self._generation:

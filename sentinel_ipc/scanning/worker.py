@@ -156,6 +156,12 @@ def _die_with_parent(parent_pid: int) -> None:
         pass
     if parent_pid and os.getppid() != parent_pid:
         os._exit(0)
+    # Under memory pressure the kernel should kill a worker, never the daemon.
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:  # pragma: no cover - not Linux, or a locked-down /proc
+        pass
 
 
 def _scan(rules: Any, job: Job, fd: int, yara: Any) -> Result:
