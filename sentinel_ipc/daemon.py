@@ -23,6 +23,8 @@ from .config import Config
 from .handlers import core
 from .logs import log_event
 from .messages import Limits
+from .observability.hub import Observability
+from .observability.metrics import SentinelMetrics
 from .server.dispatch import Dispatcher
 from .server.listener import acquire_lock, open_unix_listener, prepare_socket_dir, release_lock
 from .server.server import Server
@@ -41,6 +43,9 @@ class Daemon:
         self.server = Server(config.server, self.dispatcher)
         self._shutdown = trio.Event()
         self._exit_stack: AsyncExitStack | None = None
+        self.observability: Observability | None = None
+        #: The metrics registry (``self.observability.metrics``), for other sections.
+        self.metrics: SentinelMetrics | None = None
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -99,6 +104,17 @@ class Daemon:
             # --- section: audit -------------------------------------------------
             # --- end: audit
             # --- section: observability (metrics, events, fallback manager) -----
+            from .observability.hub import open_observability
+
+            self.observability = await stack.enter_async_context(
+                open_observability(
+                    self.config,
+                    self.data_dir,
+                    self.server,
+                    started_monotonic=self.started_monotonic,
+                )
+            )
+            self.metrics = self.observability.metrics
             # --- end: observability
             # --- section: scanning -----------------------------------------------
             # --- end: scanning
@@ -107,8 +123,18 @@ class Daemon:
             # --- section: external integrations ----------------------------------
             # --- end: external integrations
             # --- section: handlers -----------------------------------------------
+            from .handlers import observability as observability_handlers
+
+            observability_handlers.register(self.dispatcher, self.observability)
             # --- end: handlers
             # --- section: health -------------------------------------------------
+            # Attach whatever the sections above built (absent ones are skipped),
+            # run the first round of checks, then check periodically.
+            await self.observability.start(
+                scanner=getattr(self, "scanner", None),
+                policy=getattr(self, "policy", None),
+                verdicts=getattr(self, "verdicts", None),
+            )
             # --- end: health
             self._exit_stack = stack
             yield
