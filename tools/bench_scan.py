@@ -31,6 +31,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,13 @@ class ModeResult:
     files: int
     matched_files: int
     note: str = ""
+    #: CPU seconds (user + system) of every process doing the work, timed part only.
+    cpu_seconds: float = math.nan
+
+    @property
+    def cpu_per_gb(self) -> float:
+        """CPU seconds per GB scanned: the efficiency, robust on a shared machine."""
+        return self.cpu_seconds / (self.total_bytes / 1e9) if self.total_bytes else math.nan
 
     @property
     def mbps(self) -> float:
@@ -96,12 +104,18 @@ def ensure_corpus(corpus: Path, total_mib: float, files: int, seed: int) -> None
 # ---------------------------------------------------------------------------
 
 
+def _cpu_self() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def raw_one_process(compiled: str, corpus: list[tuple[str, bytes]]) -> ModeResult:
     import yara
 
     rules = yara.load(compiled)
     lat: list[float] = []
     matched = 0
+    cpu0 = _cpu_self()
     start = time.perf_counter()
     for _name, data in corpus:
         t = time.perf_counter()
@@ -109,7 +123,8 @@ def raw_one_process(compiled: str, corpus: list[tuple[str, bytes]]) -> ModeResul
             matched += 1
         lat.append(time.perf_counter() - t)
     seconds = time.perf_counter() - start
-    return ModeResult("raw1", seconds, sum(len(d) for _, d in corpus), lat, len(corpus), matched)
+    return ModeResult("raw1", seconds, sum(len(d) for _, d in corpus), lat, len(corpus), matched,
+                      cpu_seconds=_cpu_self() - cpu0)
 
 
 _CHILD: dict[str, Any] = {}
@@ -122,6 +137,7 @@ def _raw_child(compiled: str, counter: Any, barrier: Any, out: Any) -> None:
     corpus = _CHILD["corpus"]
     lat: list[tuple[float, int]] = []
     barrier.wait()
+    cpu0 = _cpu_self()
     while True:
         with counter.get_lock():
             i = counter.value
@@ -131,7 +147,7 @@ def _raw_child(compiled: str, counter: Any, barrier: Any, out: Any) -> None:
         t = time.perf_counter()
         m = rules.match(data=corpus[i][1])
         lat.append((time.perf_counter() - t, 1 if m else 0))
-    out.put(lat)
+    out.put((lat, _cpu_self() - cpu0))
 
 
 def raw_n_processes(compiled: str, corpus: list[tuple[str, bytes]], n: int) -> ModeResult:
@@ -151,10 +167,10 @@ def raw_n_processes(compiled: str, corpus: list[tuple[str, bytes]], n: int) -> M
     seconds = time.perf_counter() - start
     for p in procs:
         p.join()
-    lat = [x for r in results for x, _ in r]
-    matched = sum(m for r in results for _, m in r)
+    lat = [x for r, _cpu in results for x, _ in r]
+    matched = sum(m for r, _cpu in results for _, m in r)
     return ModeResult(f"raw{n}", seconds, sum(len(d) for _, d in corpus), lat, len(corpus),
-                      matched)
+                      matched, cpu_seconds=sum(cpu for _r, cpu in results))
 
 
 # ---------------------------------------------------------------------------
@@ -164,6 +180,7 @@ def raw_n_processes(compiled: str, corpus: list[tuple[str, bytes]], n: int) -> M
 
 def engine_mode(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
                 corpus_dir: Path, workers: int, concurrency: int, use_fd: bool) -> ModeResult:
+    import psutil
     import trio
 
     from sentinel_ipc.scanning import ScanMeta, ScannerConfig, open_scanner
@@ -172,9 +189,17 @@ def engine_mode(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
     matched = 0
     unscanned = 0
     seconds = 0.0
+    cpu = 0.0
+
+    def cpu_of(pids: list[int]) -> float:
+        total = _cpu_self()
+        for pid in pids:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        return total
 
     async def main() -> None:
-        nonlocal matched, unscanned, seconds
+        nonlocal matched, unscanned, seconds, cpu
         config = ScannerConfig(rules_dir=rules_dir, workers=workers)
         async with open_scanner(config, data_dir) as scanner:
             # Let every worker finish starting before the clock runs.
@@ -201,17 +226,21 @@ def engine_mode(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
                     matched += bool(outcome.matches)
                     unscanned += not outcome.scanned
 
+            pids = scanner.worker_pids()
+            cpu0 = cpu_of(pids)
             start = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for _ in range(concurrency):
                     nursery.start_soon(client)
             seconds = time.perf_counter() - start
+            # A replaced worker would take its CPU time with it: then no figure.
+            cpu = cpu_of(pids) - cpu0 if scanner.worker_pids() == pids else math.nan
 
     trio.run(main)
     name = "engine_fd" if use_fd else "engine"
     note = f"{unscanned} unscanned" if unscanned else ""
     return ModeResult(name, seconds, sum(len(d) for _, d in corpus), lat, len(corpus), matched,
-                      note)
+                      note, cpu_seconds=cpu)
 
 
 # ---------------------------------------------------------------------------
@@ -323,11 +352,13 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
 
 def report(results: Sequence[ModeResult], base: ModeResult | None) -> None:
     print(f"{'mode':<10} {'MB/s':>8} {'files/s':>8} {'p50 ms':>8} {'p99 ms':>9} "
-          f"{'x rawN':>7} {'matched':>7}  note")
+          f"{'x rawN':>7} {'cpu s/GB':>9} {'cpu x rawN':>10} {'matched':>7}  note")
     for r in results:
         ratio = r.mbps / base.mbps if base else math.nan
+        cpu_ratio = r.cpu_per_gb / base.cpu_per_gb if base else math.nan
         print(f"{r.name:<10} {r.mbps:8.1f} {r.files_per_s:8.1f} {r.pct(0.5):8.2f} "
-              f"{r.pct(0.99):9.2f} {ratio:7.3f} {r.matched_files:7d}  {r.note}")
+              f"{r.pct(0.99):9.2f} {ratio:7.3f} {r.cpu_per_gb:9.2f} {cpu_ratio:10.3f} "
+              f"{r.matched_files:7d}  {r.note}")
 
 
 def main(argv: list[str] | None = None) -> int:
