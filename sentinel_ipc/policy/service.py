@@ -716,16 +716,17 @@ class PolicyService:
                 return True
             try:
                 if self._degraded:
-                    events = await self._db(
-                        partial(
-                            self._store.ensure_open,
-                            self._snapshot.real_policies(),
-                            self._snapshot.max_policy_id,
-                        ),
-                        "recover",
-                    )
-                    self._report_events(events)
-                    await self._db(self._store.probe, "probe")
+                    try:
+                        await self._db(
+                            partial(
+                                self._store.recover,
+                                self._snapshot.real_policies(),
+                                self._snapshot.max_policy_id,
+                            ),
+                            "recover",
+                        )
+                    finally:
+                        self._report_events(self._store.drain_events())
                 await self._replay()
                 async with self._write_lock:
                     await self._replay()
@@ -784,7 +785,7 @@ class PolicyService:
 
     def _report_events(self, events: Sequence[StoreEvent]) -> None:
         for e in events:
-            level = logging.WARNING
+            level = logging.INFO if e.kind == "created" else logging.WARNING
             if e.kind in ("corrupt_moved_aside", "moved_detected"):
                 level = logging.ERROR
             log.log(level, "policy database %s: %s", e.kind, e.detail)
@@ -938,9 +939,9 @@ class PolicyService:
             if self._journal.depth:
                 log.warning("policy journal: %d writes pending replay", self._journal.depth)
         try:
-            events = await self._thread_call(
+            await self._thread_call(
                 partial(
-                    self._store.ensure_open,
+                    self._store.recover,
                     self._snapshot.real_policies(),
                     self._snapshot.max_policy_id,
                 )
@@ -948,7 +949,8 @@ class PolicyService:
         except (SentinelError, trio.TooSlowError) as exc:
             self._set_state(True, outage_reason(exc))
             return
-        self._report_events(events)
+        finally:
+            self._report_events(self._store.drain_events())
         try:
             await self._replay()
             policies, max_id = await self._thread_call(partial(self._store.load_active, now))

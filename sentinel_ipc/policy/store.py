@@ -69,7 +69,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
@@ -280,6 +280,8 @@ class PolicyStore:
         self._wall = wall_clock
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
+        self._events: list[StoreEvent] = []
+        self._events_lock = threading.Lock()
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -304,10 +306,12 @@ class PolicyStore:
         anew. Raises DatabaseLockedError / DatabaseIOError while the file cannot
         be used, PolicyStoreError for a schema newer than this code.
         """
-        events: list[StoreEvent] = []
+        events = _EventList(self)
         if self._conn is not None:
             try:
-                self._check_identity()
+                # The open connection may serve cached pages of a file that was
+                # overwritten or made unreadable: judge the file afresh.
+                self.verify()
                 self._call("check", lambda c: c.execute("SELECT 1").fetchone())
                 return events
             except DatabaseMovedError as exc:
@@ -319,15 +323,31 @@ class PolicyStore:
         events.extend(self._open(seed, seed_max_id, allow_rebuild=True))
         return events
 
+    def recover(self, seed: Sequence[PolicyRecord] = (), seed_max_id: int = 0) -> list[StoreEvent]:
+        """:meth:`ensure_open`, then :meth:`probe`: one call, so that a database
+        that opens but cannot be written counts as one failure, not a success
+        and a failure (which would never let the breaker open)."""
+        events = self.ensure_open(seed, seed_max_id)
+        self.probe()
+        return events
+
+    def drain_events(self) -> list[StoreEvent]:
+        """Repairs done so far, also by calls that failed afterwards (for the audit)."""
+        with self._events_lock:
+            events, self._events = self._events, []
+        return events
+
     def _open(
         self, seed: Sequence[PolicyRecord], seed_max_id: int, *, allow_rebuild: bool
     ) -> list[StoreEvent]:
-        events: list[StoreEvent] = []
+        events = _EventList(self)
         existed = self.path.exists()
-        try:
-            conn = self._connect(self.path, "rwc")
-        except SentinelError:
-            raise
+        conn = self._connect(self.path, "rwc")
+        if not existed:
+            # Policies and threat history are the user's business; SQLite gives its
+            # -wal and -shm the mode of the main file.
+            with contextlib.suppress(OSError):
+                os.chmod(self.path, 0o600)
         try:
             events.extend(self._prepare(conn, seed, seed_max_id, existed))
         except DatabaseCorruptError as exc:
@@ -534,7 +554,7 @@ class PolicyStore:
     # --- repair -------------------------------------------------------------
 
     def _recover_moved(self, seed: Sequence[PolicyRecord], seed_max_id: int) -> list[StoreEvent]:
-        events: list[StoreEvent] = []
+        events = _EventList(self)
         old = self._conn
         assert old is not None
         salvage = self.path.with_name(f"{self.path.name}.salvage")
@@ -1004,6 +1024,27 @@ class PolicyStore:
         """(applied?, policy id) for an idempotency key."""
         self._require()
         return self._call("look up idempotency key", lambda c: _lookup_key(c, key))
+
+
+class _EventList(list[StoreEvent]):
+    """A list of events that also lands every *new* event in the store's queue
+    (extending with another _EventList's items does not count them twice)."""
+
+    def __init__(self, store: PolicyStore) -> None:
+        super().__init__()
+        self._store = store
+
+    def append(self, event: StoreEvent) -> None:
+        super().append(event)
+        with self._store._events_lock:
+            self._store._events.append(event)
+
+    def extend(self, events: Iterable[StoreEvent]) -> None:
+        items = list(events)
+        super().extend(items)
+        if not isinstance(events, _EventList):
+            with self._store._events_lock:
+                self._store._events.extend(items)
 
 
 def _lookup_key(conn: sqlite3.Connection, key: str) -> tuple[bool, int | None]:
