@@ -18,6 +18,7 @@ from typing import Literal
 import msgspec
 
 from .errors import ConfigError
+from .external.config import ForwardConfig, ReputationConfig
 from .messages import DEFAULT_MAX_FRAME_BYTES
 from .observability.config import ResilienceConfig
 
@@ -64,6 +65,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     resilience: ResilienceConfig = msgspec.field(default_factory=ResilienceConfig)
+    reputation: ReputationConfig = msgspec.field(default_factory=ReputationConfig)
+    forward: ForwardConfig = msgspec.field(default_factory=ForwardConfig)
     #: Optional HTTP endpoint for scrapers ("127.0.0.1:9464"): /health*, /metrics. Off when unset.
     http_listen: str | None = None
 

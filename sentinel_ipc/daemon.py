@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,6 +29,9 @@ from .observability.metrics import SentinelMetrics
 from .server.dispatch import Dispatcher
 from .server.listener import acquire_lock, open_unix_listener, prepare_socket_dir, release_lock
 from .server.server import Server
+
+if TYPE_CHECKING:  # external integrations: imported (with httpx) only when configured
+    from .external import EventForwarder, ExternalMetrics, ReputationClient
 
 
 class Daemon:
@@ -43,6 +47,10 @@ class Daemon:
         self.server = Server(config.server, self.dispatcher)
         self._shutdown = trio.Event()
         self._exit_stack: AsyncExitStack | None = None
+        #: External integrations (section "external integrations"); None when not configured.
+        self.reputation: ReputationClient | None = None
+        self.forwarder: EventForwarder | None = None
+        self.external_metrics: ExternalMetrics | None = None
         self.observability: Observability | None = None
         #: The metrics registry (``self.observability.metrics``), for other sections.
         self.metrics: SentinelMetrics | None = None
@@ -121,6 +129,8 @@ class Daemon:
             # --- section: policy -------------------------------------------------
             # --- end: policy
             # --- section: external integrations ----------------------------------
+            if self.config.reputation.enabled or self.config.forward.enabled:
+                await self._open_external(stack)
             # --- end: external integrations
             # --- section: handlers -----------------------------------------------
             from .handlers import observability as observability_handlers
@@ -138,6 +148,36 @@ class Daemon:
             # --- end: health
             self._exit_stack = stack
             yield
+
+    async def _open_external(self, stack: AsyncExitStack) -> None:
+        """Section "external integrations": the reputation client and the event
+        forwarder (both off unless their ``url`` is set). Their breakers join the
+        observability hub as service "external" (metrics, breaker table, state
+        persistence, degraded notices), with an ``external`` health check and
+        their own metrics collector."""
+        from . import __version__
+        from .external import ExternalMetrics, open_event_forwarder, open_reputation_client
+        from .external.metrics import ExternalCollector, external_check
+
+        self.external_metrics = metrics = ExternalMetrics()
+        if self.config.reputation.enabled:
+            self.reputation = await stack.enter_async_context(
+                open_reputation_client(self.config.reputation, self.data_dir, metrics=metrics)
+            )
+        if self.config.forward.enabled:
+            self.forwarder = await stack.enter_async_context(
+                open_event_forwarder(self.config.forward, self.data_dir, metrics=metrics)
+            )
+            self.forwarder.emit(
+                "daemon_started", "low", {"pid": os.getpid(), "version": __version__}
+            )
+        obs = self.observability
+        if obs is not None:
+            obs.metrics.registry.register(ExternalCollector(metrics, lambda: self.forwarder))
+            for client in (self.reputation, self.forwarder):
+                if client is not None:
+                    obs.add_breaker(client.breaker, service="external")
+            obs.health.add("external", external_check(self.reputation, self.forwarder), timeout=1.0)
 
     async def _watch_signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -16,7 +16,8 @@ Endpoints: ``/reputation`` answers from ``reputation`` (sha256 -> verdict string
 or a whole JSON object; unknown hashes get ``{"verdict": "unknown"}``) in the
 JSON, GET ``?sha256=`` and MalwareBazaar form formats; ``/events`` receives
 forwarded batches ``{"events": [...]}`` and records every event id
-(``received_ids``, duplicates kept) and every batch.
+(``received_ids``, duplicates kept) and every batch, refusing with 400 a batch
+that holds an event whose kind is in ``reject_kinds``.
 
 Bounded: request bodies over ``max_body`` get 413; at most ``max_records``
 batches are kept; a hang lasts at most ``max_hang`` seconds; the whole server
@@ -42,6 +43,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     fixture: HttpFixture
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Resets and broken pipes are what the tests inject; count, don't print.
+        with self.fixture._lock:
+            self.fixture.handler_errors += 1
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -103,14 +109,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": "no such endpoint"})
 
     def _events(self, body: bytes) -> None:
+        fixture = self.server.fixture
         try:
             batch = json.loads(body)
             events = batch["events"]
             ids = [str(e["id"]) for e in events]
-        except (ValueError, KeyError, TypeError):
+            kinds = {str(e.get("kind")) for e in events}
+        except (ValueError, KeyError, TypeError, AttributeError):
             self._send(400, {"error": "bad batch"})
             return
-        self.server.fixture._record_batch(ids, batch)
+        if kinds & fixture.reject_kinds:
+            with fixture._lock:
+                fixture.rejected_batches += 1
+            self._send(400, {"error": "event kind refused"})
+            return
+        fixture._record_batch(ids, batch)
         self._send(200, {"accepted": len(ids)})
 
     def _reputation(self, query: str, body: bytes) -> None:
@@ -177,11 +190,15 @@ class HttpFixture:
         self._release = threading.Event()
         self._connections: set[socket.socket] = set()
         self.requests = 0
+        self.handler_errors = 0
         self.requests_by_mode: collections.Counter[str] = collections.Counter()
         self.headers_seen: list[dict[str, str]] = []
         self.reputation: dict[str, str | dict[str, Any]] = {}
         self.lookups: list[str] = []
         self.received_ids: list[str] = []
+        #: Batches holding an event of one of these kinds are refused with 400.
+        self.reject_kinds: set[str] = set()
+        self.rejected_batches = 0
         self.batches: list[dict[str, Any]] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None

@@ -23,13 +23,14 @@ breaker; a 503 is the service's and does.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import math
 import os
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -56,6 +57,7 @@ __all__ = [
     "external_retry_policy",
     "log_breaker_transition",
     "make_client",
+    "open_service_nursery",
     "send",
 ]
 
@@ -322,3 +324,27 @@ def log_breaker_transition(record: BreakerTransition) -> None:
         new=str(record.to_state),
         reason=record.reason,
     )
+
+
+@contextlib.asynccontextmanager
+async def open_service_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery for a service's background tasks, cancelled when the body ends.
+
+    An exception raised by the body comes out as itself rather than wrapped in
+    an ``ExceptionGroup`` (trio's strict nurseries wrap it), so a caller's
+    ``except ValueError`` still works around ``async with open_...():``.
+    """
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                yield nursery
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if body_error is not None and list(group.exceptions) == [body_error]:
+            raise body_error from body_error.__cause__
+        raise
