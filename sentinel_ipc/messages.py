@@ -357,6 +357,9 @@ class ScanResult(_Msg, tag="scan_result"):
     reason: str | None = None
     #: Why the verdict was degraded (service names), empty when it was not.
     degraded_reasons: list[str] = []
+    #: The reputation service's verdict on the sha256 ("known_bad", "known_good",
+    #: "unknown", "unavailable"); None when no reputation service is configured.
+    reputation: str | None = None
 
 
 class PolicyResult(_Msg, tag="policy_result"):
