@@ -89,6 +89,7 @@ from .events import EventCallback, Subscription
 from .link import Pending
 from .outbox import Outbox, OutboxTicket
 from .reconnect import Connector
+from .tasks import BackgroundTasks
 
 R = TypeVar("R", bound=msgspec.Struct)
 
@@ -115,13 +116,13 @@ class Client:
         self,
         socket_path: Path,
         config: ClientConfig,
-        nursery: trio.Nursery,
+        tasks: BackgroundTasks,
         outbox: Outbox,
     ) -> None:
         self.socket_path = socket_path
         self.config = config
-        self._nursery = nursery
-        self._connector = Connector(socket_path, config, nursery)
+        self._tasks = tasks
+        self._connector = Connector(socket_path, config, tasks)
         self.outbox = outbox
         self._rng = random.Random()
         self._outbox_task = False
@@ -132,7 +133,7 @@ class Client:
     def _start_outbox(self) -> None:
         if not self._outbox_task:
             self._outbox_task = True
-            self._nursery.start_soon(self._run_outbox)
+            self._tasks.start_soon(self._run_outbox)
 
     async def _run_outbox(self) -> None:
         await self.outbox.run(self._deliver, backoff=self.config.retry, rng=self._rng)
@@ -146,11 +147,15 @@ class Client:
         """Close the connection; queued writes stay in the outbox file (if any)."""
         if self._closed:
             return
+        self.close_nowait()
+        await trio.lowlevel.checkpoint()
+
+    def close_nowait(self) -> None:
+        """:meth:`aclose` without a checkpoint (for ``finally`` blocks)."""
         self._closed = True
         self._connector.close()
         self.outbox.close()
-        self._nursery.cancel_scope.cancel()
-        await trio.lowlevel.checkpoint()
+        self._tasks.cancel_all()
 
     # --- introspection ---------------------------------------------------------------
 
@@ -683,17 +688,24 @@ async def open_client(
     config = config or ClientConfig()
     path = Path(socket_path) if socket_path is not None else default_socket_path()
     outbox = await Outbox.open(max_items=config.outbox_max_items, path=config.outbox_path)
+    error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            client = Client(path, config, nursery, outbox)
+            client = Client(path, config, BackgroundTasks(nursery), outbox)
             if len(outbox):
                 client._start_outbox()
             try:
                 yield client
+            except BaseException as exc:
+                # Re-raised below, outside the nursery, so that it reaches the
+                # caller as itself rather than inside an ExceptionGroup.
+                error = exc
             finally:
-                await client.aclose()
+                client.close_nowait()
     finally:
         outbox.close()
+    if error is not None:
+        raise error
 
 
 __all__ = ["Client", "Progress", "ScanSource", "open_client"]

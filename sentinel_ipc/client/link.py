@@ -45,10 +45,13 @@ EventSink = Callable[[Event], None]
 class Pending:
     """One call waiting for its reply: set once, by the reader or by :meth:`Link.fail`."""
 
-    __slots__ = ("error", "event", "reply", "sent")
+    __slots__ = ("error", "event", "on_reply", "reply", "sent")
 
     def __init__(self) -> None:
         self.event = trio.Event()
+        #: Run by the reader as the reply is matched, before any later frame is
+        #: read (a renewed subscription announces itself before its events).
+        self.on_reply: Callable[[Reply], None] | None = None
         self.reply: Reply | None = None
         self.error: SentinelError | None = None
         #: The whole request frame reached the socket: a loss now leaves its
@@ -179,6 +182,8 @@ class Link:
                     if not pending.event.is_set():
                         pending.reply = reply
                         pending.event.set()
+                        if pending.on_reply is not None:
+                            pending.on_reply(reply)
                 elif reply.id == 0 and type(reply) is Error:
                     # The daemon could not read one of our frames; it closes next.
                     self._server_error = reply

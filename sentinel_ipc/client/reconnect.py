@@ -43,6 +43,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple, Unpack
 
@@ -65,6 +66,7 @@ from ..messages import (
     Hello,
     Reply,
     Subscribe,
+    Subscribed,
     Welcome,
     type_tag,
 )
@@ -74,6 +76,7 @@ from .config import ClientConfig
 from .errors import ConnectionLostError, error_from_reply
 from .events import EventCallback, Subscription, local_event
 from .link import Link, Pending
+from .tasks import BackgroundTasks
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -84,14 +87,14 @@ _OPERATION = "ipc"
 class Connector:
     """Owns the link to one daemon socket; runs calls under retry + breaker."""
 
-    def __init__(self, socket_path: Path, config: ClientConfig, nursery: trio.Nursery) -> None:
+    def __init__(self, socket_path: Path, config: ClientConfig, tasks: BackgroundTasks) -> None:
         self.socket_path = socket_path
         self.config = config
         self.breaker = CircuitBreaker(
             f"ipc:{socket_path}", config.breaker, clock=trio.current_time
         )
         self.retry = config.retry
-        self._nursery = nursery
+        self._tasks = tasks
         self._ids = itertools.count(1)
         self._link: Link | None = None
         self._generation = 0
@@ -247,9 +250,9 @@ class Connector:
             self._last_connect_error = None
             self._link = link
             self.connects += 1
-            self._nursery.start_soon(self._read, link)
+            self._tasks.start_soon(self._read, link)
             if self._subs:
-                self._nursery.start_soon(self._renew, link)
+                self._tasks.start_soon(self._renew, link)
             return link
 
     async def _open_link(self) -> Link:
@@ -323,25 +326,26 @@ class Connector:
             callback=callback,
             on_close=self._forget,
         )
-        self._subs.append(sub)
         try:
             await self.run(self._subscribe_attempt, sub, timeout=timeout, what="subscribe")
         except BaseException:
-            self._subs.remove(sub)
             sub.closed = True
             raise
+        # Only now does it join the renewals (and no checkpoint since its
+        # subscribe succeeded, so no reconnect can have been missed).
+        self._subs.append(sub)
         if self._keeper is None:
             self._keeper = trio.CancelScope()
-            self._nursery.start_soon(self._keep_connected, self._keeper)
+            self._tasks.start_soon(self._keep_connected, self._keeper)
         return sub
 
     async def _subscribe_attempt(self, sub: Subscription) -> None:
         link = self._link
         if link is None or link.closed:
-            link = await self.connect()  # renews every subscription, this one too
+            link = await self.connect()  # renews the existing subscriptions
         await self._subscribe_on(link, sub)
 
-    async def _subscribe_on(self, link: Link, sub: Subscription) -> None:
+    async def _subscribe_on(self, link: Link, sub: Subscription, renewal: bool = False) -> None:
         if sub.closed or sub.generation == link.generation:
             return
         sub.generation = link.generation
@@ -351,6 +355,8 @@ class Connector:
             await link.acquire_slot()
             try:
                 pending = link.register(request_id)
+                if renewal:
+                    pending.on_reply = partial(self._announce_renewal, sub)
                 await link.send(link.encode(Subscribe(id=request_id, topics=list(sub.topics))))
                 pending.sent = True
                 await link.wait(pending)
@@ -363,22 +369,26 @@ class Connector:
                 sub.generation = -1
             raise
 
+    @staticmethod
+    def _announce_renewal(sub: Subscription, reply: Reply) -> None:
+        if type(reply) is Subscribed:
+            sub.deliver(
+                local_event("resubscribed", "reconnected to sentineld", trio.current_time())
+            )
+
     async def _renew(self, link: Link) -> None:
         """Re-subscribe everything on a new link; failures wait for the next link."""
         renewed = 0
         for sub in list(self._subs):
             try:
                 with trio.fail_after(self.config.timeout):
-                    await self._subscribe_on(link, sub)
+                    await self._subscribe_on(link, sub, renewal=True)
             except (SentinelError, trio.TooSlowError) as exc:
                 log_event("client_resubscribe_failed", logging.WARNING, error=str(exc))
                 if link.closed:
                     return
                 continue
             renewed += 1
-            sub.deliver(
-                local_event("resubscribed", "reconnected to sentineld", trio.current_time())
-            )
         if renewed:
             log_event("client_resubscribed", logging.INFO, subscriptions=renewed)
 

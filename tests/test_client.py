@@ -1,0 +1,473 @@
+"""The async client: pipelining, reply matching, typed errors, timeouts, scans.
+
+Real daemon where it can commit the situation; the scripted peer
+(``client_peer``) where a fault must happen on cue (replies in reverse
+order, a stream cut after its third chunk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from client_peer import PeerConn, start_peer
+
+from sentinel_ipc.client import ClientConfig, ConnectionLostError, error_from_reply, open_client
+from sentinel_ipc.errors import (
+    BusyError,
+    CircuitOpenError,
+    ErrorCode,
+    LocalProtocolError,
+    RequestTimeoutError,
+    ScanTooLargeError,
+    SentinelError,
+    UnknownMessageTypeError,
+    UnsupportedVersionError,
+)
+from sentinel_ipc.messages import (
+    REQUEST_TYPES,
+    Ack,
+    BreakerControl,
+    Breakers,
+    BreakersReport,
+    DegradedAck,
+    Error,
+    Health,
+    HealthReport,
+    Hello,
+    Metrics,
+    MetricsReport,
+    Ping,
+    PolicyAdd,
+    PolicyDecision,
+    PolicyList,
+    PolicyListResult,
+    PolicyQuery,
+    PolicyRemove,
+    PolicyResult,
+    Pong,
+    QuarantineDelete,
+    QuarantineList,
+    QuarantineListResult,
+    QuarantineRestore,
+    QuarantineResult,
+    Reload,
+    ReloadResult,
+    Scan,
+    ScanBegin,
+    ScanChunk,
+    ScanEnd,
+    ScanFd,
+    ScanResult,
+    ServiceRetry,
+    Shutdown,
+    Subscribe,
+    Subscribed,
+    Threats,
+    ThreatsResult,
+    type_tag,
+)
+
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+
+# --- the real daemon -----------------------------------------------------------------
+
+
+async def test_many_concurrent_calls_share_one_connection(daemon_factory) -> None:
+    d = daemon_factory()
+    async with open_client(d.socket_path) as client:
+        assert not client.connected  # lazy: nothing happens before the first call
+        results: list[float] = []
+
+        async def one() -> None:
+            results.append(await client.ping(timeout=10))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(300):  # more than the daemon's 64 in flight per connection
+                nursery.start_soon(one)
+        assert len(results) == 300
+        assert all(r >= 0 for r in results)
+        assert client.connects == 1
+        assert client.welcome is not None and client.welcome.server.startswith("sentineld/")
+        stats = client.breaker_statistics()
+        assert stats.state == "closed" and stats.failures == 0
+
+
+async def test_error_reply_becomes_typed_exception_and_link_survives(daemon_factory) -> None:
+    d = daemon_factory()
+    async with open_client(d.socket_path) as client:
+        with pytest.raises(UnsupportedVersionError) as info:
+            await client.request(Hello(id=0, client="t", protocol_version=999))
+        exc = info.value
+        assert exc.code == ErrorCode.UNSUPPORTED_VERSION
+        assert "999" in exc.message and exc.retryable is False
+        await client.ping()  # same connection, still usable
+        assert client.connects == 1
+        assert client.breaker_statistics().failures == 0  # a refusal is not a link failure
+
+
+def test_error_from_reply_maps_every_code() -> None:
+    codes = [v for k, v in vars(ErrorCode).items() if k.isupper()]
+    for code in codes:
+        exc = error_from_reply(
+            Error(id=3, code=code, message=f"m-{code}", retryable=True, retry_after_ms=1500)
+        )
+        assert isinstance(exc, SentinelError)
+        assert exc.code == code, code
+        assert exc.message == f"m-{code}"
+        assert exc.retryable is True
+        assert exc.retry_after == pytest.approx(1.5)
+    assert isinstance(error_from_reply(Error(id=1, code="busy", message="")), BusyError)
+    opened = error_from_reply(Error(id=1, code="circuit_open", message="db", retry_after_ms=250))
+    assert isinstance(opened, CircuitOpenError) and opened.retry_after == 0.25
+    newer = error_from_reply(Error(id=1, code="from_the_future", message="x"))
+    assert newer.code == "from_the_future" and newer.retryable is False
+    assert error_from_reply(Error(id=1, code="busy", message="")).retry_after is None
+
+
+async def test_call_times_out_against_a_stopped_daemon_then_recovers(daemon_factory) -> None:
+    d = daemon_factory()
+    async with open_client(d.socket_path) as client:
+        await client.ping()
+        d.signal(signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(RequestTimeoutError) as info:
+                await client.ping(timeout=0.3)
+            elapsed = time.monotonic() - start
+            assert 0.3 <= elapsed < 1.0, elapsed
+            assert "0.3" in info.value.message
+            assert client.breaker_statistics().failures == 1  # a silent link counts
+        finally:
+            d.signal(signal.SIGCONT)
+        # The late pong of the timed-out call is dropped; new calls work.
+        await client.ping(timeout=5)
+        await client.ping(timeout=5)
+
+
+async def test_real_scans_when_served(daemon_factory, tmp_path: Path) -> None:
+    d = daemon_factory()
+    sample = tmp_path / "eicar.com"
+    sample.write_bytes(EICAR)
+    digest = hashlib.sha256(EICAR).hexdigest()
+    async with open_client(d.socket_path) as client:
+        try:
+            by_bytes = await client.scan(EICAR, filename="eicar.com")
+        except UnknownMessageTypeError:
+            pytest.skip("scan not served yet")
+        by_fd = await client.scan_file(sample, method="fd")
+        by_stream = await client.scan_file(sample, method="stream")
+        for result in (by_bytes, by_fd, by_stream):
+            assert result.sha256 == digest
+            assert result.size == len(EICAR)
+        assert by_fd.action == by_bytes.action == by_stream.action
+
+
+# --- reply matching, framing, descriptors (scripted peer) ----------------------------------
+
+
+async def test_replies_out_of_order_reach_their_callers(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+    n = 8
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        queries: list[PolicyQuery] = []
+        while len(queries) < n:
+            request, _ = await conn.recv()
+            assert isinstance(request, PolicyQuery)
+            queries.append(request)
+        for q in reversed(queries):  # last asked, first answered
+            await conn.send(PolicyDecision(id=q.id, action="allow", reason=q.sha256))
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            answers: dict[str, str | None] = {}
+
+            async def ask(sha: str) -> None:
+                answers[sha] = (await client.policy_query(sha256=sha)).reason
+
+            async with trio.open_nursery() as calls:
+                for i in range(n):
+                    calls.start_soon(ask, f"{i:064x}")
+            assert answers == {f"{i:064x}": f"{i:064x}" for i in range(n)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_frame_over_the_daemons_limit_is_refused_locally(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet(max_frame_bytes=4096)
+        while True:
+            request, _ = await conn.recv()
+            if request is None:
+                return
+            await conn.send(Pong(id=request.id))  # type: ignore[attr-defined]
+
+    async with trio.open_nursery() as nursery:
+        peer = await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            await client.ping()
+            with pytest.raises(LocalProtocolError, match="limit is 4096"):
+                await client.request(Scan(id=0, data=b"x" * 10_000))
+            await client.ping()
+            assert client.breaker_statistics().failures == 0
+            assert client.connects == 1
+        assert not any(isinstance(r, Scan) for r in peer.connections[0].received)
+        nursery.cancel_scope.cancel()
+
+
+async def test_scan_fd_sends_the_descriptor_with_the_frame(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+    sample = tmp_path / "download.bin"
+    sample.write_bytes(b"payload read by the daemon through the passed fd")
+    seen: list[bytes] = []
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        request, fds = await conn.recv()
+        assert isinstance(request, ScanFd)
+        assert len(fds) == 1, fds
+        try:
+            seen.append(os.pread(fds[0], 1 << 16, 0))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        await conn.send(
+            ScanResult(id=request.id, action="allow", sha256="0" * 64, size=len(seen[0]))
+        )
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            result = await client.scan_file(sample, method="fd", url="https://example.test/x")
+        assert seen == [sample.read_bytes()]
+        assert result.size == len(seen[0])
+        nursery.cancel_scope.cancel()
+
+
+def _stream_script(received: list[tuple[int, bytes, int | None]], cut_after: dict[int, int]):
+    """Collect streams; on connection k, hang up after ``cut_after[k]`` chunks."""
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        begin, _ = await conn.recv()
+        assert isinstance(begin, ScanBegin)
+        data = bytearray()
+        chunks = 0
+        while True:
+            request, _ = await conn.recv()
+            if request is None:
+                return
+            assert request.id == begin.id  # type: ignore[attr-defined]
+            if isinstance(request, ScanChunk):
+                data += request.data
+                chunks += 1
+                if cut_after.get(conn.number) == chunks:
+                    conn.close()
+                    return
+            else:
+                assert isinstance(request, ScanEnd)
+                received.append((conn.number, bytes(data), begin.size))
+                await conn.send(
+                    ScanResult(
+                        id=begin.id,
+                        action="allow",
+                        sha256=hashlib.sha256(data).hexdigest(),
+                        size=len(data),
+                    )
+                )
+
+    return script
+
+
+async def test_stream_scan_uses_one_id_and_reports_progress(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+    sample = tmp_path / "big.bin"
+    content = os.urandom(10 * 1024 + 17)
+    sample.write_bytes(content)
+    received: list[tuple[int, bytes, int | None]] = []
+    progress: list[tuple[int, int | None]] = []
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, _stream_script(received, {}))
+        config = ClientConfig(chunk_size=1024)
+        async with open_client(path, config=config) as client:
+            result = await client.scan_file(
+                sample, method="stream", progress=lambda s, t: progress.append((s, t))
+            )
+        assert received == [(1, content, len(content))]
+        assert result.sha256 == hashlib.sha256(content).hexdigest()
+        assert len(progress) == 11
+        assert [s for s, _ in progress] == sorted(s for s, _ in progress)
+        assert progress[-1] == (len(content), len(content))
+        nursery.cancel_scope.cancel()
+
+
+async def test_stream_restarts_from_the_beginning_after_a_reconnect(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+    sample = tmp_path / "big.bin"
+    content = os.urandom(8 * 1024)
+    sample.write_bytes(content)
+    received: list[tuple[int, bytes, int | None]] = []
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, _stream_script(received, {1: 3}))
+        async with open_client(path, config=ClientConfig(chunk_size=1024)) as client:
+            result = await client.scan_file(sample, method="stream")
+            assert client.connects == 2
+        # The second connection got the whole file, from byte 0.
+        assert received == [(2, content, len(content))]
+        assert result.sha256 == hashlib.sha256(content).hexdigest()
+        nursery.cancel_scope.cancel()
+
+
+async def test_stream_from_an_unreplayable_source_fails_typed(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+    received: list[tuple[int, bytes, int | None]] = []
+
+    async def chunks():
+        for _ in range(6):
+            yield b"z" * 1024
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        peer = await start_peer(nursery, path, _stream_script(received, {1: 2}))
+        async with open_client(path, config=ClientConfig(chunk_size=1024)) as client:
+            with pytest.raises(ConnectionLostError, match="cannot be replayed"):
+                await client.scan_stream(chunks())
+        assert received == []
+        assert len(peer.connections) == 1  # not re-sent
+        nursery.cancel_scope.cancel()
+
+
+async def test_stream_stops_sending_after_an_early_error(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+    got: list[str] = []
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        begin, _ = await conn.recv()
+        assert isinstance(begin, ScanBegin)
+        first, _ = await conn.recv()
+        assert isinstance(first, ScanChunk)
+        await conn.send(
+            Error(id=begin.id, code=ErrorCode.TOO_LARGE, message="stream over 2 KiB")
+        )
+        with trio.move_on_after(0.5):
+            while True:
+                request, _ = await conn.recv()
+                if request is None:
+                    return
+                got.append(type_tag(type(request)))
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, script)
+        async with open_client(path, config=ClientConfig(chunk_size=1024)) as client:
+            with pytest.raises(ScanTooLargeError, match="over 2 KiB"):
+                await client.scan_stream(b"y" * (64 * 1024))
+        assert "scan_end" not in got
+        assert len(got) < 60  # it stopped well before the 64 chunks
+        nursery.cancel_scope.cancel()
+
+
+# --- every request has a typed method --------------------------------------------------------
+
+
+def _canned(request: object) -> object | None:
+    rid = request.id  # type: ignore[attr-defined]
+    match request:
+        case Ping():
+            return Pong(id=rid)
+        case Scan() | ScanEnd() | ScanFd():
+            return ScanResult(id=rid, action="allow", sha256="0" * 64, size=0)
+        case ScanBegin() | ScanChunk():
+            return None
+        case PolicyAdd() | PolicyRemove():
+            return PolicyResult(id=rid, policy_id=7)
+        case PolicyList():
+            return PolicyListResult(id=rid)
+        case PolicyQuery():
+            return PolicyDecision(id=rid, action="block")
+        case Threats():
+            return ThreatsResult(id=rid)
+        case QuarantineList():
+            return QuarantineListResult(id=rid)
+        case QuarantineRestore() | QuarantineDelete():
+            return QuarantineResult(id=rid, quarantine_id=request.quarantine_id)
+        case Health():
+            return HealthReport(id=rid, status="healthy", alive=True, ready=True)
+        case Metrics():
+            return MetricsReport(id=rid, content_type="text/plain", text="x 1\n")
+        case Breakers():
+            return BreakersReport(id=rid)
+        case Subscribe():
+            return Subscribed(id=rid, topics=request.topics)
+        case Reload():
+            return ReloadResult(id=rid, rules_version="v1")
+        case BreakerControl() | ServiceRetry() | DegradedAck() | Shutdown():
+            return Ack(id=rid)
+    raise AssertionError(f"no canned reply for {request!r}")
+
+
+async def test_there_is_a_typed_method_for_every_request(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+    sample = tmp_path / "f.bin"
+    sample.write_bytes(b"abc")
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        while True:
+            request, fds = await conn.recv()
+            for fd in fds:
+                os.close(fd)
+            if request is None:
+                return
+            reply = _canned(request)
+            if reply is not None:
+                await conn.send(reply)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        peer = await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            await client.connect()
+            await client.ping()
+            await client.scan(b"abc")
+            await client.scan_file(sample, method="fd")
+            await client.scan_file(sample, method="stream")
+            assert (await client.policy_add("block", sha256="a" * 64)).policy_id == 7
+            await client.policy_remove(7)
+            await client.policy_list()
+            assert (await client.policy_query(sha256="a" * 64)).action == "block"
+            await client.threats(limit=5)
+            await client.quarantine_list()
+            dest = os.open(tmp_path / "restored", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                await client.quarantine_restore("q1", dest_fd=dest)
+            finally:
+                os.close(dest)
+            await client.quarantine_delete("q1")
+            assert (await client.health()).status == "healthy"
+            await client.live()
+            await client.ready()
+            await client.metrics()
+            await client.breakers()
+            await client.breaker_trip("database")
+            await client.breaker_reset("database")
+            sub = await client.subscribe(["services"])
+            await sub.aclose()
+            await client.retry_service("database")
+            await client.acknowledge_degraded("database")
+            await client.reload()
+            await client.shutdown()
+        seen = {type(r) for r in peer.connections[0].received}
+        assert seen == set(REQUEST_TYPES), set(REQUEST_TYPES) - seen
+        nursery.cancel_scope.cancel()

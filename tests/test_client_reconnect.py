@@ -1,0 +1,309 @@
+"""Connection loss: kill -9 and restart, daemon absent (breaker), EOF mid-reply,
+socket removed, outcome-unknown writes, subscription renewal."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from client_peer import PeerConn, start_peer
+
+from sentinel_ipc.client import IPC_BREAKER, ClientConfig, ConnectionLostError, open_client
+from sentinel_ipc.codec import encode_framed
+from sentinel_ipc.errors import (
+    CircuitOpenError,
+    RequestTimeoutError,
+    RetryExhaustedError,
+    RetryGaveUpError,
+    SentinelError,
+    TransportError,
+)
+from sentinel_ipc.messages import (
+    Ack,
+    Event,
+    Ping,
+    Pong,
+    Reload,
+    ReloadResult,
+    Subscribe,
+    Subscribed,
+)
+from sentinel_ipc.resilience import RETRY_PRESETS
+
+
+def fast_breaker(**changes: object) -> ClientConfig:
+    """The ipc preset with a short open timeout, for tests in real time."""
+    breaker = dataclasses.replace(IPC_BREAKER, **changes)  # type: ignore[arg-type]
+    return ClientConfig(breaker=breaker)
+
+
+async def test_sigkill_and_restart_while_calling(daemon_factory) -> None:
+    d = daemon_factory()
+    timeout = 2.0
+    outcomes: list[tuple[str, float]] = []
+    done = trio.Event()
+
+    async with open_client(d.socket_path, config=fast_breaker(open_timeout=0.5)) as client:
+        await client.ping()
+
+        async def caller() -> None:
+            while not done.is_set():
+                start = time.monotonic()
+                try:
+                    await client.ping(timeout=timeout)
+                    outcome = "ok"
+                except SentinelError as exc:  # typed, never anything else
+                    outcome = type(exc).__name__
+                outcomes.append((outcome, time.monotonic() - start))
+                await trio.sleep(0.01)
+
+        async def chaos() -> None:
+            await trio.sleep(0.3)
+            for _ in range(2):
+                d.kill()  # SIGKILL: stale socket file left behind
+                await trio.sleep(0.2)
+                await trio.to_thread.run_sync(d.start)
+                await trio.sleep(1.0)  # > open_timeout: the callers get back in
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(caller)
+            nursery.start_soon(chaos)
+
+        assert client.connects >= 3  # first connect + one per restart
+        await client.ping()
+    worst = max(elapsed for _, elapsed in outcomes)
+    assert worst < timeout + 0.5, worst  # no call hangs past its timeout
+    assert sum(1 for o, _ in outcomes if o == "ok") > 100
+    errors = {o for o, _ in outcomes if o != "ok"}
+    assert errors <= {"RetryGaveUpError", "CircuitOpenError", "RequestTimeoutError"}, errors
+
+
+async def test_daemon_absent_breaker_opens_fails_fast_and_recovers(
+    daemon_factory, autojump_clock: trio.testing.MockClock
+) -> None:
+    """SPEC presets as they are (5 attempts; 10 failures; 10 s open), on a mock clock."""
+    d = daemon_factory(start=False)
+    assert IPC_BREAKER.failure_threshold == 10 and IPC_BREAKER.open_timeout == 10.0
+    async with open_client(d.socket_path) as client:
+        for _ in range(2):  # 2 calls x 5 attempts = the 10 failures that open it
+            with pytest.raises(RetryGaveUpError) as info:
+                await client.ping()
+            assert info.value.attempts == 5 and info.value.reason == "attempts"
+            assert isinstance(info.value.__cause__, TransportError)
+            assert "No such file" in str(info.value.__cause__) or "ENOENT" in str(
+                info.value.__cause__
+            )
+        stats = client.breaker_statistics()
+        assert stats.state == "open" and stats.failures == 10
+
+        start = trio.current_time()
+        for _ in range(50):
+            with pytest.raises(CircuitOpenError) as opened:
+                await client.ping()
+        assert trio.current_time() == start  # failed at once: no wait, no connect
+        assert opened.value.retry_after == pytest.approx(10.0)
+
+        # The daemon comes back; real I/O from now on, so stop auto-jumping.
+        autojump_clock.autojump_threshold = float("inf")
+        await trio.to_thread.run_sync(d.start)
+        with pytest.raises(CircuitOpenError):
+            await client.ping()  # still open: it does not probe early
+        autojump_clock.jump(10.0)
+        await client.ping()  # the half-open trial reconnects and closes it
+        assert client.breaker_statistics().state == "closed"
+        await client.ping()
+
+
+async def test_breaker_recovers_in_real_time_with_a_short_open_timeout(daemon_factory) -> None:
+    d = daemon_factory(start=False)
+    config = fast_breaker(open_timeout=0.3)
+    async with open_client(d.socket_path, config=config) as client:
+        for _ in range(2):
+            with pytest.raises(RetryExhaustedError):
+                await client.ping()
+        with pytest.raises(CircuitOpenError) as info:
+            await client.ping()
+        assert 0 < (info.value.retry_after or 0) <= 0.3
+        await trio.to_thread.run_sync(d.start)
+        await trio.sleep(0.35)
+        await client.ping()
+        assert client.breaker_statistics().state == "closed"
+
+
+async def test_timeouts_count_against_the_breaker(daemon_factory) -> None:
+    d = daemon_factory()
+    async with open_client(d.socket_path, config=fast_breaker(failure_threshold=3,
+                                                              open_timeout=0.3)) as client:
+        await client.ping()
+        d.signal(signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                with pytest.raises(RequestTimeoutError):
+                    await client.ping(timeout=0.1)
+            with pytest.raises(CircuitOpenError):
+                await client.ping(timeout=0.1)
+        finally:
+            d.signal(signal.SIGCONT)
+        await trio.sleep(0.35)
+        await client.ping(timeout=5)
+        assert client.breaker_statistics().state == "closed"
+
+
+async def test_socket_removed_existing_link_lives_new_connects_retry(daemon_factory) -> None:
+    d = daemon_factory()
+    async with open_client(d.socket_path) as old:
+        await old.ping()
+        os.unlink(d.socket_path)
+        async with open_client(d.socket_path) as new:
+            with pytest.raises(RetryGaveUpError) as info:
+                await new.ping()
+            assert info.value.attempts == RETRY_PRESETS["ipc"].attempts
+        await old.ping()  # its connection does not need the path
+        assert old.connects == 1
+
+
+async def test_eof_in_the_middle_of_a_reply_resends_an_idempotent_request(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "peer.sock"
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        request, _ = await conn.recv()
+        assert isinstance(request, Ping)
+        frame = encode_framed(Pong(id=request.id))
+        if conn.number == 1:
+            await conn.send_raw(frame[: len(frame) - 2])  # half a reply, then EOF
+            return
+        await conn.send_raw(frame)
+        await conn.recv()
+
+    async with trio.open_nursery() as nursery:
+        peer = await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            await client.ping()
+            assert client.connects == 2
+        assert len(peer.connections) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_lost_after_sending_a_non_idempotent_request_is_not_resent(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "peer.sock"
+    reloads: list[int] = []
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        while True:
+            request, _ = await conn.recv()
+            if request is None:
+                return
+            if isinstance(request, Reload):
+                reloads.append(conn.number)
+                return  # applied (maybe), then the daemon dies before replying
+            await conn.send(Pong(id=request.id))  # type: ignore[attr-defined]
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            with pytest.raises(ConnectionLostError, match="unknown") as info:
+                await client.reload()
+            assert info.value.retryable is False
+            await client.ping()  # a new connection for what follows
+        assert reloads == [1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_non_idempotent_request_is_retried_while_it_could_not_be_sent(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "late.sock"
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        request, _ = await conn.recv()
+        assert isinstance(request, Reload)
+        await conn.send(ReloadResult(id=request.id, rules_version="v2", rule_count=3))
+
+    async with open_client(path) as client, trio.open_nursery() as nursery:
+
+        async def late_start() -> None:
+            await trio.sleep(0.1)  # the first attempts find no socket
+            await start_peer(nursery, path, script)
+
+        nursery.start_soon(late_start)
+        result = await client.reload()
+        assert result.rules_version == "v2"
+        assert client.breaker_statistics().failures >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_subscriptions_are_renewed_after_a_reconnect(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        request, _ = await conn.recv()
+        assert isinstance(request, Subscribe)
+        await conn.send(Subscribed(id=request.id, topics=request.topics))
+        await conn.send(
+            Event(id=request.id, topic="services", kind="state", service="database",
+                  state="failed", previous="healthy", message=f"conn {conn.number}")
+        )
+        if conn.number == 1:
+            return  # the daemon goes away; the client must come back by itself
+        while (await conn.recv())[0] is not None:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            seen: list[Event] = []
+            sub = await client.subscribe(["services"], callback=seen.append)
+            got = []
+            with trio.fail_after(10):
+                async for event in sub:
+                    got.append((event.topic, event.kind, event.message))
+                    if event.message == "conn 2":
+                        break
+            await sub.aclose()
+            assert [g[:2] for g in got] == [
+                ("services", "state"),
+                ("client", "connection_lost"),
+                ("client", "resubscribed"),
+                ("services", "state"),
+            ]
+            assert len(seen) == 4  # the callback saw the same events
+            assert client.connects == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_breaker_trip_via_daemon_control_is_not_the_clients_breaker(
+    tmp_path: Path,
+) -> None:
+    """Control replies are plain acks; the client's own breaker is separate."""
+    path = tmp_path / "peer.sock"
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        while True:
+            request, _ = await conn.recv()
+            if request is None:
+                return
+            await conn.send(Ack(id=request.id, detail="tripped"))  # type: ignore[attr-defined]
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            assert (await client.breaker_trip("database")).detail == "tripped"
+            assert client.breaker_statistics().state == "closed"
+        nursery.cancel_scope.cancel()
