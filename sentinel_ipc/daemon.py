@@ -32,6 +32,7 @@ from .server.server import Server
 
 if TYPE_CHECKING:  # external integrations: imported (with httpx) only when configured
     from .external import EventForwarder, ExternalMetrics, ReputationClient
+    from .messages import Event
 
 
 class Daemon:
@@ -178,6 +179,29 @@ class Daemon:
                 if client is not None:
                     obs.add_breaker(client.breaker, service="external")
             obs.health.add("external", external_check(self.reputation, self.forwarder), timeout=1.0)
+            if self.forwarder is not None:
+                # Degraded-mode notices, service states and breaker transitions go to
+                # the receiver too; unsubscribed before the forwarder closes (LIFO).
+                sub = obs.bus.subscribe(
+                    0, ["services", "degraded", "breakers"], self._forward_bus_event
+                )
+                stack.callback(sub.close)
+
+    async def _forward_bus_event(self, event: Event) -> None:
+        if self.forwarder is not None:
+            self.forwarder.emit(
+                event.kind,
+                "low" if event.topic == "breakers" else "normal",
+                {
+                    "topic": event.topic,
+                    "service": event.service,
+                    "state": event.state,
+                    "previous": event.previous,
+                    "reason": event.reason,
+                    "message": event.message,
+                    "at": event.at,
+                },
+            )
 
     async def _watch_signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -136,6 +136,24 @@ async def test_outage_of_several_minutes_loses_no_event(
     assert time.monotonic() - started_real < 20  # mock time, not real sleeps
 
 
+async def test_retry_connection_cuts_the_backoff_short(
+    receiver: HttpFixture, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The degraded notice's *Retry Connection* half-opens the breaker; the
+    sender then tries at once instead of sleeping out its backoff."""
+    receiver.go_away()
+    async with open_event_forwarder(config(receiver, timeouts=NO_TIMEOUTS), tmp_path) as fwd:
+        event_id = fwd.emit("detection", "high", {})
+        await wait_until(lambda: fwd.breaker.state is BreakerState.OPEN)
+        await wait_until(lambda: (fwd.statistics().next_attempt_in or 0) > 30)  # backing off
+        receiver.come_back()
+        pressed = trio.current_time()
+        assert fwd.breaker.half_open(trio.current_time(), reason="Retry Connection")
+        await fwd.wait_delivered()
+        assert trio.current_time() - pressed < 1.0
+    assert receiver.received_ids == [event_id]
+
+
 async def test_restart_delivers_what_was_left_in_the_outbox(
     receiver: HttpFixture, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -55,7 +55,13 @@ import trio
 
 from sentinel_ipc.errors import CircuitOpenError, ExternalServiceError, RetryGaveUpError
 from sentinel_ipc.logs import log_event
-from sentinel_ipc.resilience import CircuitBreaker, RetryPolicy, guarded_call
+from sentinel_ipc.resilience import (
+    BreakerState,
+    BreakerTransition,
+    CircuitBreaker,
+    RetryPolicy,
+    guarded_call,
+)
 from sentinel_ipc.resilience.classifiers import transient
 from sentinel_ipc.resilience.retry import RandomSource
 
@@ -144,8 +150,8 @@ class EventForwarder:
         self._failures = 0
         self._last_error: str | None = None
         self._backoff_until: float | None = None
-        self._drops_logged = 0
         self._idle = trio.Event()
+        self.breaker.add_listener(self._on_breaker_transition)
 
     # --- the producer side --------------------------------------------------------------
 
@@ -219,6 +225,12 @@ class EventForwarder:
     def retry_now(self) -> None:
         """Cut the current backoff short ("Retry Connection"); the breaker still decides."""
         self._retry_wake.set()
+
+    def _on_breaker_transition(self, record: BreakerTransition) -> None:
+        # Half-open (timeout elapsed, or "Retry Connection" pressed) or reset by
+        # hand: the next trial may go now rather than at the end of the backoff.
+        if record.to_state in (BreakerState.HALF_OPEN, BreakerState.CLOSED):
+            self._retry_wake.set()
 
     def statistics(self, *, now: float | None = None) -> ForwarderStatistics:
         wall = self._wall() if now is None else now
@@ -311,6 +323,7 @@ class EventForwarder:
             return self._failed(exc.message)
         self.outbox.mark_delivered(e.seq for e in batch)
         self._stage_wake.set()
+        self._retry_wake = trio.Event()  # a wake-up meant for a backoff that is over
         self._batches_sent += 1
         if self._failures:
             log_event("forward_recovered", logging.INFO, after_failures=self._failures,
