@@ -2,9 +2,9 @@
 
 Most tests speak the raw protocol over a blocking Unix socket (``Raw``), so the
 bytes on the wire are exactly what the test wrote. Two behaviours need a
-request that stays in flight, which no built-in handler offers yet: they run
-the real :class:`~sentinel_ipc.daemon.Daemon` in-process with one slow
-handler registered, and trigger the same shutdown path SIGTERM takes.
+request that stays in flight, which no built-in handler offers on demand: they
+run the real :class:`~sentinel_ipc.server.server.Server` in-process on a real
+socket with one slow handler, and call the drain SIGTERM triggers.
 
 Reaching the daemon as another user: the socket is 0600 in a 0700 directory
 (that *is* the access control), so the ``nobody`` tests start the daemon with
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +38,25 @@ import trio.testing
 from daemon_harness import ping_once
 
 from sentinel_ipc.codec import decode_reply, encode_framed
-from sentinel_ipc.config import Config, ServerConfig
-from sentinel_ipc.daemon import Daemon
-from sentinel_ipc.errors import ErrorCode
+from sentinel_ipc.config import ServerConfig
+from sentinel_ipc.errors import ErrorCode, TransportError
 from sentinel_ipc.framing import NEED_DATA, FrameDecoder
+from sentinel_ipc.handlers import core
 from sentinel_ipc.messages import (
     Error,
     Health,
     HealthReport,
     Hello,
+    Limits,
     Ping,
     Pong,
     Reply,
     Shutdown,
     Welcome,
 )
-from sentinel_ipc.server.dispatch import RequestContext
+from sentinel_ipc.server.dispatch import Dispatcher, RequestContext
+from sentinel_ipc.server.listener import open_unix_listener, prepare_socket_dir
+from sentinel_ipc.server.server import Server
 from sentinel_ipc.transport import open_framed_connection
 
 NOBODY = 65534
@@ -511,16 +514,32 @@ def test_signal_stops_cleanly_removing_socket_and_lock(daemon_factory: Any, sign
     assert "event=listening" in log and "event=stopped" in log
 
 
-def _in_process_daemon(tmp_path: Path, **server: Any) -> Daemon:
-    config = Config(server=ServerConfig(**server))
-    return Daemon(config, tmp_path / "run" / "s.sock", tmp_path / "data")
+@contextlib.asynccontextmanager
+async def in_process_server(
+    tmp_path: Path, handler: Any, **server: Any
+) -> AsyncIterator[tuple[Server, Path]]:
+    """The real Server on a real socket, with core handlers and ``handler`` for
+    ``health`` (standing in for any slow request: no built-in one is slow)."""
+    dispatcher = Dispatcher()
+    core.register(dispatcher, limits=Limits(), request_shutdown=lambda: None)
+    dispatcher.register(Health, handler)
+    srv = Server(ServerConfig(**server), dispatcher)
+    path = tmp_path / "run" / "s.sock"
+    prepare_socket_dir(path)
+    listener = await open_unix_listener(path)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.serve, listener)
+            yield srv, path
+            nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
 
 
-async def test_shutdown_lets_in_flight_requests_finish_and_replies_out_of_order(
+async def test_drain_lets_in_flight_requests_finish_and_replies_come_out_of_order(
     tmp_path: Path,
 ) -> None:
-    """The drain path SIGTERM takes, with a request held in flight by the test."""
-    daemon = _in_process_daemon(tmp_path, shutdown_grace=30.0)
+    """What SIGTERM does (Server.drain), with a request held in flight by the test."""
     release = trio.Event()
     started = trio.Event()
 
@@ -529,18 +548,25 @@ async def test_shutdown_lets_in_flight_requests_finish_and_replies_out_of_order(
         await release.wait()
         return HealthReport(id=req.id, status="healthy", alive=True, ready=True)
 
-    daemon.dispatcher.register(Health, slow_health)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.run)
-        async with open_framed_connection(daemon.socket_path) as conn:
-            await conn.send(Health(id=1))
-            await started.wait()
-            await conn.send(Ping(id=2))
-            assert await conn.receive() == Pong(id=2)  # overtakes the slow request
+    async with (
+        in_process_server(tmp_path, slow_health) as (srv, path),
+        open_framed_connection(path) as conn,
+    ):
+        await conn.send(Health(id=1))
+        await started.wait()
+        await conn.send(Ping(id=2))
+        assert await conn.receive() == Pong(id=2)  # overtakes the slow request
 
-            daemon.request_shutdown()
+        drained = trio.Event()
+
+        async def drain() -> None:
+            await srv.drain(grace=30.0)
+            drained.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
             await trio.testing.wait_all_tasks_blocked()
-            assert daemon.server.draining
+            assert srv.draining and not drained.is_set()
             await conn.send(Health(id=3))  # new work is refused while draining
             refused = await conn.receive()
             assert isinstance(refused, Error) and refused.id == 3
@@ -549,13 +575,12 @@ async def test_shutdown_lets_in_flight_requests_finish_and_replies_out_of_order(
             release.set()
             finished = await conn.receive()
             assert isinstance(finished, HealthReport) and finished.id == 1
-            with pytest.raises(Exception, match="closed"):
+            with pytest.raises(TransportError, match="closed"):
                 await conn.receive()
-    assert not daemon.socket_path.exists()
+        assert drained.is_set()
 
 
-async def test_shutdown_cancels_what_outlives_the_grace_period(tmp_path: Path) -> None:
-    daemon = _in_process_daemon(tmp_path, shutdown_grace=0.2)
+async def test_drain_cancels_what_outlives_the_grace_period(tmp_path: Path) -> None:
     cancelled = trio.Event()
 
     async def stuck(req: Health, ctx: RequestContext) -> HealthReport:
@@ -563,48 +588,44 @@ async def test_shutdown_cancels_what_outlives_the_grace_period(tmp_path: Path) -
             await trio.sleep_forever()
         finally:
             cancelled.set()
-        raise AssertionError("unreachable")
 
-    daemon.dispatcher.register(Health, stuck)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.run)
-        async with open_framed_connection(daemon.socket_path) as conn:
-            await conn.send(Health(id=1))
-            await trio.testing.wait_all_tasks_blocked()
-            start = trio.current_time()
-            daemon.request_shutdown()
-            with trio.fail_after(10):
-                await cancelled.wait()
-            assert 0.15 < trio.current_time() - start < 5
-    assert not daemon.socket_path.exists()
+    async with (
+        in_process_server(tmp_path, stuck) as (srv, path),
+        open_framed_connection(path) as conn,
+    ):
+        await conn.send(Health(id=1))
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        with trio.fail_after(10):
+            await srv.drain(grace=0.2)  # waits the grace, then cancels what is left
+            await cancelled.wait()
+        assert 0.15 < trio.current_time() - start < 5
+        with pytest.raises(TransportError):
+            await conn.receive()  # no reply to a cancelled request; closed
 
 
-async def test_in_process_max_in_flight_refuses_the_request_over_the_limit(
-    tmp_path: Path,
-) -> None:
-    daemon = _in_process_daemon(tmp_path, max_in_flight_per_connection=2)
+async def test_max_in_flight_refuses_the_request_over_the_limit(tmp_path: Path) -> None:
     release = trio.Event()
 
     async def slow_health(req: Health, ctx: RequestContext) -> HealthReport:
         await release.wait()
         return HealthReport(id=req.id, status="healthy", alive=True, ready=True)
 
-    daemon.dispatcher.register(Health, slow_health)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.run)
-        async with open_framed_connection(daemon.socket_path) as conn:
-            for i in (1, 2, 3):
-                await conn.send(Health(id=i))
-            busy = await conn.receive()
-            assert isinstance(busy, Error) and busy.id == 3 and busy.code == ErrorCode.BUSY
-            assert busy.retryable and busy.retry_after_ms == 50
-            await conn.send(Ping(id=4))  # inline requests are not counted
-            assert await conn.receive() == Pong(id=4)
-            release.set()
-            assert sorted([(await conn.receive()).id, (await conn.receive()).id]) == [1, 2]
-            await conn.send(Health(id=5))  # the slots are free again
-            assert (await conn.receive()).id == 5
-        daemon.request_shutdown()
+    async with (
+        in_process_server(tmp_path, slow_health, max_in_flight_per_connection=2) as (_, path),
+        open_framed_connection(path) as conn,
+    ):
+        for i in (1, 2, 3):
+            await conn.send(Health(id=i))
+        busy = await conn.receive()
+        assert isinstance(busy, Error) and busy.id == 3 and busy.code == ErrorCode.BUSY
+        assert busy.retryable and busy.retry_after_ms == 50
+        await conn.send(Ping(id=4))  # inline requests are not counted
+        assert await conn.receive() == Pong(id=4)
+        release.set()
+        assert sorted([(await conn.receive()).id, (await conn.receive()).id]) == [1, 2]
+        await conn.send(Health(id=5))  # the slots are free again
+        assert (await conn.receive()).id == 5
 
 
 # --- configuration and the CLIs ---------------------------------------------------------
