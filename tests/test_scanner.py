@@ -179,6 +179,28 @@ async def test_rule_with_external_variable_extension(data_dir: Path, test_rules:
         assert elf.filetype == "ELF"
 
 
+async def test_reused_buffers_never_leak_an_earlier_file_into_a_scan(data_dir: Path) -> None:
+    async with scanner_for(None, data_dir, workers=1, buffer_pool_bytes=100_000,
+                           buffer_reuse_max_bytes=50_000) as scanner:
+        long_with_eicar = b"x" * 5000 + EICAR
+        short = b"x" * 100
+        assert rule_names(await scanner.scan_bytes(long_with_eicar, ScanMeta())) == [
+            "EICAR_Embedded"]
+        assert scanner.statistics().buffer_bytes_retained == len(long_with_eicar)
+        clean = await scanner.scan_bytes(short, ScanMeta())  # same memfd, longer than this
+        assert clean.matches == [] and clean.size == 100
+        assert clean.sha256 == hashlib.sha256(short).hexdigest()
+        stream = scanner.open_stream(ScanMeta())  # reuses it as well
+        stream.write(b"y" * 10)
+        streamed = await stream.finish()
+        assert streamed.matches == [] and streamed.size == 10
+        assert streamed.sha256 == hashlib.sha256(b"y" * 10).hexdigest()
+        # Over the per-buffer bound: scanned, then not kept.
+        big = b"z" * 60_000
+        assert (await scanner.scan_bytes(big, ScanMeta())).size == 60_000
+        assert scanner.statistics().buffer_bytes_retained <= 50_000
+
+
 # --- crashes, retry, breaker, fail-open / fail-closed -----------------------------------
 
 

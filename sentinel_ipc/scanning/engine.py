@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Every scan ends as a descriptor handed to a worker (:mod:`.pool`):
 
-* ``scan_bytes``: the bytes are written once into a sealed memfd;
+* ``scan_bytes``: the bytes are written once into a memfd;
 * ``scan_fd``: the caller's descriptor itself, after checking that it is a
   readable regular file (or memfd) no larger than ``max_stream_bytes``; the
   daemon never opens a path on a client's behalf;
@@ -12,7 +12,14 @@ Every scan ends as a descriptor handed to a worker (:mod:`.pool`):
   ``max_stream_bytes`` per stream and ``max_pending_bytes`` over all of them.
 
 The worker maps the descriptor, matches it and hashes it, so the daemon copies
-the bytes at most once and hashes nothing on the happy path.
+the bytes at most once and hashes nothing on the happy path. The daemon keeps a
+few memfds of up to ``buffer_reuse_max_bytes`` for reuse (at most
+``buffer_pool_bytes`` in all): writing into pages that already exist is about
+five times cheaper than into a fresh memfd, whose pages must be allocated and
+zeroed. A memfd goes back to the pool only after a scan that ended normally
+(the worker has unmapped and closed it before it answers); after a
+cancellation a draining worker may still read it, so it is closed instead.
+The job carries the length to scan, since a reused memfd may be longer.
 
 One scan attempt = take an idle worker (bounded wait, bounded queue) and run
 one job. Attempts run under :func:`~sentinel_ipc.resilience.guarded_call` with
@@ -168,6 +175,9 @@ class ScannerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_stream_bytes: int = 512 * MIB
     #: Bytes buffered in memfds (streams and byte scans) at once, over all scans.
     max_pending_bytes: int = 2048 * MIB
+    #: memfds kept for reuse: at most this many bytes in all, each at most the next.
+    buffer_pool_bytes: int = 64 * MIB
+    buffer_reuse_max_bytes: int = 16 * MIB
     compile_timeout: float = 300.0
     breaker: BreakerConfig = msgspec.field(default_factory=_yara_breaker)
     retry: RetryPolicy = msgspec.field(default_factory=_yara_retry)
@@ -184,6 +194,8 @@ class ScannerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     busy_rejections: int
     pending_bytes: int
     open_streams: int
+    #: Bytes held in memfds kept for reuse.
+    buffer_bytes_retained: int
 
 
 # ---------------------------------------------------------------------------
@@ -256,11 +268,12 @@ def _check_scan_fd(fd: int, max_bytes: int) -> int:
     return st.st_size
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | memoryview, offset: int = 0) -> None:
     view = memoryview(data).cast("B")
     while view:
-        written = os.write(fd, view)
+        written = os.pwrite(fd, view, offset)
         view = view[written:]
+        offset += written
 
 
 def _new_memfd() -> int:
@@ -270,6 +283,45 @@ def _new_memfd() -> int:
 def _seal(fd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _MEMFD_SEALS)
+
+
+class _BufferPool:
+    """memfds kept for reuse, bounded in count of bytes (see the module doc)."""
+
+    def __init__(self, max_total: int, max_each: int) -> None:
+        self.max_total = max_total
+        self.max_each = max_each
+        self._free: list[tuple[int, int]] = []  # (fd, size)
+        self.retained = 0
+        self._closed = False
+
+    def take(self) -> tuple[int, int]:
+        """A memfd and its current size (0 for a fresh one)."""
+        if self._free:
+            fd, size = self._free.pop()
+            self.retained -= size
+            return fd, size
+        return _new_memfd(), 0
+
+    def give(self, fd: int, size: int) -> None:
+        """Back for reuse, only after a scan that ended normally; else use ``discard``."""
+        if (not self._closed and size <= self.max_each
+                and self.retained + size <= self.max_total):
+            self._free.append((fd, size))
+            self.retained += size
+        else:
+            os.close(fd)
+
+    @staticmethod
+    def discard(fd: int) -> None:
+        os.close(fd)
+
+    def close(self) -> None:
+        for fd, _size in self._free:
+            os.close(fd)
+        self._free.clear()
+        self.retained = 0
+        self._closed = True
 
 
 def _hash_fd(fd: int, size: int) -> str:
@@ -319,6 +371,7 @@ class Scanner:
         self._hard_timeout = config.scan_timeout + config.kill_grace
         self._reload_lock = trio.Lock()
         self._pending = 0
+        self._buffers = _BufferPool(config.buffer_pool_bytes, config.buffer_reuse_max_bytes)
         self._streams: set[ScanStream] = set()
         self._closed = False
         self._scans = 0
@@ -351,19 +404,24 @@ class Scanner:
             raise ScanTooLargeError(
                 f"{size} bytes, over the {self.config.max_stream_bytes}-byte limit"
             )
+        if self._closed:
+            raise ShuttingDownError("the scanner is shutting down")
         self._reserve(size)
-        fd = -1
+        fd, capacity = self._buffers.take()
+        reuse = False
         try:
-            fd = _new_memfd()
             if size > _INLINE_WRITE:
                 await trio.to_thread.run_sync(_write_all, fd, data)
             else:
                 _write_all(fd, data)
-            _seal(fd)
-            return await self._scan(fd, size, meta, owned=True, data=data)
+            outcome = await self._scan(fd, size, meta, owned=True, data=data)
+            reuse = True
+            return outcome
         finally:
-            if fd >= 0:
-                os.close(fd)
+            if reuse:
+                self._buffers.give(fd, max(capacity, size))
+            else:
+                self._buffers.discard(fd)
             self._release(size)
 
     async def scan_fd(self, fd: int, meta: ScanMeta) -> ScanOutcome:
@@ -388,7 +446,8 @@ class Scanner:
             raise ScanTooLargeError(f"declared size {declared_size} is over the {limit}-byte limit")
         if declared_size is not None and declared_size < 0:
             raise ScanError("declared size must not be negative", retryable=False)
-        stream = ScanStream(self, meta, _new_memfd(), declared_size)
+        fd, capacity = self._buffers.take()
+        stream = ScanStream(self, meta, fd, capacity, declared_size)
         self._streams.add(stream)
         return stream
 
@@ -459,6 +518,7 @@ class Scanner:
             busy_rejections=self._busy,
             pending_bytes=self._pending,
             open_streams=len(self._streams),
+            buffer_bytes_retained=self._buffers.retained,
         )
 
     def worker_pids(self) -> list[int]:
@@ -497,7 +557,7 @@ class Scanner:
                 result = await self._pool.run_job(
                     handle, fd, externals,
                     yara_timeout=self._yara_timeout, hard_timeout=self._hard_timeout,
-                    max_bytes=self.config.max_stream_bytes,
+                    max_bytes=self.config.max_stream_bytes, length=size if owned else -1,
                 )
             except WorkerCrashedError as exc:
                 if not owned and _shrank(fd, size):
@@ -596,6 +656,7 @@ class Scanner:
         self._closed = True
         for stream in list(self._streams):
             stream.abort()
+        self._buffers.close()
 
 
 def _shrank(fd: int, size: int) -> bool:
@@ -613,14 +674,17 @@ class ScanStream:
     Usable as a context manager that aborts on the way out unless finished.
     """
 
-    def __init__(self, scanner: Scanner, meta: ScanMeta, fd: int,
+    def __init__(self, scanner: Scanner, meta: ScanMeta, fd: int, capacity: int,
                  declared_size: int | None) -> None:
         self._scanner = scanner
         self.meta = meta
         self.declared_size = declared_size
         self._fd = fd
+        self._capacity = capacity
         self.size = 0
         self._done = False
+        #: A scan of the memfd started and did not end normally (a worker may hold it).
+        self._sent = False
 
     @property
     def closed(self) -> bool:
@@ -642,7 +706,7 @@ class ScanStream:
             raise
         self.size += n
         try:
-            _write_all(self._fd, chunk)
+            _write_all(self._fd, chunk, self.size - n)
         except OSError as exc:
             self.abort()
             raise ScanError(f"cannot buffer the stream: {exc.strerror}", retryable=True) from exc
@@ -651,19 +715,26 @@ class ScanStream:
         """Scan what was written; the stream is closed afterwards, whatever happens."""
         if self._done:
             raise ScanError("the scan stream is already finished or aborted", retryable=False)
+        self._sent = True
         try:
-            _seal(self._fd)
-            return await self._scanner._scan(self._fd, self.size, self.meta, owned=True,
-                                             data=None)
-        finally:
-            self.abort()
+            outcome = await self._scanner._scan(self._fd, self.size, self.meta, owned=True,
+                                                data=None)
+        except BaseException:
+            self.abort()  # a worker may still read the memfd: closed, not reused
+            raise
+        self._sent = False  # ended normally: the worker is done with the memfd
+        self.abort()
+        return outcome
 
     def abort(self) -> None:
         """Drop the stream and its buffer (idempotent)."""
         if self._done:
             return
         self._done = True
-        os.close(self._fd)
+        if self._sent or self._scanner._closed:
+            self._scanner._buffers.discard(self._fd)
+        else:
+            self._scanner._buffers.give(self._fd, max(self._capacity, self.size))
         self._scanner._release(self.size)
         self._scanner._streams.discard(self)
 

@@ -345,7 +345,8 @@ class WorkerPool:
             self._make_idle(handle)
 
     async def run_job(self, handle: WorkerHandle, fd: int, externals: dict[str, str], *,
-                      yara_timeout: int, hard_timeout: float, max_bytes: int) -> Result:
+                      yara_timeout: int, hard_timeout: float, max_bytes: int,
+                      length: int = -1) -> Result:
         """Send one job to a worker held with :meth:`acquire` and wait for its answer.
 
         Raises WorkerCrashedError (the worker died or ran out of memory; retryable),
@@ -354,7 +355,8 @@ class WorkerPool:
         """
         job_id = handle.next_job
         handle.next_job += 1
-        job = Job(job=job_id, externals=externals, timeout=yara_timeout, max_bytes=max_bytes)
+        job = Job(job=job_id, externals=externals, timeout=yara_timeout, max_bytes=max_bytes,
+                  length=length)
         payload = _encoder.encode(job)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
         deadline = trio.current_time() + hard_timeout

@@ -68,6 +68,9 @@ class Job(msgspec.Struct, tag="job", tag_field="t", kw_only=True):
     #: Refuse files larger than this (a descriptor may grow after the daemon checked).
     max_bytes: int
     want_sha256: bool = True
+    #: Scan only the first ``length`` bytes (the daemon reuses its memfds, which
+    #: may be larger than the file they hold); -1: the descriptor's whole size.
+    length: int = -1
 
 
 class Ready(msgspec.Struct, tag="ready", tag_field="t", kw_only=True):
@@ -170,9 +173,13 @@ def _scan(rules: Any, job: Job, fd: int, yara: Any) -> Result:
     started = time.perf_counter()
     result = Result(job=job.job)
     try:
-        size = os.fstat(fd).st_size
+        actual = os.fstat(fd).st_size
     except OSError as exc:
         result.kind, result.error = "io", f"fstat failed: {exc.strerror}"
+        return result
+    size = actual if job.length < 0 else job.length
+    if size > actual:
+        result.kind, result.error = "io", f"descriptor holds {actual} bytes, not {size}"
         return result
     if size > job.max_bytes:
         result.kind = "too_large"
