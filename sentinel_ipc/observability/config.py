@@ -105,7 +105,15 @@ class HealthSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
     max_rss_bytes: int = 2 * GIB
     #: Extra directories whose free space counts (the temp dir and data dir always do).
     extra_disk_paths: list[str] = []
+    #: Network dependencies to check (``[[resilience.health.http]]`` tables) ...
     http: list[HttpCheckSettings] = []
+    #: ... or, in short, plain URLs checked with ``http_timeout``.
+    http_urls: list[str] = []
+    http_timeout: float = 2.0
+
+    def http_checks(self) -> list[HttpCheckSettings]:
+        return [*self.http, *(HttpCheckSettings(url=u, timeout=self.http_timeout)
+                              for u in self.http_urls)]
 
 
 class ResilienceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

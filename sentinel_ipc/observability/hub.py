@@ -199,8 +199,10 @@ class Observability:
         )
         self.health.add("memory", self.memory, timeout=h.memory_timeout, live=True)
         self.health.add("disk", self.disk, timeout=h.disk_timeout, failure_status="unhealthy")
-        for item in h.http:
+        for n, item in enumerate(h.http_checks()):
             name = item.name or f"http:{_host_of(item.url)}"
+            if name in self.health.names():
+                name = f"{name}#{n}"
             self.fallback.register(name)
             self.health.add(name, http_check(item.url), timeout=item.timeout)
 
