@@ -426,3 +426,22 @@ async def test_http_check_success_and_http_error() -> None:
         assert up.ok and up.value == 200
         assert not down.ok and "503" in down.message
         nursery.cancel_scope.cancel()
+
+
+async def test_yara_check_under_full_load_is_busy_not_dead(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every worker busy: the test scan waits in line past its timeout. If the pool
+    completed scans since the last check, that is load, not a dead scanner."""
+    completed = {"n": 0}
+
+    async def stuck_in_line() -> float:
+        await trio.sleep(10)
+        return 1.0
+
+    check = yara_check(stuck_in_line, timeout=2.0, progress=lambda: completed["n"])
+    completed["n"] = 40
+    busy = await check()
+    assert busy.ok and "workers busy: 40 scans completed" in busy.message
+    dead = await check()  # no progress since: the pool is stuck
+    assert not dead.ok and dead.message == "timed out after 2000 ms"
