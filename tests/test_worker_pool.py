@@ -258,6 +258,7 @@ async def test_worker_recycled_after_max_scans(rules: RulesInfo) -> None:
         await job(pool, b"two")
         await wait_for(lambda: pool.statistics().alive == 1 and pool.worker_pids() != first)
         assert pool.statistics().recycled_total == 1
+        assert pool.statistics().restarts_total == 1
         assert pool.statistics().crashes_total == 0
 
 

@@ -155,6 +155,8 @@ class PoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
     crashes_total: int
     hard_timeouts_total: int
     recycled_total: int
+    #: Workers of the current rules that exited and were (or are being) replaced.
+    restarts_total: int
     spawned_total: int
     start_failures_total: int
     busy_pids: list[int]
@@ -203,6 +205,7 @@ class WorkerPool:
         self._crashes = 0
         self._hard_timeouts = 0
         self._recycled = 0
+        self._restarts = 0
         self._spawned = 0
         self._start_failures = 0
         self._mean_scan_s = 0.05
@@ -234,6 +237,7 @@ class WorkerPool:
             crashes_total=self._crashes,
             hard_timeouts_total=self._hard_timeouts,
             recycled_total=self._recycled,
+            restarts_total=self._restarts,
             spawned_total=self._spawned,
             start_failures_total=self._start_failures,
             busy_pids=sorted(w.pid for w in self._workers if w.state is WorkerState.BUSY),
@@ -656,6 +660,8 @@ class WorkerPool:
         # A task blocked on the socket (a job or a drain) wakes with
         # ClosedResourceError and reports the crash; nobody else reads it any more.
         handle.close_socket()
+        if handle.generation == self._generation and not self._closing:
+            self._restarts += 1
         if handle.kill_reason is None and not self._closing:
             self._crashes += 1
             log_event("scan_worker_died", 40, pid=handle.pid,
