@@ -355,8 +355,7 @@ class Scanner:
     Create with :func:`open_scanner`.
     """
 
-    def __init__(self, config: ScannerConfig, pool: WorkerPool, cache_dir: Path,
-                 rules: RulesInfo) -> None:
+    def __init__(self, config: ScannerConfig, pool: WorkerPool, cache_dir: Path) -> None:
         self.config = config
         self._pool = pool
         self._cache_dir = cache_dir
@@ -378,7 +377,6 @@ class Scanner:
         self._unscanned = 0
         self._matched = 0
         self._busy = 0
-        del rules  # the pool holds the current set
 
     # -- public ---------------------------------------------------------------
 
@@ -395,7 +393,7 @@ class Scanner:
         return self._pool.rules.rule_count
 
     async def scan_bytes(self, data: bytes | memoryview, meta: ScanMeta) -> ScanOutcome:
-        """Scan an in-memory buffer (copied once, into a sealed memfd).
+        """Scan an in-memory buffer (copied once, into a memfd).
 
         Raises ScanTooLargeError, BusyError, ShuttingDownError.
         """
@@ -766,7 +764,7 @@ async def open_scanner(config: ScannerConfig, data_dir: Path | str) -> AsyncIter
         ),
         info,
     )
-    scanner = Scanner(config, pool, cache_dir, info)
+    scanner = Scanner(config, pool, cache_dir)
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
         log_event("scanner_started", 20, rules=info.rule_count, version=info.version,
