@@ -200,6 +200,11 @@ async def test_get_method_and_invalid_answers_do_not_open_the_breaker(
             assert junk.verdict == "unavailable" and "no verdict" in (junk.reason or "")
         # Our side misreads the answer: not the service's outage, so no trip.
         assert client.breaker.state is BreakerState.CLOSED
+        stats = client.metrics.statistics()
+        assert stats.requests_for("reputation", "invalid_response") == 4
+        assert stats.requests_for("reputation", "ok") == 1
+    after = await client.lookup(sha("late"))  # after close: an answer, not a crash
+    assert after.verdict == "unavailable" and "shut down" in (after.reason or "")
     with pytest.raises(ValueError, match="sha256"):
         async with open_reputation_client(config(server), tmp_path) as client:
             await client.lookup("not-a-hash")

@@ -30,7 +30,7 @@ import math
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -158,10 +158,13 @@ async def send(
     params: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
     accept: frozenset[int] = frozenset(),
+    check: Callable[[HttpAnswer], object] | None = None,
 ) -> HttpAnswer:
     """One HTTP request: 2xx (or a status in ``accept``) returns the answer; anything
-    else raises :class:`ExternalServiceError` (see the module table). Every call
-    is counted in ``metrics`` with its outcome and duration (real seconds)."""
+    else raises :class:`ExternalServiceError` (see the module table). ``check``
+    may reject a well-formed answer whose content is unusable by raising
+    ``ExternalServiceError`` itself. Every call is counted in ``metrics`` with
+    its outcome and duration (real seconds)."""
     started = time.perf_counter()
     outcome = "ok"
     try:
@@ -179,6 +182,8 @@ async def send(
         )
         if not (200 <= answer.status < 300 or answer.status in accept):
             raise _status_error(target, answer)
+        if check is not None:
+            check(answer)
         return answer
     except ExternalServiceError as exc:
         outcome = exc.outcome

@@ -45,6 +45,7 @@ from sentinel_ipc.logs import log_event
 from sentinel_ipc.resilience import CircuitBreaker, RetryPolicy, guarded_call
 
 from ._http import (
+    HttpAnswer,
     api_key_value,
     external_breaker,
     external_retry_policy,
@@ -267,6 +268,10 @@ def parse_reputation_answer(status: int, body: bytes) -> tuple[Verdict, str | No
     raise _invalid(f"unknown verdict {raw[:40]!r}")
 
 
+def _check_answer(answer: HttpAnswer) -> None:
+    parse_reputation_answer(answer.status, answer.body)
+
+
 def _invalid(message: str) -> ExternalServiceError:
     return ExternalServiceError(
         f"reputation: {message}", target=TARGET, outcome="invalid_response", retryable=False
@@ -307,6 +312,7 @@ class ReputationClient:
         self._inflight: dict[str, _Flight] = {}
         self._limiter = trio.CapacityLimiter(_MAX_IN_FLIGHT)
         self._cache_dirty = trio.Event()
+        self.closed = False
         deadline = config.lookup_deadline
         total = config.timeouts.total
         self._attempt_timeout = 0.9 * deadline if total is None else min(total, 0.9 * deadline)
@@ -326,6 +332,8 @@ class ReputationClient:
             return ReputationResult(
                 sha, _verdict(entry.verdict), entry.name, entry.source, cached=True
             )
+        if self.closed:
+            return self._unavailable(sha, "the reputation client is shut down")
         result: ReputationResult | None = None
         with trio.move_on_after(self.config.lookup_deadline):
             result = await self._lookup_uncached(sha)
@@ -383,6 +391,7 @@ class ReputationClient:
             "total_timeout": self._attempt_timeout,
             "max_response_bytes": config.max_response_bytes,
             "accept": frozenset({404}),
+            "check": _check_answer,
         }
         if config.format == "malwarebazaar":
             answer = await send(
@@ -399,11 +408,7 @@ class ReputationClient:
                 headers={"Content-Type": "application/json"},
                 **common,
             )
-        try:
-            return parse_reputation_answer(answer.status, answer.body)
-        except ExternalServiceError:
-            self.metrics.count(TARGET, "invalid_response")
-            raise
+        return parse_reputation_answer(answer.status, answer.body)
 
     def _unavailable(self, sha: str, reason: str) -> ReputationResult:
         return ReputationResult(sha, "unavailable", None, self.source, reason=reason)
@@ -468,6 +473,7 @@ async def open_reputation_client(
                       cached=len(cache), deadline_ms=round(config.lookup_deadline * 1000))
             yield client
     finally:
+        client.closed = True
         with trio.move_on_after(5) as scope:
             scope.shield = True
             await client.flush_cache()
