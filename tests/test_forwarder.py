@@ -6,7 +6,6 @@ event, an auth failure, health and metrics, and a real daemon forwarding."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -311,12 +310,20 @@ async def test_health_and_prometheus_metrics(receiver: HttpFixture, tmp_path: Pa
     assert "sentinel_outbox_oldest_event_age_seconds 0.0" in text
 
 
-def test_real_daemon_forwards_its_start_event(
+def test_real_daemon_forwards_and_reports_external_state(
     receiver: HttpFixture, daemon_factory: Any, tmp_path: Path
 ) -> None:
-    """sentineld with a [forward] section: its outbox lives in the data dir and its
-    first event reaches the receiver; it stops cleanly."""
-    daemon = daemon_factory(config={"forward": {"url": receiver.url + "/events"}})
+    """sentineld with [forward] and [reputation]: its outbox lives in the data dir,
+    its first event reaches the receiver, health has an ``external`` component,
+    the breakers and the metrics include the integrations; it stops cleanly."""
+    from sentinel_ipc.client import open_client
+
+    daemon = daemon_factory(
+        config={
+            "forward": {"url": receiver.url + "/events"},
+            "reputation": {"url": receiver.url + "/reputation"},
+        }
+    )
     deadline = time.monotonic() + 15
     while not receiver.batches and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -324,6 +331,20 @@ def test_real_daemon_forwards_its_start_event(
     event = receiver.batches[0]["events"][0]
     assert event["kind"] == "daemon_started" and event["payload"]["pid"] == daemon.pid
     assert (Path(daemon.data_dir) / "outbox" / "outbox.log").exists()
+
+    async def ask() -> tuple[Any, Any, Any]:
+        async with open_client(daemon.socket_path) as client:
+            return (
+                await client.health(timeout=5),
+                await client.breakers(timeout=5),
+                await client.metrics(timeout=5),
+            )
+
+    health, breakers, metrics = trio.run(ask)
+    assert health.components["external"].status == "healthy", health
+    names = {b.name for b in breakers.breakers}
+    assert {"external.forward", "external.reputation"} <= names
+    assert 'sentinel_external_requests_total{outcome="ok",target="forward"}' in metrics.text
+    assert 'sentinel_outbox_events{state="pending"}' in metrics.text
     daemon.stop()
     assert json.dumps(event)  # plain JSON all the way
-    assert os.path.exists(daemon.data_dir)
