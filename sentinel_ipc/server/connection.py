@@ -8,6 +8,10 @@ SCM_RIGHTS descriptors, tagged with their stream offset) into a
 request and either runs it inline (``ordered`` routes) or starts it as a
 task in the connection's nursery. Replies from any task go out through
 :meth:`Connection.send`, serialised by a lock, so frames never interleave.
+Replies produced inside the read loop (inline requests, decode errors) are
+corked: gathered and written with one send when the loop has no complete
+frame left (or ``_CORK_LIMIT`` bytes are waiting), so a pipelined burst of
+pings costs one write instead of one per reply.
 
 Bounds, each answered with a typed ``error`` rather than a queue:
 
@@ -63,6 +67,7 @@ _MAX_PENDING_FDS = 16
 _RECV_MIN = 64 * 1024
 _RECV_MAX = 1024 * 1024
 _ANCBUF = socket.CMSG_SPACE(_MAX_PENDING_FDS * 4)
+_CORK_LIMIT = 64 * 1024
 
 
 def error_reply(request_id: int, exc: SentinelError) -> Error:
@@ -106,6 +111,8 @@ class Connection:
         #: When the frame in progress must be complete (slowloris bound); the
         #: timer covers the whole frame, so dribbling bytes does not extend it.
         self._frame_deadline: float | None = None
+        #: Inline replies not yet written (see "corked" in the module docstring).
+        self._corked = bytearray()
 
     # -- public API for handlers ---------------------------------------------
 
@@ -118,6 +125,9 @@ class Connection:
         trio.ClosedResourceError when the peer is gone."""
         frame = encode_framed(message)
         async with self._send_lock:
+            if self._corked:  # earlier inline replies go first, in the same write
+                frame = bytes(self._corked) + frame
+                self._corked.clear()
             await self._stream.send_all(frame)
 
     def on_close(self, callback: Callable[[], None]) -> None:
@@ -158,6 +168,7 @@ class Connection:
                 log_event(
                     "connection_truncated", logging.INFO, conn=self.conn_id, reason=exc.message
                 )
+                await self._flush_quietly()
                 return
             if frame is not NEED_DATA:
                 assert isinstance(frame, bytes)
@@ -165,6 +176,8 @@ class Connection:
                 if not await self._handle_frame(frame, nursery):
                     return
                 continue
+            if self._corked:  # no complete frame left: write the gathered replies
+                await self._flush_quietly()
             if self._decoder.eof:
                 return
             if self.server.draining and self.in_flight == 0:
@@ -222,7 +235,7 @@ class Connection:
             if failure.fatal:
                 await self._fatal(failure.request_id, failure.error)
                 return False
-            await self._send_quietly(error_reply(failure.request_id, failure.error))
+            await self._send_quietly(error_reply(failure.request_id, failure.error), cork=True)
             return True
         route = self.dispatcher.route(type(request))
         if route is None:
@@ -230,7 +243,7 @@ class Connection:
             exc = UnknownMessageTypeError(
                 f"message type {type_tag(type(request))!r} is not served by this daemon"
             )
-            await self._send_quietly(error_reply(request.id, exc))
+            await self._send_quietly(error_reply(request.id, exc), cork=True)
             return True
         ctx = RequestContext(peer=self.peer, is_admin=self.is_admin, connection=self, fds=fds)
         if route.ordered:
@@ -240,7 +253,7 @@ class Connection:
         if refusal is not None:
             self._close_list(fds)
             self.server.note_error(refusal.code)
-            await self._send_quietly(error_reply(request.id, refusal))
+            await self._send_quietly(error_reply(request.id, refusal), cork=True)
             return True
         self.in_flight += 1
         self.server.in_flight += 1
@@ -307,11 +320,27 @@ class Connection:
         finally:
             self._close_list(ctx.fds)
         if reply is not None:
-            await self._send_quietly(reply)
+            await self._send_quietly(reply, cork=route.ordered)
 
-    async def _send_quietly(self, message: msgspec.Struct) -> None:
+    async def _send_quietly(self, message: msgspec.Struct, *, cork: bool = False) -> None:
+        """Send, ignoring a peer that is gone. ``cork``: only from the read loop's
+        own task; the reply waits for the loop's next flush (or the next send)."""
+        if cork:
+            self._corked += encode_framed(message)
+            if len(self._corked) < _CORK_LIMIT:
+                return
+            await self._flush_quietly()
+            return
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self.send(message)
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            async with self._send_lock:
+                if self._corked:
+                    data = bytes(self._corked)
+                    self._corked.clear()
+                    await self._stream.send_all(data)
 
     async def _fatal(self, request_id: int, exc: SentinelError) -> None:
         reply = error_reply(request_id, exc)
