@@ -61,6 +61,8 @@ class ClientConfig:
     capabilities: tuple[str, ...] = field(default_factory=_default_capabilities)
 
     def __post_init__(self) -> None:
+        if self.outbox_path is not None and not isinstance(self.outbox_path, Path):
+            object.__setattr__(self, "outbox_path", Path(self.outbox_path))
         for name in ("timeout", "scan_timeout", "connect_timeout"):
             value = getattr(self, name)
             if not value > 0:

@@ -1,0 +1,91 @@
+"""SyncClient: the blocking wrapper keeps the async client's guarantees."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sentinel_ipc.client import IPC_BREAKER, ClientConfig, OutboxError, SyncClient
+from sentinel_ipc.errors import (
+    CircuitOpenError,
+    RetryExhaustedError,
+    TransportError,
+    UnknownMessageTypeError,
+    UnsupportedVersionError,
+)
+from sentinel_ipc.messages import Hello, Ping, Pong
+
+
+def _config(**changes: object) -> ClientConfig:
+    breaker = dataclasses.replace(IPC_BREAKER, open_timeout=0.3)
+    return ClientConfig(breaker=breaker, **changes)  # type: ignore[arg-type]
+
+
+def test_calls_from_many_threads_share_one_connection(daemon_factory) -> None:
+    d = daemon_factory()
+    with SyncClient(d.socket_path) as client:
+        assert client.ping() >= 0
+        with ThreadPoolExecutor(8) as pool:
+            rtts = list(pool.map(lambda _: client.ping(), range(200)))
+        assert len(rtts) == 200
+        assert client.connects == 1
+        with pytest.raises(UnsupportedVersionError) as info:
+            client.request(Hello(id=0, client="t", protocol_version=42))
+        assert info.value.code == "unsupported_version"
+        assert client.welcome is not None
+
+
+def test_daemon_down_then_back_with_queued_writes(daemon_factory, tmp_path) -> None:
+    d = daemon_factory(start=False)
+    with SyncClient(d.socket_path, config=_config(outbox_path=tmp_path / "o.log")) as client:
+        with pytest.raises(RetryExhaustedError):
+            client.ping()
+        with pytest.raises(RetryExhaustedError):
+            client.ping()
+        start = time.monotonic()
+        with pytest.raises(CircuitOpenError) as info:
+            client.ping()
+        assert time.monotonic() - start < 0.1  # fails fast
+        assert info.value.retry_after is not None
+        ticket = client.submit(Ping(id=0))  # queued while the daemon is away
+        assert [t.key for t in client.outbox_pending()] == [ticket.key]
+        d.start()
+        time.sleep(0.35)
+        assert client.ping() >= 0
+        client.flush_outbox(timeout=10)
+        assert isinstance(client.wait_delivered(ticket), Pong)
+        assert client.breaker_statistics().state == "closed"
+
+
+def test_unserved_requests_raise_typed_errors(daemon_factory) -> None:
+    d = daemon_factory()
+    with SyncClient(d.socket_path) as client:
+        try:
+            client.policy_list()
+        except UnknownMessageTypeError as exc:
+            assert exc.code == "unknown_type" and "policy_list" in exc.message
+        else:  # served by now: then the reply is typed
+            assert isinstance(client.policy_list().policies, list)
+
+
+def test_close_is_idempotent_and_stops_the_thread(daemon_factory) -> None:
+    d = daemon_factory()
+    before = threading.active_count()
+    client = SyncClient(d.socket_path)
+    client.ping()
+    client.close()
+    client.close()
+    assert threading.active_count() == before
+    with pytest.raises(TransportError, match="closed"):
+        client.ping()
+
+
+def test_an_unusable_outbox_fails_construction(tmp_path) -> None:
+    path = tmp_path / "o.log"
+    config = ClientConfig(outbox_path=path)
+    with SyncClient(tmp_path / "absent.sock", config=config), pytest.raises(OutboxError):
+        SyncClient(tmp_path / "absent.sock", config=config)
