@@ -17,7 +17,11 @@ from http_fixture import HttpFixture, serve_http
 from sentinel_ipc.errors import ExternalServiceError
 from sentinel_ipc.external import ReputationConfig, open_reputation_client
 from sentinel_ipc.external.config import LookupTimeouts
-from sentinel_ipc.external.reputation import CACHE_FILE, parse_reputation_answer
+from sentinel_ipc.external.reputation import (
+    CACHE_FILE,
+    ReputationCache,
+    parse_reputation_answer,
+)
 from sentinel_ipc.resilience import BreakerState
 
 
@@ -208,6 +212,29 @@ async def test_get_method_and_invalid_answers_do_not_open_the_breaker(
     with pytest.raises(ValueError, match="sha256"):
         async with open_reputation_client(config(server), tmp_path) as client:
             await client.lookup("not-a-hash")
+
+
+def test_cache_is_bounded_in_memory_and_on_disk(tmp_path: Path) -> None:
+    wall = [100.0]
+    cache = ReputationCache(tmp_path / CACHE_FILE, max_entries=10, clock=lambda: wall[0])
+    cache.load()
+    for i in range(55):
+        cache.put(sha(str(i)), "known_bad", f"n{i}", "src", ttl=60.0)
+        if i % 5 == 4:
+            cache.write(*cache.take_pending())
+    assert len(cache) == 10
+    lines = (tmp_path / CACHE_FILE).read_bytes().count(b"\n")
+    assert lines <= 2 * 10 + 5  # rewritten whenever it passed twice the bound
+    assert cache.get(sha("54")) is not None and cache.get(sha("0")) is None
+    with (tmp_path / CACHE_FILE).open("ab") as fh:
+        fh.write(b"garbage line\n")
+    wall[0] += 30.0
+    again = ReputationCache(tmp_path / CACHE_FILE, max_entries=10, clock=lambda: wall[0])
+    again.load()  # skips garbage, keeps the newest 10, rewrites the file
+    assert len(again) == 10 and again.get(sha("54")) is not None
+    assert b"garbage" not in (tmp_path / CACHE_FILE).read_bytes()
+    wall[0] += 31.0  # past the TTL
+    assert again.get(sha("54")) is None
 
 
 @pytest.mark.parametrize(

@@ -121,9 +121,11 @@ class _Entry(msgspec.Struct, array_like=True):
 class ReputationCache:
     """sha256 -> answer with an expiry, bounded, persisted as JSON lines.
 
-    Reads and ``put`` are in-memory (trio thread); :meth:`take_pending` /
-    :meth:`write_pending` move new lines to the file (blocking: a worker thread).
-    A lost tail (crash before the write) costs only repeat lookups.
+    Reads and ``put`` are in-memory (trio thread). :meth:`take_pending` (trio
+    thread) hands the new lines, or a snapshot of every entry once the file has
+    grown past twice the bound, to :meth:`write` (blocking: one worker thread at
+    a time), so the worker never reads the dict the trio thread mutates. A lost
+    tail (crash before the write) costs only repeat lookups.
     """
 
     def __init__(self, path: Path, *, max_entries: int, clock: Callable[[], float]) -> None:
@@ -193,25 +195,31 @@ class ReputationCache:
     def has_pending(self) -> bool:
         return bool(self._pending)
 
-    def take_pending(self) -> bytes:
+    def take_pending(self) -> tuple[bytes, list[_Entry] | None]:
+        """(new lines, None), or (b"", every live entry) when the file should be rewritten."""
+        lines = len(self._pending)
         data, self._pending = b"".join(self._pending), []
-        return data
+        if self._file_lines + lines > 2 * self.max_entries:
+            return b"", list(self._entries.values())
+        return data, None
 
-    def write_pending(self, data: bytes) -> None:
-        """Append lines (blocking). Rewrites the file when it grew past twice the bound."""
-        if data:
+    def write(self, data: bytes, snapshot: list[_Entry] | None) -> None:
+        """Append ``data``, or rewrite the file from ``snapshot`` (blocking)."""
+        if snapshot is not None:
+            self.rewrite(snapshot)
+        elif data:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, data)
             finally:
                 os.close(fd)
             self._file_lines += data.count(b"\n")
-        if self._file_lines > 2 * self.max_entries:
-            self.rewrite()
 
-    def rewrite(self) -> None:
-        """Replace the file with the live entries (temp file + rename; blocking)."""
-        snapshot = list(self._entries.values())
+    def rewrite(self, snapshot: list[_Entry] | None = None) -> None:
+        """Replace the file with ``snapshot`` (default: the live entries; only from
+        the thread that owns them) via temp file + rename (blocking)."""
+        if snapshot is None:
+            snapshot = list(self._entries.values())
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as fh:
             for entry in snapshot:
@@ -422,11 +430,11 @@ class ReputationClient:
             await trio.sleep(0.5)  # coalesce bursts into one write
 
     async def flush_cache(self) -> None:
-        data = self.cache.take_pending()
-        if not data:
+        data, snapshot = self.cache.take_pending()
+        if not data and snapshot is None:
             return
         try:
-            await trio.to_thread.run_sync(self.cache.write_pending, data)
+            await trio.to_thread.run_sync(self.cache.write, data, snapshot)
         except OSError as exc:
             log_event("reputation_cache_write_failed", logging.WARNING, error=str(exc))
 
