@@ -21,6 +21,7 @@ from sentinel_ipc.policy.decision import (
     literal_prefix,
     max_severity,
     mime_matches,
+    pattern_tokens,
 )
 from sentinel_ipc.policy.store import PolicyStore
 from sentinel_ipc.policy.validation import validate_policy, validate_query
@@ -181,6 +182,33 @@ def test_literal_prefix_and_mime() -> None:
     assert mime_matches("text/plain", None) is False
 
 
+@pytest.mark.parametrize(
+    ("pattern", "tokens"),
+    [
+        ("https://dl.evil.example/*", ["https", "dl", "evil", "example"]),
+        ("*://dl.evil.example/*", ["dl", "evil", "example"]),
+        ("*evil*", []),
+        ("*.exe", ["exe"]),
+        ("https://?.example/a?", ["https", "example"]),
+        ("https://host-1.example/", ["https", "host", "1", "example"]),
+    ],
+)
+def test_pattern_tokens_are_whole_tokens_of_every_match(pattern: str, tokens: list[str]) -> None:
+    assert pattern_tokens(pattern) == tokens
+
+
+def test_url_lookup_finds_patterns_by_their_rarest_token() -> None:
+    idx = PolicyIndex(
+        [P(i, "block", url_pattern=f"https://h{i}.example/*") for i in range(1, 200)]
+        + [P(500, "warn", url_pattern="*evil*"), P(501, "warn", url_pattern="*://h7.example/x")]
+    )
+    hits = {e.policy.id for e in idx.url_candidates("https://h7.example/x")}
+    assert hits == {7, 501}
+    assert {e.policy.id for e in idx.url_candidates("http://devils.example/")} == {500}
+    # each pattern was filed under a rare token, not under the shared "example"
+    assert len(idx._by_token.get("example", ())) <= 1
+
+
 def test_index_incremental_updates() -> None:
     idx = PolicyIndex()
     idx.add(P(1, "block", url_pattern="https://a/*"))
@@ -250,8 +278,26 @@ def test_pure_modules_import_no_io() -> None:
 
 RULES = ["Alpha", "Beta", "Gamma", "ns1:Alpha"]
 HASHES = ["a" * 64, "b" * 64, "c" * 64]
-PATTERNS = ["https://x.example/*", "https://x.example/d*/?.exe", "*.exe", "https://[y]/*", "*"]
-URLS = ["https://x.example/a.exe", "https://x.example/dl/z.exe", "https://[y]/q", "ftp://o/p", None]
+PATTERNS = [
+    "https://x.example/*",
+    "https://x.example/d*/?.exe",
+    "*.exe",
+    "https://[y]/*",
+    "*",
+    "*://x.example/*",
+    "*evil*",
+    "https://?.example/*",
+    "https://x.exam?le/*",
+]
+URLS = [
+    "https://x.example/a.exe",
+    "https://x.example/dl/z.exe",
+    "https://[y]/q",
+    "ftp://o/p",
+    "ftp://x.example/devils.exe",
+    "https://a.example/x",
+    None,
+]
 
 
 @st.composite

@@ -34,7 +34,7 @@ otherwise the verdict is ``allow`` with a warning (fail-open) or ``block`` with
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -95,6 +95,42 @@ def literal_prefix(pattern: str) -> str:
     return pattern[:cut]
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9]+")
+
+
+def url_tokens(url: str) -> set[str]:
+    """The maximal alphanumeric runs of a URL."""
+    return set(_TOKEN.findall(url))
+
+
+def pattern_tokens(pattern: str) -> list[str]:
+    """The alphanumeric runs of a glob that every matching URL has as *whole* tokens.
+
+    A run qualifies when neither neighbour is a wildcard: its neighbours are
+    then literal non-alphanumeric characters (or the ends of the pattern, which
+    is anchored at both ends), so in any matching URL the same run is bounded
+    the same way. ``*://dl.evil.example/*`` yields dl, evil, example; in
+    ``*evil*`` nothing qualifies (``evil`` may be part of ``devils``).
+    """
+    out = []
+    n = len(pattern)
+    for m in _TOKEN.finditer(pattern):
+        start, end = m.span()
+        if (start == 0 or pattern[start - 1] not in "*?") and (
+            end == n or pattern[end] not in "*?"
+        ):
+            out.append(m.group())
+    return out
+
+
+def choose_token(tokens: Sequence[str], bucket_size: Callable[[str], int]) -> str:
+    """The token to file a URL pattern under: the rarest so far, then the longest.
+    ``""`` (the always-scanned bucket) when the pattern has none."""
+    if not tokens:
+        return ""
+    return min(tokens, key=lambda t: (bucket_size(t), -len(t), t))
+
+
 def mime_matches(pattern: str, mime_type: str | None) -> bool:
     """``type/subtype``, ``type/*`` or ``*/*`` against a file's MIME type (parameters ignored)."""
     if mime_type is None:
@@ -111,30 +147,34 @@ def mime_matches(pattern: str, mime_type: str | None) -> bool:
 
 
 class _UrlEntry:
-    __slots__ = ("literal_chars", "policy", "regex")
+    __slots__ = ("policy", "regex", "token")
 
-    def __init__(self, policy: PolicyRecord) -> None:
+    def __init__(self, policy: PolicyRecord, token: str) -> None:
         assert policy.url_pattern is not None
         self.policy = policy
         self.regex = compile_glob(policy.url_pattern)
-        self.literal_chars = sum(c not in "*?" for c in policy.url_pattern)
+        self.token = token
 
 
 class PolicyIndex:
     """The policies, indexed for the three lookup tiers; updated incrementally.
 
-    URL patterns are bucketed by their literal prefix. A URL can only match
-    patterns whose prefix it starts with, so a lookup slices the URL at each
-    distinct prefix length (a few dozen in practice) and tries only the
-    patterns in the buckets it hits, instead of every pattern.
+    URL patterns are filed under one of their whole tokens (see
+    :func:`pattern_tokens`), the rarest at the time they are added. A URL can
+    only match patterns filed under one of its own tokens, so a lookup splits
+    the URL into its tokens (a dozen or two) and tries only the patterns in
+    those buckets, plus the few patterns that have no whole token at all --
+    instead of every pattern. The database path files them the same way
+    (column ``url_token``).
     """
 
     def __init__(self, policies: Iterable[PolicyRecord] = ()) -> None:
         self._by_id: dict[int, PolicyRecord] = {}
         self._by_hash: dict[str, list[PolicyRecord]] = {}
         self._by_rule: dict[str, list[PolicyRecord]] = {}
-        self._by_prefix: dict[str, list[_UrlEntry]] = {}
-        self._prefix_lengths: dict[int, int] = {}  # length -> number of patterns
+        self._url: dict[int, _UrlEntry] = {}
+        self._by_token: dict[str, list[_UrlEntry]] = {}
+        self._by_pattern: dict[str, list[PolicyRecord]] = {}
         for policy in policies:
             self.add(policy)
 
@@ -155,12 +195,12 @@ class PolicyIndex:
         rule, url, sha = identity
         if sha:
             pool: Iterable[PolicyRecord] = self._by_hash.get(sha, ())
-        elif rule:
-            pool = self._by_rule.get(rule, ())
+        elif url:
+            pool = self._by_pattern.get(url, ())
         else:
-            pool = (e.policy for e in self._by_prefix.get(literal_prefix(url), ()))
+            pool = self._by_rule.get(rule, ())
         for p in pool:
-            if (p.rule_name or "", p.url_pattern or "", p.file_hash or "") == identity:
+            if _identity(p) == identity:
                 return p
         return None
 
@@ -172,9 +212,13 @@ class PolicyIndex:
         if policy.file_hash is not None:
             self._by_hash.setdefault(policy.file_hash, []).append(policy)
         elif policy.url_pattern is not None:
-            prefix = literal_prefix(policy.url_pattern)
-            self._by_prefix.setdefault(prefix, []).append(_UrlEntry(policy))
-            self._prefix_lengths[len(prefix)] = self._prefix_lengths.get(len(prefix), 0) + 1
+            token = choose_token(
+                pattern_tokens(policy.url_pattern), lambda t: len(self._by_token.get(t, ()))
+            )
+            entry = _UrlEntry(policy, token)
+            self._url[policy.id] = entry
+            self._by_token.setdefault(token, []).append(entry)
+            self._by_pattern.setdefault(policy.url_pattern, []).append(policy)
         elif policy.rule_name is not None:
             self._by_rule.setdefault(policy.rule_name, []).append(policy)
 
@@ -185,13 +229,9 @@ class PolicyIndex:
         if policy.file_hash is not None:
             _drop(self._by_hash, policy.file_hash, lambda p: p.id == policy_id)
         elif policy.url_pattern is not None:
-            prefix = literal_prefix(policy.url_pattern)
-            _drop(self._by_prefix, prefix, lambda e: e.policy.id == policy_id)
-            n = self._prefix_lengths[len(prefix)] - 1
-            if n:
-                self._prefix_lengths[len(prefix)] = n
-            else:
-                del self._prefix_lengths[len(prefix)]
+            entry = self._url.pop(policy_id)
+            _drop(self._by_token, entry.token, lambda e: e.policy.id == policy_id)
+            _drop(self._by_pattern, policy.url_pattern, lambda p: p.id == policy_id)
         elif policy.rule_name is not None:
             _drop(self._by_rule, policy.rule_name, lambda p: p.id == policy_id)
         return policy
@@ -206,9 +246,8 @@ class PolicyIndex:
         if policy.file_hash is not None:
             _swap(self._by_hash[policy.file_hash], policy)
         elif policy.url_pattern is not None:
-            for e in self._by_prefix[literal_prefix(policy.url_pattern)]:
-                if e.policy.id == policy.id:
-                    e.policy = policy
+            self._url[policy.id].policy = policy
+            _swap(self._by_pattern[policy.url_pattern], policy)
         elif policy.rule_name is not None:
             _swap(self._by_rule[policy.rule_name], policy)
 
@@ -220,13 +259,12 @@ class PolicyIndex:
 
     def url_candidates(self, url: str) -> list[_UrlEntry]:
         """URL-tier policies whose pattern matches ``url`` (before other criteria)."""
-        found: list[_UrlEntry] = []
-        n = len(url)
-        for length in self._prefix_lengths:
-            if length <= n:
-                bucket = self._by_prefix.get(url[:length])
-                if bucket:
-                    found.extend(e for e in bucket if e.regex.fullmatch(url))
+        by_token = self._by_token
+        found = [e for e in by_token.get("", ()) if e.regex.fullmatch(url)]
+        for token in url_tokens(url):
+            bucket = by_token.get(token)
+            if bucket:
+                found.extend(e for e in bucket if e.regex.fullmatch(url))
         return found
 
 

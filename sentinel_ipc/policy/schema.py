@@ -15,9 +15,13 @@ migration may add columns anywhere.
 Tables
 ------
 ``policies``
-    what the user decided. ``url_glob`` is derived from ``url_pattern`` (the
-    pattern rewritten for SQLite's ``GLOB`` so ``[`` is literal): the database
-    path can then filter URL policies in C instead of in Python.
+    what the user decided. Two columns are derived from ``url_pattern``:
+    ``url_glob``, the pattern rewritten for SQLite's ``GLOB`` (so ``[`` is
+    literal), and ``url_token``, one of the pattern's whole tokens ("" if it
+    has none; see ``decision.pattern_tokens``). A URL lookup reads only the
+    patterns filed under one of the URL's tokens, through an index, and lets
+    ``GLOB`` in C confirm them. Rows migrated from version 1 get their token
+    computed by the store after the migration (SQL cannot tokenise).
 ``threat_history``
     every detection and every non-allow verdict.
 ``applied_writes``
@@ -71,8 +75,9 @@ CREATE INDEX threat_history_detected_at ON threat_history (detected_at);
 
 _V2 = """
 ALTER TABLE policies ADD COLUMN url_glob TEXT;
+ALTER TABLE policies ADD COLUMN url_token TEXT;
 UPDATE policies SET url_glob = replace(url_pattern, '[', '[[]') WHERE url_pattern IS NOT NULL;
-CREATE INDEX policies_url_glob ON policies (url_glob) WHERE url_glob IS NOT NULL;
+CREATE INDEX policies_url_token ON policies (url_token) WHERE url_glob IS NOT NULL;
 
 CREATE TABLE applied_writes (
     idempotency_key TEXT PRIMARY KEY,

@@ -69,6 +69,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -89,7 +90,15 @@ from sentinel_ipc.errors import (
     ShuttingDownError,
 )
 from sentinel_ipc.messages import PolicyRecord, RuleMatch, ThreatRecord
-from sentinel_ipc.policy.decision import Decision, PolicyIndex, decide, rule_keys
+from sentinel_ipc.policy.decision import (
+    Decision,
+    PolicyIndex,
+    choose_token,
+    decide,
+    pattern_tokens,
+    rule_keys,
+    url_tokens,
+)
 from sentinel_ipc.policy.journal import AddPolicy, JournalOp, RecordDecision, RemovePolicy
 from sentinel_ipc.policy.schema import MIGRATIONS, SCHEMA_VERSION, sqlite_glob
 from sentinel_ipc.policy.validation import PolicyDraft, ThreatDraft
@@ -256,8 +265,8 @@ def _row_threat(row: sqlite3.Row) -> ThreatRecord:
 
 
 _POLICY_COLUMNS = (
-    "rule_name, url_pattern, url_glob, file_hash, mime_type, action, created_at, created_by, "
-    "expires_at, hit_count, last_hit, reason"
+    "rule_name, url_pattern, url_glob, url_token, file_hash, mime_type, action, created_at, "
+    "created_by, expires_at, hit_count, last_hit, reason"
 )
 
 
@@ -450,7 +459,9 @@ class PolicyStore:
                             path=str(self.path),
                         )
                     )
-            elif version < SCHEMA_VERSION:
+            if version < SCHEMA_VERSION:
+                self._backfill_tokens(conn)
+            if 0 < version < SCHEMA_VERSION:
                 events.append(
                     StoreEvent(
                         kind="migrated",
@@ -468,15 +479,25 @@ class PolicyStore:
 
     def _seed(self, conn: sqlite3.Connection, seed: Sequence[PolicyRecord], max_id: int) -> None:
         conn.execute("BEGIN IMMEDIATE")
+        counts: Counter[str] = Counter()
+
+        def token(pattern: str | None) -> str | None:
+            if pattern is None:
+                return None
+            t = choose_token(pattern_tokens(pattern), counts.__getitem__)
+            counts[t] += 1
+            return t
+
         conn.executemany(
             f"INSERT OR IGNORE INTO policies (id, {_POLICY_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     p.id,
                     p.rule_name,
                     p.url_pattern,
                     None if p.url_pattern is None else sqlite_glob(p.url_pattern),
+                    token(p.url_pattern if p.file_hash is None else None),
                     p.file_hash,
                     p.mime_type,
                     p.action,
@@ -500,6 +521,21 @@ class PolicyStore:
                 conn.execute(
                     "INSERT INTO sqlite_sequence (name, seq) VALUES ('policies', ?)", (top,)
                 )
+        conn.execute("COMMIT")
+
+    def _backfill_tokens(self, conn: sqlite3.Connection) -> None:
+        rows = conn.execute(
+            "SELECT id, url_pattern FROM policies WHERE url_pattern IS NOT NULL "
+            "AND file_hash IS NULL AND url_token IS NULL ORDER BY id"
+        ).fetchall()
+        if not rows:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        for row in rows:
+            conn.execute(
+                "UPDATE policies SET url_token = ? WHERE id = ?",
+                (_choose_db_token(conn, row["url_pattern"]), row["id"]),
+            )
         conn.execute("COMMIT")
 
     def _prune_keys(self, conn: sqlite3.Connection) -> None:
@@ -782,19 +818,21 @@ class PolicyStore:
         ]
         params: list[Any] = [sha256 or "", now]
         if url is not None:
+            # Only patterns filed under one of the URL's tokens (or under "": no
+            # token) can match; the index finds them, GLOB confirms them.
             parts.append(
                 "SELECT * FROM policies WHERE url_glob IS NOT NULL AND file_hash IS NULL "
+                "AND url_token IN (SELECT value FROM json_each(?)) "
                 "AND ? GLOB url_glob AND (expires_at IS NULL OR expires_at > ?)"
             )
-            params += [url, now]
+            params += [json.dumps(["", *url_tokens(url)]), url, now]
         if rule_names:
-            marks = ",".join("?" * len(rule_names))
             parts.append(
-                "SELECT * FROM policies WHERE rule_name IN (" + marks + ") "
+                "SELECT * FROM policies WHERE rule_name IN (SELECT value FROM json_each(?)) "
                 "AND file_hash IS NULL AND url_pattern IS NULL "
                 "AND (expires_at IS NULL OR expires_at > ?)"
             )
-            params += [*rule_names, now]
+            params += [json.dumps(list(rule_names)), now]
         sql = " UNION ALL ".join(parts)
         return self._call(
             "look up policies", lambda c: [_row_policy(r) for r in c.execute(sql, params)]
@@ -928,14 +966,18 @@ class PolicyStore:
         return self._write("add policy", run, durable=True)
 
     def _insert(self, conn: sqlite3.Connection, d: PolicyDraft, at: float) -> PolicyRecord:
+        token = None
+        if d.url_pattern is not None and d.file_hash is None:
+            token = _choose_db_token(conn, d.url_pattern)
         try:
             row = conn.execute(
                 f"INSERT INTO policies ({_POLICY_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?) RETURNING *",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL, ?) RETURNING *",
                 (
                     d.rule_name,
                     d.url_pattern,
                     None if d.url_pattern is None else sqlite_glob(d.url_pattern),
+                    token,
                     d.file_hash,
                     d.mime_type,
                     d.action,
@@ -1045,6 +1087,21 @@ class _EventList(list[StoreEvent]):
         if not isinstance(events, _EventList):
             with self._store._events_lock:
                 self._store._events.extend(items)
+
+
+def _choose_db_token(conn: sqlite3.Connection, pattern: str) -> str:
+    """The rarest of the pattern's whole tokens among the stored URL policies."""
+    tokens = pattern_tokens(pattern)
+    if not tokens:
+        return ""
+    counts = dict(
+        conn.execute(
+            "SELECT url_token, count(*) FROM policies WHERE url_glob IS NOT NULL "
+            "AND url_token IN (SELECT value FROM json_each(?)) GROUP BY url_token",
+            (json.dumps(tokens),),
+        ).fetchall()
+    )
+    return choose_token(tokens, lambda t: counts.get(t, 0))
 
 
 def _lookup_key(conn: sqlite3.Connection, key: str) -> tuple[bool, int | None]:
