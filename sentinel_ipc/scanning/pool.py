@@ -60,7 +60,7 @@ import trio
 
 from ..errors import BusyError, ScanError, ScanTimeoutError, WorkerCrashedError
 from ..logs import log_event
-from .rules import RulesInfo, child_env
+from .rules import RulesInfo
 from .worker import MAX_DATAGRAM, FromWorker, Job, Ready, Result, StartFailed
 
 WORKER_SCRIPT = str(Path(__file__).resolve().parent / "worker.py")
@@ -595,7 +595,7 @@ class WorkerPool:
         ]
         try:
             proc = await trio.lowlevel.open_process(
-                cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=child_env()
+                cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL
             )
         except BaseException as exc:
             parent.close()

@@ -9,8 +9,8 @@ short form of that hash is the ``rules_version`` reported in every verdict.
 
 Compiling signature-base (about 5,900 rules) takes more than a second of pure C
 work that holds the GIL, which would freeze the daemon's event loop. So the
-daemon never compiles in-process: :func:`open_rules` hashes the sources (cheap),
-and on a cache miss runs ``python -m sentinel_ipc.scanning.rules`` which
+daemon never compiles in-process: :func:`load_rules` hashes the sources (cheap),
+and on a cache miss runs a child process (:func:`compile_command`) which
 compiles, saves the compiled rules under ``<data_dir>/rules-cache/<key>.yarc``
 (written atomically: temp file, fsync, rename) plus a ``<key>.json`` sidecar
 with the :class:`RulesInfo`, and prints that info. Worker processes then
@@ -337,20 +337,23 @@ def prune_cache(cache_dir: Path, keep_key: str, keep: int = CACHE_KEEP) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _package_root() -> str:
-    return str(Path(__file__).resolve().parents[2])
-
-
-def child_env() -> dict[str, str]:
-    """Environment for child processes: the package importable from its source tree."""
-    env = dict(os.environ)
-    root = _package_root()
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+# The compile child imports this module without running ``sentinel_ipc/__init__``
+# (which pulls in the client library and trio: most of a second of start-up):
+# a bare package object stands in for it, and only errors, msgspec and yara load.
+_COMPILE_BOOTSTRAP = """\
+import sys, types
+pkg = types.ModuleType("sentinel_ipc")
+pkg.__path__ = [sys.argv[1]]
+sys.modules["sentinel_ipc"] = pkg
+from sentinel_ipc.scanning.rules import _main
+sys.exit(_main(sys.argv[2:]))
+"""
 
 
 def compile_command(rules_dir: str | None, cache_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "sentinel_ipc.scanning.rules", "--cache-dir", str(cache_dir)]
+    """``python -c <bootstrap> <package dir> --cache-dir ... [--rules ...]``."""
+    package_dir = str(Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-c", _COMPILE_BOOTSTRAP, package_dir, "--cache-dir", str(cache_dir)]
     if rules_dir is not None:
         cmd += ["--rules", rules_dir]
     return cmd
@@ -377,7 +380,6 @@ def compile_in_subprocess(rules_dir: str | None, cache_dir: Path,
     proc = subprocess.run(
         compile_command(rules_dir, cache_dir),
         capture_output=True,
-        env=child_env(),
         timeout=timeout,
         check=False,
     )
@@ -434,15 +436,15 @@ async def load_rules(rules_dir: str | None, cache_dir: Path, *,
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            env=child_env(),
-        )
+            )
     if scope.cancelled_caught:
         raise RulesError(f"rule compilation took longer than {compile_timeout:.0f} s")
     return decode_compile_output(proc.stdout, proc.stderr, proc.returncode)
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m sentinel_ipc.scanning.rules [--rules DIR] --cache-dir DIR``.
+    """The compile child: ``[--rules DIR] --cache-dir DIR [--force]`` (also runnable
+    as ``python -m sentinel_ipc.scanning.rules``).
 
     Prints one JSON line: the RulesInfo, or ``{"error": "file:line: message"}``
     (exit status 2).
