@@ -137,11 +137,16 @@ async def test_eicar_detected_via_bytes_fd_and_stream(data_dir: Path, tmp_path: 
         finally:
             os.close(fd)
 
-        stream = scanner.open_stream(meta, declared_size=len(EICAR))
-        for i in range(0, len(EICAR), 10):
-            stream.write(EICAR[i:i + 10])
-        by_stream = await stream.finish()
+        with scanner.open_stream(meta, declared_size=len(EICAR)) as stream:
+            for i in range(0, len(EICAR), 10):
+                stream.write(EICAR[i:i + 10])
+            by_stream = await stream.finish()
+            # Until abort() the content stays readable (for quarantine), exactly as sent.
+            assert os.pread(stream.fileno(), 1000, 0) == EICAR
+            with pytest.raises(ScanError):
+                stream.write(b"late")
         assert stream.closed
+        assert scanner.statistics().open_streams == 0
 
         for outcome in (by_bytes, by_fd, by_stream):
             assert rule_names(outcome) == ["EICAR_Test_File"]
@@ -190,9 +195,10 @@ async def test_reused_buffers_never_leak_an_earlier_file_into_a_scan(data_dir: P
         clean = await scanner.scan_bytes(short, ScanMeta())  # same memfd, longer than this
         assert clean.matches == [] and clean.size == 100
         assert clean.sha256 == hashlib.sha256(short).hexdigest()
-        stream = scanner.open_stream(ScanMeta())  # reuses it as well
-        stream.write(b"y" * 10)
-        streamed = await stream.finish()
+        with scanner.open_stream(ScanMeta()) as stream:  # reuses it as well
+            stream.write(b"y" * 10)
+            streamed = await stream.finish()
+            assert os.fstat(stream.fileno()).st_size == 10  # cut to the file for quarantine
         assert streamed.matches == [] and streamed.size == 10
         assert streamed.sha256 == hashlib.sha256(b"y" * 10).hexdigest()
         # Over the per-buffer bound: scanned, then not kept.
@@ -402,6 +408,7 @@ async def test_buffered_bytes_are_bounded_across_streams(data_dir: Path) -> None
             b.write(b"y" * 600)
         assert error.value.retryable and b.closed
         assert (await a.finish()).scanned
+        a.abort()
         assert scanner.statistics().pending_bytes == 0
 
 

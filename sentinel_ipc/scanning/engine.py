@@ -668,8 +668,11 @@ class ScanStream:
     """A file arriving in chunks, buffered in a memfd (never in the Python heap).
 
     ``write(chunk)`` appends (ScanTooLargeError past ``max_stream_bytes``: the
-    stream is dropped at once); ``await finish()`` scans; ``abort()`` drops.
-    Usable as a context manager that aborts on the way out unless finished.
+    stream is dropped at once); ``await finish()`` scans; ``abort()`` releases
+    the buffer and must always be called in the end (a ``finally``, or use the
+    stream as a context manager). Between ``finish()`` and ``abort()`` the
+    content stays readable through :meth:`fileno` (exactly ``size`` bytes), so
+    the verdict step can quarantine it without another copy.
     """
 
     def __init__(self, scanner: Scanner, meta: ScanMeta, fd: int, capacity: int,
@@ -681,16 +684,24 @@ class ScanStream:
         self._capacity = capacity
         self.size = 0
         self._done = False
+        self._finished = False
         #: A scan of the memfd started and did not end normally (a worker may hold it).
         self._sent = False
 
     @property
     def closed(self) -> bool:
+        """True once aborted (the buffer is released)."""
         return self._done
+
+    def fileno(self) -> int:
+        """The memfd holding the content (valid until ``abort()``)."""
+        if self._done:
+            raise ScanError("the scan stream is closed", retryable=False)
+        return self._fd
 
     def write(self, chunk: bytes | memoryview) -> None:
         """Append a chunk. Raises ScanTooLargeError / BusyError (stream dropped)."""
-        if self._done:
+        if self._done or self._finished:
             raise ScanError("the scan stream is already finished or aborted", retryable=False)
         n = memoryview(chunk).nbytes
         limit = self._scanner.config.max_stream_bytes
@@ -710,9 +721,15 @@ class ScanStream:
             raise ScanError(f"cannot buffer the stream: {exc.strerror}", retryable=True) from exc
 
     async def finish(self) -> ScanOutcome:
-        """Scan what was written; the stream is closed afterwards, whatever happens."""
-        if self._done:
+        """Scan what was written. On an error the stream is aborted; on success it
+        stays open for :meth:`fileno` until ``abort()``."""
+        if self._done or self._finished:
             raise ScanError("the scan stream is already finished or aborted", retryable=False)
+        self._finished = True
+        if self._capacity > self.size:
+            # A reused memfd may be longer than this file: cut it to the file.
+            os.ftruncate(self._fd, self.size)
+            self._capacity = self.size
         self._sent = True
         try:
             outcome = await self._scanner._scan(self._fd, self.size, self.meta, owned=True,
@@ -721,7 +738,6 @@ class ScanStream:
             self.abort()  # a worker may still read the memfd: closed, not reused
             raise
         self._sent = False  # ended normally: the worker is done with the memfd
-        self.abort()
         return outcome
 
     def abort(self) -> None:
