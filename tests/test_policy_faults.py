@@ -315,6 +315,24 @@ async def test_file_deleted(tmp_path: Path, with_wal: bool) -> None:
     assert "database_salvaged" in audit_kinds(tmp_path / "audit.jsonl")
 
 
+async def test_data_dir_deleted(tmp_path: Path) -> None:
+    """``rm -rf`` of the whole data dir under a running service: the directory,
+    the database (salvaged through the open connection), the snapshot and the
+    journal all come back; nothing written is lost."""
+    data = tmp_path / "data"
+    async with service(data) as svc:
+        ids = await seed(svc)
+        shutil.rmtree(data)
+        await outage_writes_or_direct(svc, ids)
+        await wait_for(lambda: not svc.degraded and svc.journal_depth == 0, what="repair")
+        d = await svc.decide(sha256=H_OUTAGE, url=None, matches=EVIL)
+        assert (d.action, d.degraded) == ("block", False)
+    policies, threats = db_state(data / "policy_graph.db")
+    assert sorted(p[1] for p in policies if p[1]) == sorted([H_ALLOW, H_BLOCK, H_NEW])
+    assert threats[0] == (H_BLOCK, "block") and threats[-1] == (H_OUTAGE, "block")
+    assert (data / "policy_snapshot.json").exists()
+
+
 @contextmanager
 def immutable(*paths: Path) -> Iterator[None]:
     """``chattr +i``: no writes, no new names in a directory -- for root too."""

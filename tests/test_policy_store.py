@@ -319,6 +319,16 @@ def test_journal_skips_a_damaged_middle_line(tmp_path: Path) -> None:
     assert [op.key for op in Journal.open(path).pending()] == ["c"]
 
 
+def test_journal_recreated_when_deleted_under_it(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    j = Journal.open(path)
+    j.append([RemovePolicy(key="a", at=NOW, policy_id=1)])
+    path.unlink()  # an append now would go to a file nobody reads again
+    j.append([RemovePolicy(key="b", at=NOW, policy_id=2)])
+    j.close()
+    assert [op.key for op in Journal.open(path).pending()] == ["a", "b"]
+
+
 def test_journal_is_bounded_and_keeps_room_for_policy_writes(tmp_path: Path) -> None:
     j = Journal.open(tmp_path / "j.jsonl", max_bytes=2000)
     threat = ThreatDraft(detected_at=NOW, file_hash=H, action_taken="block")

@@ -201,6 +201,7 @@ class Journal:
                 msgspec.structs.replace(op, seq=self._next_seq + i) for i, op in enumerate(ops)
             ]
             data = b"".join(encode_line(op) for op in stored)
+            self._ensure_linked()
             only_records = all(isinstance(op, RecordDecision) for op in stored)
             limit = int(self.max_bytes * RECORD_SHARE) if only_records else self.max_bytes
             if self._size + len(data) > limit:
@@ -279,6 +280,33 @@ class Journal:
         self._entries = entries
         self._size = len(data)
         self._next_seq = last_seq + 1
+
+    def _ensure_linked(self) -> None:
+        """Appending to a journal file that was deleted (or replaced) would write to a
+        file nobody will read at the next start: recreate it at its path first,
+        with the entries still pending, or refuse."""
+        try:
+            here = os.stat(self.path)
+            mine = os.fstat(self._fd)
+            if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise PolicyStoreError(
+                f"cannot check the policy journal {self.path}: {exc.strerror or exc}"
+            ) from exc
+        log.error("policy journal %s was deleted or replaced; recreating it", self.path)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            size = self._rewrite(self.pending())
+        except OSError as exc:
+            raise PolicyStoreError(
+                f"the policy journal {self.path} is gone and cannot be recreated: "
+                f"{exc.strerror or exc}; the write was not accepted"
+            ) from exc
+        with self._lock:
+            self._size = size
 
     def _cut_back(self, size: int) -> None:
         try:

@@ -351,6 +351,10 @@ class PolicyStore:
     ) -> list[StoreEvent]:
         events = _EventList(self)
         existed = self.path.exists()
+        if not existed:
+            # The whole data dir may have been deleted: a daemon recovers by itself.
+            with contextlib.suppress(OSError):
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         conn = self._connect(self.path, "rwc")
         if not existed:
             # Policies and threat history are the user's business; SQLite gives its
@@ -595,6 +599,8 @@ class PolicyStore:
         assert old is not None
         salvage = self.path.with_name(f"{self.path.name}.salvage")
         salvaged = False
+        with contextlib.suppress(OSError):  # the data dir itself may be gone
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             _unlink_db_files(salvage)
             dst = sqlite3.connect(str(salvage), isolation_level=None)
