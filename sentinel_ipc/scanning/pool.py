@@ -492,7 +492,10 @@ class WorkerPool:
         """Wait for a cancelled job's answer, then reuse the worker (or kill it)."""
         try:
             with trio.move_on_at(deadline):
-                await self._receive_result(handle, job_id)
+                result = await self._receive_result(handle, job_id)
+                if result.kind == "memory":
+                    handle.kill("memory exhaustion")  # it exits after such an answer
+                    return
                 if handle.state is WorkerState.DRAINING:
                     handle.state = WorkerState.BUSY
                     self.release(handle)
