@@ -219,9 +219,12 @@ async def test_locked_database(tmp_path: Path) -> None:
             assert svc.journal_depth >= 5
             with pytest.raises(UnavailableError):
                 await svc.threats()
+            with pytest.raises(UnavailableError, match="database locked"):
+                await svc.check_health()
             await trio.sleep(0.3)  # the lock outlives a few probes: still degraded
             assert svc.degraded
         await recovered(svc)
+        assert await svc.check_health() < 1.0
     check_after_recovery(db, ids, outage_detections=2)
     assert states[0] == (True, "database locked") and states[-1] == (False, None)
     kinds = audit_kinds(tmp_path / "audit.jsonl")

@@ -689,7 +689,17 @@ class PolicyService:
 
     async def check_health(self) -> float:
         """Verify the database afresh (see PolicyStore.verify); return seconds taken.
-        Raises the failure (and turns the service degraded) when it is not usable."""
+
+        Raises the failure (and turns the service degraded) when it is not
+        usable, and UnavailableError with the reason while the service is
+        degraded anyway (a locked database still reads fine, but verdicts come
+        from the snapshot and writes are queued until recovery)."""
+        if self._degraded:
+            raise UnavailableError(
+                f"policy database degraded: {self._reason}; "
+                f"{self.journal_depth} writes queued for replay",
+                retry_after=self.breaker.statistics().retry_after,
+            )
         start = trio.current_time()
         try:
             await self._thread_call(self._store.verify)
