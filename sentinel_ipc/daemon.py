@@ -146,6 +146,8 @@ class Daemon:
                 policy=getattr(self, "policy", None),
                 verdicts=getattr(self, "verdicts", None),
             )
+            # Stop checking (and save the state) before the subsystems close.
+            stack.push_async_callback(self.observability.stop)
             # --- end: health
             self._exit_stack = stack
             yield

@@ -160,7 +160,8 @@ class Observability:
         self.http_address: tuple[str, int] | None = None
         self._dirty = trio.Event()
         self._started = False
-        self._closing = False
+        self._stopped = False
+        self._bg_scope = trio.CancelScope()
         self._restored_breakers: set[str] = set()
         self.disk = DiskCheck.default(
             data_dir, settings.health.min_free_bytes, settings.health.extra_disk_paths
@@ -349,13 +350,38 @@ class Observability:
         if isinstance(observers, list):
             observers.append(self.observe_verdict)
         self.health.add_ready_condition(self._ready_scanner)
+        if policy is not None:
+            # Cheap and exact even with the checks disabled: the store knows.
+            self.health.add_ready_condition(
+                lambda: f"database is down: {policy.degraded_reason}" if policy.degraded else None
+            )
         self._started = True
-        if self.settings.health_checks_enabled:
-            await self._nursery.start(self._check_loop)
-        self._nursery.start_soon(self._saver)
-        if self.config.http_listen:
-            await self._start_http(self.config.http_listen)
+        await self._nursery.start(self._background)
         self._mark_dirty()
+
+    async def _background(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Checks, the saver and HTTP in one scope, so :meth:`stop` ends them all
+        while the subsystems they look at are still open."""
+        with self._bg_scope:
+            async with trio.open_nursery() as nursery:
+                if self.settings.health_checks_enabled:
+                    await nursery.start(self._check_loop)
+                nursery.start_soon(self._saver)
+                if self.config.http_listen:
+                    await self._start_http(nursery, self.config.http_listen)
+                task_status.started()
+
+    async def stop(self) -> None:
+        """Stop checking and saving, and save the state one last time. The daemon
+        calls it *before* the scanner and the policy store close, so that their
+        shutdown is never mistaken for (and persisted as) a failure."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._bg_scope.cancel()
+        await self._save_final()
 
     # -- feeds into the FallbackManager ------------------------------------------------
 
@@ -670,20 +696,26 @@ class Observability:
             await trio.sleep(_SAVE_SPACING)
 
     async def close(self) -> None:
-        """Final save of the state (shielded: runs during shutdown cancellation)."""
-        self._closing = True
+        """Final save, unless :meth:`stop` already made it."""
+        if not self._stopped:
+            self._stopped = True
+            self._bg_scope.cancel()
+            await self._save_final()
+
+    async def _save_final(self) -> None:
+        # Shielded: this runs while the daemon's shutdown cancels everything.
         with trio.CancelScope(shield=True), trio.move_on_after(5.0):
             state = self.build_state()
             await trio.to_thread.run_sync(self.store.save, state)
 
     # -- HTTP --------------------------------------------------------------------------
 
-    async def _start_http(self, listen: str) -> None:
+    async def _start_http(self, nursery: trio.Nursery, listen: str) -> None:
         from .config import parse_listen_address
 
         try:
             host, port = parse_listen_address(listen)
-            self.http_address = await self._nursery.start(
+            self.http_address = await nursery.start(
                 serve_http, host, port, self._http_routes()
             )
         except (OSError, ValueError) as exc:
