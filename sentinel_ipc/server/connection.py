@@ -107,7 +107,8 @@ class Connection:
         self._frame_start = 0  # stream offset where the next frame starts
         self._fds: deque[tuple[int, int]] = deque()  # (stream offset, fd)
         self._closed = False
-        self._idle_scope: trio.CancelScope | None = None
+        #: True while the read loop waits for the first byte of a frame.
+        self._idle = False
         #: When the frame in progress must be complete (slowloris bound); the
         #: timer covers the whole frame, so dribbling bytes does not extend it.
         self._frame_deadline: float | None = None
@@ -123,12 +124,27 @@ class Connection:
     async def send(self, message: msgspec.Struct) -> None:
         """Send one message; safe from any task. Raises trio.BrokenResourceError /
         trio.ClosedResourceError when the peer is gone."""
-        frame = encode_framed(message)
-        async with self._send_lock:
+        await self._write(encode_framed(message))
+
+    async def _write(self, frame: bytes) -> None:
+        """``frame`` after any corked replies, in one send_all under the send lock.
+
+        The uncontended lock is taken with ``acquire_nowait``: ``Lock.acquire``
+        would add a scheduler pass per reply, and send_all checkpoints anyway.
+        """
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             if self._corked:  # earlier inline replies go first, in the same write
                 frame = bytes(self._corked) + frame
                 self._corked.clear()
-            await self._stream.send_all(frame)
+            if frame:
+                await self._stream.send_all(frame)
+        finally:
+            lock.release()
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when the connection ends (release per-connection state)."""
@@ -198,10 +214,15 @@ class Connection:
                         )
                         return
                 else:
-                    with trio.CancelScope() as idle_scope:
-                        self._idle_scope = idle_scope
+                    # No cancel scope here: entering one costs about as much as
+                    # the rest of a ping. wake_for_drain() uses notify_closing.
+                    self._idle = True
+                    try:
                         await self._receive()
-                    self._idle_scope = None
+                    except trio.ClosedResourceError:
+                        return  # woken for drain with nothing in flight
+                    finally:
+                        self._idle = False
             except OSError as exc:
                 if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
                     return
@@ -336,11 +357,7 @@ class Connection:
 
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            async with self._send_lock:
-                if self._corked:
-                    data = bytes(self._corked)
-                    self._corked.clear()
-                    await self._stream.send_all(data)
+            await self._write(b"")
 
     async def _fatal(self, request_id: int, exc: SentinelError) -> None:
         reply = error_reply(request_id, exc)
@@ -348,9 +365,14 @@ class Connection:
         log_event("connection_protocol_error", logging.INFO, conn=self.conn_id, code=reply.code)
 
     def wake_for_drain(self) -> None:
-        """Interrupt an idle read so the loop notices the daemon is draining."""
-        if self._idle_scope is not None:
-            self._idle_scope.cancel()
+        """Draining: end the read loop of an idle connection with nothing in flight.
+
+        notify_closing() makes the idle receive raise ClosedResourceError; the
+        loop returns and serve() closes the socket. A busy connection is left
+        alone: it is called again when its last request finishes.
+        """
+        if self._idle and self.in_flight == 0:
+            trio.lowlevel.notify_closing(self.sock)
 
     # -- descriptors ---------------------------------------------------------
 
