@@ -31,6 +31,7 @@ as EOF on the socket.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -193,7 +194,7 @@ def _scan(rules: Any, job: Job, fd: int, yara: Any) -> Result:
                 mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
                 view = mapping
             except OSError as exc:
-                if exc.errno == 12:  # ENOMEM: address space limit
+                if exc.errno == errno.ENOMEM:  # the address-space limit (RLIMIT_AS)
                     raise MemoryError(str(exc)) from exc
                 # Not mappable (some special filesystems): read it instead, bounded.
                 view = os.pread(fd, size, 0)
