@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
@@ -29,7 +30,13 @@ from sentinel_ipc.errors import (
     ShuttingDownError,
 )
 from sentinel_ipc.resilience import BREAKER_PRESETS, RETRY_PRESETS
-from sentinel_ipc.scanning import ScanMeta, Scanner, ScannerConfig, open_scanner
+from sentinel_ipc.scanning import (
+    ScanMeta,
+    Scanner,
+    ScannerConfig,
+    ScannerSettings,
+    open_scanner,
+)
 from sentinel_ipc.scanning.rules import BUILTIN_RULES_DIR
 
 EICAR = base64.b64decode(
@@ -118,6 +125,39 @@ async def kill_busy_workers(scanner: Scanner, count: int) -> None:
                 os.kill(pid, signal.SIGKILL)
                 killed.add(pid)
         await trio.sleep(0.005)
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def test_settings_from_toml_give_the_spec_presets_by_default() -> None:
+    config = msgspec.toml.decode(b'rules_dir = "/r"\nworkers = 3\n',
+                                 type=ScannerSettings).to_config()
+    assert config.rules_dir == "/r" and config.workers == 3
+    default = ScannerConfig()
+    assert config.scan_timeout == default.scan_timeout == 30.0
+    assert config.max_stream_bytes == 512 * 1024 * 1024
+    preset = BREAKER_PRESETS["yara"]
+    assert (config.breaker.failure_threshold, config.breaker.open_timeout,
+            config.breaker.success_threshold) == (3, 60.0, 3) == (
+            preset.failure_threshold, preset.open_timeout, preset.success_threshold)
+    assert config.breaker.is_failure == preset.is_failure
+    assert (config.retry.attempts, config.retry.initial, config.retry.max_delay,
+            config.retry.multiplier) == (2, 1.0, 5.0, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (b"workers = 0", "scanner.workers must be > 0"),
+        (b"scan_timeout = -1.0", "scanner.scan_timeout must be > 0"),
+        (b"wrokers = 2", "unknown field `wrokers`"),
+        (b"max_queue = \"x\"", "Expected `int`, got `str` - at `$.max_queue`"),
+    ],
+)
+def test_bad_settings_name_the_key(toml: bytes, message: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=message.replace("$", r"\$")):
+        msgspec.toml.decode(toml, type=ScannerSettings)
 
 
 # --- detection through each way in ------------------------------------------------

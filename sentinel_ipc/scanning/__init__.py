@@ -14,6 +14,8 @@ if TYPE_CHECKING:
         ScanMeta,
         Scanner,
         ScannerConfig,
+        ScannerSettings,
+        ScannerStatistics,
         ScanOutcome,
         ScanStream,
         open_scanner,
@@ -31,12 +33,16 @@ __all__ = [
     "ScanStream",
     "Scanner",
     "ScannerConfig",
+    "ScannerSettings",
+    "ScannerStatistics",
     "open_scanner",
 ]
 
 _WHERE = {
     "Scanner": "engine",
     "ScannerConfig": "engine",
+    "ScannerSettings": "engine",
+    "ScannerStatistics": "engine",
     "ScanMeta": "engine",
     "ScanOutcome": "engine",
     "ScanStream": "engine",

@@ -151,8 +151,8 @@ def _default_workers() -> int:
     return os.cpu_count() or 1
 
 
-class ScannerConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """Scanner settings (the ``[scanner]`` config section maps onto these)."""
+class _ScannerLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """The plain settings shared by ScannerConfig and the TOML section ScannerSettings."""
 
     #: Directory of .yar/.yara files; None: the built-in rules.
     rules_dir: str | None = None
@@ -179,8 +179,59 @@ class ScannerConfig(msgspec.Struct, frozen=True, kw_only=True):
     buffer_pool_bytes: int = 64 * MIB
     buffer_reuse_max_bytes: int = 16 * MIB
     compile_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        positive = ("workers", "scan_timeout", "max_scans_per_worker", "max_worker_rss_bytes",
+                    "worker_wait_timeout", "worker_start_timeout", "max_queue",
+                    "max_stream_bytes", "max_pending_bytes", "compile_timeout")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"scanner.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("kill_grace", "worker_memory_limit_bytes", "buffer_pool_bytes",
+                     "buffer_reuse_max_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"scanner.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+class ScannerConfig(_ScannerLimits, frozen=True, kw_only=True):
+    """What :func:`open_scanner` takes: the settings plus the breaker and retry
+    policy objects (the yara presets of SPEC section 3 by default). Built from
+    the config file through :class:`ScannerSettings`."""
+
     breaker: BreakerConfig = msgspec.field(default_factory=_yara_breaker)
     retry: RetryPolicy = msgspec.field(default_factory=_yara_retry)
+
+
+class ScannerSettings(_ScannerLimits, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ``[scanner]`` section of the TOML config: plain values only (the policy
+    objects hold callables, which a config file cannot), turned into a
+    ScannerConfig by :meth:`to_config`. Defaults are the SPEC's yara presets."""
+
+    breaker_failure_threshold: int = 3
+    breaker_open_timeout: float = 60.0
+    breaker_success_threshold: int = 3
+    retry_attempts: int = 2
+    retry_initial: float = 1.0
+    retry_max_delay: float = 5.0
+    retry_multiplier: float = 3.0
+
+    def to_config(self) -> ScannerConfig:
+        """Raises ValueError for breaker or retry values that make no sense."""
+        plain = {name: getattr(self, name) for name in _ScannerLimits.__struct_fields__}
+        breaker = dataclasses.replace(
+            BREAKER_PRESETS["yara"],
+            failure_threshold=self.breaker_failure_threshold,
+            open_timeout=self.breaker_open_timeout,
+            success_threshold=self.breaker_success_threshold,
+        )
+        retry = dataclasses.replace(
+            RETRY_PRESETS["yara"],
+            attempts=self.retry_attempts,
+            initial=self.retry_initial,
+            max_delay=self.retry_max_delay,
+            multiplier=self.retry_multiplier,
+        )
+        return ScannerConfig(**plain, breaker=breaker, retry=retry)
 
 
 class ScannerStatistics(msgspec.Struct, frozen=True, kw_only=True):
