@@ -231,6 +231,10 @@ class Connection:
     async def _receive(self) -> None:
         size = min(max(self._decoder.wanted(), _RECV_MIN), _RECV_MAX)
         data, ancdata, _flags, _addr = await self.sock.recvmsg(size, _ANCBUF)
+        # The kernel may return bytes of earlier writes before the write that
+        # carried the descriptors, but stops right after that write: so the
+        # descriptors belong to the frame holding the *last* byte read.
+        fd_offset = self._received + len(data) - 1
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -239,7 +243,7 @@ class Connection:
                     if len(self._fds) >= _MAX_PENDING_FDS:
                         os.close(fd)
                     else:
-                        self._fds.append((self._received, fd))
+                        self._fds.append((fd_offset, fd))
         self._received += len(data)
         self._decoder.receive_data(data)
 
