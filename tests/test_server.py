@@ -15,6 +15,7 @@ chmod the socket directory to 0755 after start-up (the daemon narrows it to
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import select
@@ -43,6 +44,7 @@ from sentinel_ipc.errors import ErrorCode, TransportError
 from sentinel_ipc.framing import NEED_DATA, FrameDecoder
 from sentinel_ipc.handlers import core
 from sentinel_ipc.messages import (
+    Ack,
     Error,
     Health,
     HealthReport,
@@ -51,6 +53,7 @@ from sentinel_ipc.messages import (
     Ping,
     Pong,
     Reply,
+    ScanFd,
     Shutdown,
     Welcome,
 )
@@ -686,3 +689,48 @@ def test_sentinelctl_ping_exit_codes(daemon_factory: Any, tmp_path: Path) -> Non
     )
     assert dead.returncode == 2
     assert "cannot connect" in dead.stderr and "Traceback" not in dead.stderr
+
+
+# --- descriptors (SCM_RIGHTS) -------------------------------------------------------------
+
+
+async def test_a_passed_descriptor_reaches_the_frame_it_was_sent_with(tmp_path: Path) -> None:
+    """The fd rides on the sendmsg() of its scan_fd frame; frames sent just before,
+    which the kernel may hand over in the same read, must not claim it."""
+    seen: dict[int, list[int]] = {}
+
+    async def scan_fd(req: ScanFd, ctx: RequestContext) -> Ack:
+        seen[req.id] = [os.fstat(fd).st_size for fd in ctx.fds]
+        return Ack(id=req.id)
+
+    async def health(req: Health, ctx: RequestContext) -> HealthReport:
+        seen[req.id] = list(ctx.fds)
+        return HealthReport(id=req.id, status="healthy", alive=True, ready=True)
+
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(b"x" * 1234)
+    async with in_process_server(tmp_path, health) as (srv, path):
+        srv.dispatcher.register(ScanFd, scan_fd)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(str(path))
+        with open(payload, "rb") as f:  # noqa: ASYNC230  (blocking on purpose)
+            # Blocking sends with no checkpoint between them: the server reads
+            # all three frames at once.
+            raw.sendall(encode_framed(Ping(id=1)) + encode_framed(Health(id=2)))
+            raw.sendmsg(
+                [encode_framed(ScanFd(id=3))],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f.fileno()]))],
+            )
+            raw.sendall(encode_framed(Health(id=4)))
+        sock = trio.socket.from_stdlib_socket(raw)
+        decoder = FrameDecoder(1 << 20)
+        replies: list[Reply] = []
+        with trio.fail_after(10):
+            while len(replies) < 4:
+                decoder.receive_data(await sock.recv(65536))
+                while (frame := decoder.next_frame()) is not NEED_DATA:
+                    assert isinstance(frame, bytes)
+                    replies.append(decode_reply(frame))
+        sock.close()
+    assert sorted(r.id for r in replies) == [1, 2, 3, 4]
+    assert seen == {2: [], 3: [1234], 4: []}
