@@ -152,7 +152,7 @@ class _UrlEntry:
     def __init__(self, policy: PolicyRecord, token: str) -> None:
         assert policy.url_pattern is not None
         self.policy = policy
-        self.regex = compile_glob(policy.url_pattern)
+        self.regex = compile_glob_cached(policy.url_pattern)
         self.token = token
 
 
