@@ -192,9 +192,12 @@ FIELD_NOTES: dict[str, str] = {
     "ScanResult.policy_id": "the policy that decided the action, if any",
     "ScanResult.scan_ms": "time spent scanning, milliseconds",
     "PolicyResult.queued": "journaled during a database outage; applied later",
-    "Event.topic": "`services` or `degraded`",
-    "Event.actions": "buttons a UI may offer: `service_retry`, `degraded_ack`",
-    "Event.dropped": "events dropped for this subscriber since the last one (slow reader)",
+    "Event.topic": "`services`, `degraded`, `breakers`, or `events` (for `events_dropped`)",
+    "Event.kind": "`service_state`, `degraded_notice`, `degraded_cleared`, "
+    "`breaker_transition`, `events_dropped`",
+    "Event.actions": "button labels: `Retry Connection` (send `service_retry`), "
+    "`Continue with Cache` (send `degraded_ack`)",
+    "Event.dropped": "in `events_dropped`: how many events this subscriber missed",
     "Event.at": "Unix time (seconds)",
 }
 
@@ -391,8 +394,9 @@ EXAMPLES: tuple[msgspec.Struct, ...] = (
         previous="healthy",
         reason="circuit open after 5 failures",
         at=1767140000.5,
-        message="Sentinel is running on cached policies.",
-        actions=["service_retry", "degraded_ack"],
+        message="Sentinel operating in degraded mode. Database connection lost. "
+        "Using cached security policies. Some features unavailable.",
+        actions=["Retry Connection", "Continue with Cache"],
         dropped=0,
     ),
 )

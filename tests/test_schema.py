@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from sentinel_ipc import schema
+from sentinel_ipc.errors import ErrorCode
 from sentinel_ipc.messages import REPLY_TYPES, REQUEST_TYPES, type_tag
 
 
@@ -22,6 +23,14 @@ def test_generated_protocol_files_are_fresh() -> None:
         f"stale generated files {[str(p) for p in stale]}: "
         "run `python -m sentinel_ipc.schema` and commit the result"
     )
+
+
+def test_protocol_md_has_the_generated_section_and_every_error_code() -> None:
+    text = (schema.PROTOCOL_DIR / "PROTOCOL.md").read_text()
+    assert text.count(schema.BEGIN_MARKER) == 1 and text.count(schema.END_MARKER) == 1
+    codes = [v for k, v in vars(ErrorCode).items() if k.isupper()]
+    missing = [c for c in codes if f"| `{c}` |" not in text]
+    assert not missing, f"error codes without a row in PROTOCOL.md's table: {missing}"
 
 
 def test_check_flag_fails_on_missing_or_edited_files_and_passes_after_generation(
