@@ -658,7 +658,9 @@ def describe(exc: SentinelError) -> str:
     """One line for a person: the root cause, not the retry machinery's wrapping."""
     if isinstance(exc, RetryExhaustedError) and isinstance(exc.__cause__, SentinelError):
         attempts = getattr(exc, "attempts", None)
-        suffix = f" (gave up after {attempts} attempts)" if attempts else ""
+        suffix = ""
+        if attempts:
+            suffix = f" (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"
         return describe(exc.__cause__) + suffix
     if isinstance(exc, UnknownMessageTypeError):
         return f"this daemon does not serve that request yet ({exc.code}: {exc.message})"

@@ -217,6 +217,7 @@ class Client:
             timeout=self.config.timeout if timeout is None else timeout,
             what="connect",
         )
+        assert link.welcome is not None
         return link.welcome
 
     # --- scanning ---------------------------------------------------------------------------
@@ -330,7 +331,8 @@ class Client:
         link = connector.link or await connector.connect()
         chunk_size = max(1024, min(self.config.chunk_size, link.max_frame_bytes - _CHUNK_OVERHEAD))
         request_id = connector.next_id()
-        await link.acquire_slot()
+        await link.wait_for_slot()
+        link.in_flight += 1
         pending: Pending | None = None
         try:
             pending = link.register(request_id)
@@ -339,7 +341,10 @@ class Client:
             )
             await link.send(link.encode(begin))
             sent = 0
-            while not pending.done:
+            while True:
+                link.read_nowait()  # an early error reply ends the stream
+                if pending.done:
+                    break
                 chunk = await stream.read(chunk_size)
                 if not chunk:
                     break

@@ -2,28 +2,44 @@
 
 Theory of operation
 -------------------
-A :class:`Link` owns one socket. Callers *register* an id, *send* their frame
-and *wait*; one reader task (:meth:`Link.run_reader`) receives every frame and
-hands each reply to the waiter registered under its id, so any number of
-requests share the connection and replies may come back in any order. Pushed
-``event`` frames go to the subscription registered under the subscribe id.
+Callers *register* an id, *send* their frame and *wait*. There is no reader
+task of its own: whichever waiting caller finds nobody reading becomes the
+*leader* and reads frames for everyone, handing each reply to the caller
+registered under its id (replies may come in any order); the others
+(*followers*) sleep on their own event. When the leader's own reply arrives
+it leaves and passes the *baton* to one follower still waiting, which leads
+next. A lone caller is therefore always the leader and reads its own reply
+with no task switch in between, which is most of the client's cost budget
+(a hand-off between tasks costs about as much as the whole breaker, retry
+and id bookkeeping together).
+
+Pushed ``event`` frames go to the subscription registered under the
+subscribe id. While subscriptions exist an *idle reader* (a background task
+of the connector) takes the leader role whenever no caller holds it, so
+events are read even when nobody calls.
+
+Per-call deadlines do not use a cancel scope per call (one costs as much as
+the rest of the client's work): a :class:`~sentinel_ipc.client.timer.Timer`
+marks the expired call and wakes it. A follower is woken through its event;
+a leader blocked in ``recv`` (or a sender blocked because the daemon stopped
+reading) is *kicked* with ``trio.lowlevel.notify_closing``, which wakes the
+socket's waiters without closing it; a kicked task that was not the one
+expiring simply resumes.
 
 A link dies exactly once (:meth:`Link.fail`): EOF, a reset, a broken send, a
-frame interrupted half-way. Every waiter is then woken with the cause, and
-the :class:`~sentinel_ipc.client.reconnect.Connector` decides, per request,
-whether to re-send it on a new link (idempotent, or never sent) or to report
-that its outcome is unknown.
+frame interrupted half-way. Every waiter is then woken with the cause, and the
+connector decides, per request, whether to re-send it on a new link.
 
-Bounds: at most ``max_in_flight`` calls wait on one link (the daemon's
-announced limit), so the client queues locally instead of collecting ``busy``
-replies. Frames over the daemon's ``max_frame_bytes`` are refused before
-sending (``LocalProtocolError``).
+Bounds: at most ``max_in_flight`` calls on one link (the daemon's announced
+limit), so the client queues locally instead of collecting ``busy`` replies;
+frames over the daemon's ``max_frame_bytes`` are refused before sending.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -31,79 +47,135 @@ from collections.abc import Callable, Sequence
 import msgspec
 import trio
 
-from ..codec import encode_framed
-from ..errors import LocalProtocolError, ProtocolError, SentinelError, TransportError
-from ..framing import HEADER_SIZE
+from ..codec import DecodeFailure, decode_reply, encode_framed
+from ..errors import (
+    LocalProtocolError,
+    RequestTimeoutError,
+    SentinelError,
+    TransportError,
+)
+from ..framing import HEADER_SIZE, NEED_DATA, FrameDecoder
 from ..logs import log_event
-from ..messages import Error, Event, Reply, Welcome
-from ..transport import FramedConnection
+from ..messages import DEFAULT_MAX_FRAME_BYTES, Error, Event, Reply, Welcome
 from .errors import error_from_reply
 
 EventSink = Callable[[Event], None]
 
+_RECV = 256 * 1024
+
+
+class _Kicked(Exception):
+    """The socket's waiters were woken by a timer, not by the socket."""
+
 
 class Pending:
-    """One call waiting for its reply: set once, by the reader or by :meth:`Link.fail`."""
+    """One call waiting for its reply: settled once, by a reply, the link's
+    death or its deadline."""
 
-    __slots__ = ("error", "event", "on_reply", "reply", "sent")
+    __slots__ = (
+        "deadline",
+        "error",
+        "event",
+        "link",
+        "on_reply",
+        "reply",
+        "sent",
+        "timed_out",
+        "timer_key",
+        "waiting",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, link: Link, deadline: float = float("inf")) -> None:
+        self.link = link
+        self.deadline = deadline
         self.event = trio.Event()
-        #: Run by the reader as the reply is matched, before any later frame is
-        #: read (a renewed subscription announces itself before its events).
-        self.on_reply: Callable[[Reply], None] | None = None
         self.reply: Reply | None = None
         self.error: SentinelError | None = None
-        #: The whole request frame reached the socket: a loss now leaves its
-        #: outcome unknown.
+        self.timed_out = False
+        #: The whole request frame reached the socket: a loss now leaves a
+        #: non-idempotent request's outcome unknown.
         self.sent = False
+        self.waiting = False  # a follower asleep on ``event``
+        self.timer_key = -1
+        #: Run as the reply is matched, before any later frame is read (a
+        #: renewed subscription announces itself before its events).
+        self.on_reply: Callable[[Reply], None] | None = None
 
     @property
     def done(self) -> bool:
-        return self.event.is_set()
+        return self.reply is not None or self.error is not None
+
+    def expire(self) -> None:
+        """Called by the timer at ``deadline``."""
+        if self.done or self.timed_out:
+            return
+        self.timed_out = True
+        link = self.link
+        if link.leader is self or not self.sent:
+            link.kick()  # blocked in recv or send: wake the socket's waiters
+        else:
+            self.event.set()
 
 
 class Link:
     """A connected, greeted socket plus the table of calls waiting on it."""
 
-    def __init__(self, conn: FramedConnection, welcome: Welcome, generation: int) -> None:
-        self.conn = conn
-        self.welcome = welcome
+    def __init__(self, sock: trio.socket.SocketType, generation: int) -> None:
+        self.sock = sock
         self.generation = generation
-        limits = welcome.limits
-        self.max_frame_bytes = min(welcome.max_frame_bytes, limits.max_frame_bytes)
-        self.max_in_flight = max(1, limits.max_in_flight_per_connection)
+        self.welcome: Welcome | None = None
+        self.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
+        self.max_in_flight = 64
         self.pending: dict[int, Pending] = {}
         #: subscribe id -> sink for the ``event`` frames pushed under that id.
         self.event_routes: dict[int, EventSink] = {}
         self.closed = False
         self.cause: SentinelError | None = None
         self.closed_event = trio.Event()
-        self._in_flight = 0
+        self.leader: Pending | None = None
+        self.idle_reader: Pending | None = None
+        self.in_flight = 0
         self._slot_waiters = trio.lowlevel.ParkingLot()
-        self._send_lock = trio.Lock()
+        self._sending = False
+        self._send_waiters = trio.lowlevel.ParkingLot()
+        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME_BYTES)
         self._server_error: Error | None = None
+        self._kicks = 0
+        # The same descriptor as a plain socket, for the non-blocking peeks
+        # (detached, never closed, before the trio socket closes).
+        self._raw = socket.socket(fileno=sock.fileno())
 
-    # --- calls ---------------------------------------------------------------
+    # --- setup ------------------------------------------------------------------
 
-    async def acquire_slot(self) -> None:
-        """Wait for room under the daemon's in-flight limit (usually: none needed)."""
-        while self._in_flight >= self.max_in_flight:
+    async def handshake(self, hello: msgspec.Struct) -> Reply:
+        """Send ``hello`` and read the one reply (before anything else is in flight)."""
+        await self.send(encode_framed(hello))
+        return await self._receive()
+
+    def adopt(self, welcome: Welcome) -> None:
+        self.welcome = welcome
+        limits = welcome.limits
+        self.max_frame_bytes = min(welcome.max_frame_bytes, limits.max_frame_bytes)
+        self.max_in_flight = max(1, limits.max_in_flight_per_connection)
+
+    # --- calls ---------------------------------------------------------------------
+
+    async def wait_for_slot(self) -> None:
+        """Wait for room under the daemon's in-flight limit (only when it is full)."""
+        while self.in_flight >= self.max_in_flight:
             if self.closed:
                 raise self.lost()
             await self._slot_waiters.park()
-        if self.closed:
-            raise self.lost()
-        self._in_flight += 1
 
     def release_slot(self) -> None:
-        self._in_flight -= 1
-        self._slot_waiters.unpark()
+        self.in_flight -= 1
+        if self._slot_waiters:
+            self._slot_waiters.unpark()
 
-    def register(self, request_id: int) -> Pending:
+    def register(self, request_id: int, deadline: float = float("inf")) -> Pending:
         if self.closed:
             raise self.lost()
-        pending = Pending()
+        pending = Pending(self, deadline)
         self.pending[request_id] = pending
         return pending
 
@@ -119,86 +191,242 @@ class Link:
             )
         return frame
 
-    async def send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
+    def peer_closed(self) -> bool:
+        """True when the daemon already hung up (EOF waiting unread), checked
+        without blocking, so a non-idempotent request is not sent into a dead
+        connection (where its outcome would be unknown for nothing)."""
+        if self.closed:
+            return True
+        try:
+            peek = self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return peek == b""
+
+    def read_nowait(self) -> None:
+        """Dispatch whatever replies have already arrived, without blocking.
+
+        For a task that is busy sending (a streamed scan) while nobody leads
+        the reads: an early ``error`` for its stream must stop it.
+        """
+        if self.leader is not None or self.closed:
+            return
+        decoder = self._decoder
+        while True:
+            try:
+                frame = decoder.next_frame()
+            except SentinelError as exc:
+                self.fail(exc)
+                return
+            if frame is not NEED_DATA:
+                assert isinstance(frame, bytes)
+                try:
+                    reply = decode_reply(frame)
+                except DecodeFailure as failure:
+                    self.fail(failure.error)
+                    return
+                self._dispatch(reply)
+                continue
+            try:
+                data = self._raw.recv(_RECV, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.fail(TransportError(f"receive failed: {exc.strerror or exc}"))
+                return
+            if not data:
+                self.fail(TransportError("the daemon closed the connection"))
+                return
+            decoder.receive_data(data)
+
+    async def send(
+        self, frame: bytes, fds: Sequence[int] = (), pending: Pending | None = None
+    ) -> None:
         """Write one whole frame (``fds`` travel in the same ``sendmsg``).
 
-        Raises :class:`TransportError`. A frame interrupted half-way (a cancel
-        while the socket was full) kills the link: the byte stream is no longer
-        at a frame boundary.
+        Raises :class:`TransportError`, or :class:`RequestTimeoutError` when
+        ``pending`` expired while the daemon was not reading. A frame cut off
+        half-way kills the link: the byte stream is no longer at a boundary.
         """
         if self.closed:
             raise self.lost()
-        sock = self.conn.sock
-        async with self._send_lock:
-            view = memoryview(frame)
-            offset = 0
-            try:
-                if fds:
-                    ancillary = array.array("i", fds).tobytes()
-                    offset = await sock.sendmsg(
-                        [view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, ancillary)]
-                    )
-                while offset < len(view):
-                    offset += await sock.send(view[offset:])
-            except (OSError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-                if self.cause is not None:
-                    raise self.cause from exc
-                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                error = TransportError(f"send failed: {detail or type(exc).__name__}")
-                error.__cause__ = exc
-                self.fail(error)
-                raise error from exc
-            except BaseException:
-                if 0 < offset < len(view):
-                    self.fail(TransportError("a send was interrupted half-way through a frame"))
-                raise
-
-    async def wait(self, pending: Pending) -> Reply:
-        """The reply for ``pending``: a typed error for an ``error`` reply, the
-        link's cause (a :class:`SentinelError`) if it died first."""
-        await pending.event.wait()
-        reply = pending.reply
-        if reply is None:
-            assert pending.error is not None
-            raise pending.error
-        if type(reply) is Error:
-            raise error_from_reply(reply)
-        return reply
-
-    # --- the reader ------------------------------------------------------------
-
-    async def run_reader(self, on_event: EventSink | None = None) -> None:
-        """Receive until the link dies; never raises (the cause goes to the waiters)."""
+        while self._sending:
+            await self._send_waiters.park()
+            if self.closed:
+                raise self.lost()
+        if pending is not None and pending.timed_out:
+            raise RequestTimeoutError("no turn to send in time", retryable=False)
+        self._sending = True
+        sock = self.sock
+        view = memoryview(frame)
+        offset = 0
         try:
-            while True:
-                reply = await self.conn.receive()
-                if type(reply) is Event:
-                    sink = self.event_routes.get(reply.id) or on_event
-                    if sink is not None:
-                        sink(reply)
-                    continue
-                pending = self.pending.pop(reply.id, None)
-                if pending is not None:
-                    if not pending.event.is_set():
-                        pending.reply = reply
-                        pending.event.set()
-                        if pending.on_reply is not None:
-                            pending.on_reply(reply)
-                elif reply.id == 0 and type(reply) is Error:
-                    # The daemon could not read one of our frames; it closes next.
-                    self._server_error = reply
-                    log_event("client_server_error", logging.WARNING, code=reply.code,
-                              message=reply.message)
-                # Any other id: a late reply for a call that gave up. Dropped.
-        except (TransportError, ProtocolError) as exc:
-            self.fail(self._describe(exc))
+            while offset < len(view):
+                try:
+                    if fds and offset == 0:
+                        ancillary = array.array("i", fds).tobytes()
+                        offset = await sock.sendmsg(
+                            [view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, ancillary)]
+                        )
+                    else:
+                        offset += await sock.send(view[offset:])
+                except trio.ClosedResourceError:
+                    if self.closed:
+                        raise
+                    if pending is not None and pending.timed_out:
+                        raise RequestTimeoutError(
+                            "the daemon stopped reading (send timed out)", retryable=False
+                        ) from None
+                    continue  # kicked for another call's deadline: go on
         except (OSError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            error = TransportError(f"receive failed: {exc}")
+            if self.cause is not None:
+                raise self.cause from exc
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            error = TransportError(f"send failed: {detail or type(exc).__name__}")
             error.__cause__ = exc
             self.fail(error)
+            raise error from exc
+        except BaseException:
+            if 0 < offset < len(view):
+                self.fail(TransportError("a send was interrupted half-way through a frame"))
+            raise
         finally:
-            if not self.closed:  # cancelled: the client is closing
-                self.fail(TransportError("the client closed the connection"))
+            self._sending = False
+            if self._send_waiters:
+                self._send_waiters.unpark()
+
+    async def wait(self, pending: Pending) -> Reply:
+        """The reply for ``pending`` (leading the reads if nobody does).
+
+        Raises the typed error of an ``error`` reply, the link's cause if it
+        died first (a :class:`SentinelError`), or a non-retryable
+        :class:`RequestTimeoutError` at the deadline.
+        """
+        while True:
+            reply = pending.reply
+            if reply is not None:
+                if type(reply) is Error:
+                    raise error_from_reply(reply)
+                return reply
+            if pending.error is not None:
+                raise pending.error
+            if pending.timed_out:
+                raise RequestTimeoutError("no reply in time", retryable=False)
+            if self.leader is None:
+                self.leader = pending
+                try:
+                    await self._lead(pending)
+                finally:
+                    self.leader = None
+                    self._pass_baton()
+            else:
+                pending.waiting = True
+                try:
+                    await pending.event.wait()
+                finally:
+                    pending.waiting = False
+                if not pending.done and not pending.timed_out:
+                    pending.event = trio.Event()  # woken to lead: re-arm
+
+    async def _lead(self, pending: Pending) -> None:
+        while not pending.done and not pending.timed_out and not self.closed:
+            try:
+                reply = await self._receive()
+            except _Kicked:
+                continue
+            except SentinelError as exc:
+                self.fail(self._describe(exc))
+                return
+            self._dispatch(reply)
+
+    def _dispatch(self, reply: Reply) -> None:
+        if type(reply) is Event:
+            sink = self.event_routes.get(reply.id)
+            if sink is not None:
+                sink(reply)
+            return
+        pending = self.pending.pop(reply.id, None)
+        if pending is not None:
+            if not pending.done:
+                pending.reply = reply
+                pending.event.set()
+                if pending.on_reply is not None:
+                    pending.on_reply(reply)
+        elif reply.id == 0 and type(reply) is Error:
+            # The daemon could not read one of our frames; it closes next.
+            self._server_error = reply
+            log_event("client_server_error", logging.WARNING, code=reply.code,
+                      message=reply.message)
+        # Any other id: a late reply for a call that gave up. Dropped.
+
+    def _pass_baton(self) -> None:
+        if self.closed:
+            return
+        for waiter in self.pending.values():
+            if waiter.waiting and not waiter.event.is_set():
+                waiter.event.set()
+                return
+        idle = self.idle_reader
+        if idle is not None and idle.waiting and not idle.event.is_set():
+            idle.event.set()
+
+    async def read_while_idle(self) -> None:
+        """Lead the reads whenever no caller does, until the link dies (for
+        subscriptions: events arrive when nobody calls)."""
+        me = Pending(self)
+        self.idle_reader = me
+        try:
+            while not self.closed:
+                if self.leader is None:
+                    self.leader = me
+                    try:
+                        await self._lead(me)
+                    finally:
+                        self.leader = None
+                        self._pass_baton()
+                else:
+                    me.waiting = True
+                    try:
+                        await me.event.wait()
+                    finally:
+                        me.waiting = False
+                    me.event = trio.Event()
+        finally:
+            if self.idle_reader is me:
+                self.idle_reader = None
+
+    async def _receive(self) -> Reply:
+        decoder = self._decoder
+        while True:
+            frame = decoder.next_frame()
+            if frame is not NEED_DATA:
+                assert isinstance(frame, bytes)
+                try:
+                    return decode_reply(frame)
+                except DecodeFailure as failure:
+                    raise failure.error from failure
+            try:
+                data = await self.sock.recv(_RECV)
+            except trio.ClosedResourceError:
+                if self.closed:
+                    raise self.lost() from None
+                raise _Kicked from None
+            except OSError as exc:
+                kind = errno.errorcode.get(exc.errno or 0, "")
+                raise TransportError(f"receive failed: {kind} {exc.strerror or exc}") from exc
+            if not data:
+                if decoder.in_frame:
+                    raise TransportError("the daemon closed the connection inside a reply")
+                raise TransportError("the daemon closed the connection")
+            decoder.receive_data(data)
+
+    def kick(self) -> None:
+        """Wake every task blocked on this socket (they re-check their state)."""
+        if not self.closed:
+            self._kicks += 1
+            trio.lowlevel.notify_closing(self.sock)
 
     def _describe(self, exc: SentinelError) -> SentinelError:
         hint = self._server_error
@@ -222,13 +450,17 @@ class Link:
         self.closed = True
         self.cause = cause
         for pending in self.pending.values():
-            if not pending.event.is_set():
+            if not pending.done:
                 pending.error = cause
                 pending.event.set()
         self.pending.clear()
+        if self.idle_reader is not None:
+            self.idle_reader.event.set()
         self._slot_waiters.unpark_all()
+        self._send_waiters.unpark_all()
+        self._raw.detach()
         with contextlib.suppress(OSError):
-            self.conn.close()
+            self.sock.close()  # also wakes a leader blocked in recv
         self.closed_event.set()
 
 

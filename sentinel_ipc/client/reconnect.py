@@ -2,14 +2,16 @@
 
 Theory of operation
 -------------------
-Every call runs as *attempts* under :func:`~sentinel_ipc.resilience.guarded_call`
-with the ipc retry policy and the ipc breaker (SPEC section 3; both from
-:class:`~sentinel_ipc.client.config.ClientConfig`), inside one cancel scope
-whose deadline is the call's timeout. One attempt:
+Every call runs as *attempts* under
+:func:`~sentinel_ipc.resilience.guarded_call`, the ipc breaker and the ipc
+retry policy (SPEC section 3; both from
+:class:`~sentinel_ipc.client.config.ClientConfig`), within the call's
+deadline. One attempt:
 
 1. takes the current :class:`~sentinel_ipc.client.link.Link`, or connects and
    greets (``hello`` -> ``welcome``) when there is none or it died;
-2. gives the request a fresh id, registers it, sends it, waits for the reply.
+2. gives the request a fresh id, registers it with its deadline, sends it,
+   and waits for the reply (see ``link`` for who reads).
 
 What a lost connection means depends on the request and on how far it got:
 
@@ -22,7 +24,8 @@ link died after, idempotent    ``TransportError``: retried on a new link
 link died after, other         ``ConnectionLostError``: not retried, the
                                outcome is unknown (writes use the outbox)
 daemon's ``error`` reply       its typed error; retried iff ``retryable``
-no reply before the deadline   ``RequestTimeoutError``, a breaker failure
+no reply before the deadline   ``RequestTimeoutError``: not retried (the
+                               time is up), counted by the breaker
 ============================  ===========================================
 
 Only link failures count against the breaker (see
@@ -30,9 +33,17 @@ Only link failures count against the breaker (see
 fail at once with ``CircuitOpenError`` and its ``retry_after``; after the open
 timeout one trial call reconnects and, if it succeeds, closes it.
 
+The fast path costs no cancel scope: the first attempt runs under
+``guarded_call`` with the breaker only, its deadline kept by the
+:class:`~sentinel_ipc.client.timer.Timer`. Only when it fails with a retryable
+error does the call continue under a cancel scope at its deadline, with the
+policy's next state (``increment``) handed to ``guarded_call``, so the
+attempts, backoff and give-up rules are the policy's own and no backoff
+sleep outlives the call.
+
 Subscriptions belong to the connector: every new link re-subscribes them, and
 while any exist a keeper task reconnects (under the same policy and breaker)
-even when nobody is calling, so events keep flowing after a daemon restart.
+even when nobody is calling, and an idle reader reads events between calls.
 
 Concurrent callers share one connect attempt: callers queued behind a connect
 that failed get its error at once instead of each waiting their own timeout.
@@ -42,6 +53,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -53,16 +65,15 @@ import trio
 from ..errors import (
     CircuitOpenError,
     RequestTimeoutError,
+    RetryGaveUpError,
     SentinelError,
     TransportError,
     UnsupportedVersionError,
 )
 from ..logs import log_event
 from ..messages import (
-    DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     Error,
-    Event,
     Hello,
     Reply,
     Subscribe,
@@ -70,18 +81,23 @@ from ..messages import (
     Welcome,
     type_tag,
 )
-from ..resilience import CircuitBreaker, guarded_call
-from ..transport import FramedConnection, connect_unix
+from ..resilience import RETRY_COUNTERS, CircuitBreaker, RetryOutcome, guarded_call
+from ..transport import connect_unix
 from .config import ClientConfig
 from .errors import ConnectionLostError, error_from_reply
 from .events import EventCallback, Subscription, local_event
 from .link import Link, Pending
 from .tasks import BackgroundTasks
+from .timer import Timer
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 _OPERATION = "ipc"
+#: The slow path's cancel scope ends this long after the call's deadline, so
+#: that the timer (which counts the timeout against the breaker) fires first.
+_SCOPE_GRACE = 0.05
+_RNG = random.Random()
 
 
 class Connector:
@@ -95,6 +111,8 @@ class Connector:
         )
         self.retry = config.retry
         self._tasks = tasks
+        self._timer = Timer()
+        self._timer_running = False
         self._ids = itertools.count(1)
         self._link: Link | None = None
         self._generation = 0
@@ -123,31 +141,7 @@ class Connector:
     def next_id(self) -> int:
         return next(self._ids)
 
-    # --- running calls -------------------------------------------------------------
-
-    async def run(
-        self,
-        attempt: Callable[[Unpack[Ts]], Awaitable[T]],
-        *args: *Ts,
-        timeout: float,
-        what: str,
-    ) -> T:
-        """``attempt(*args)`` under the retry policy and the breaker, within ``timeout``.
-
-        Raises the attempt's error when it is not retryable, ``CircuitOpenError``,
-        ``RetryExhaustedError`` (chained from the last failure), or
-        :class:`RequestTimeoutError` when ``timeout`` runs out.
-        """
-        if self._closing:
-            raise TransportError("the client is closed")
-        with trio.CancelScope(deadline=trio.current_time() + timeout):
-            return await guarded_call(
-                attempt, *args, breaker=self.breaker, retry=self.retry, operation=_OPERATION
-            )
-        # Only reached when our deadline cancelled the call.
-        error = RequestTimeoutError(f"{what}: no reply from the daemon within {timeout:g} s")
-        self._count_failure(error)
-        raise error
+    # --- single-frame calls (the fast path) -------------------------------------------
 
     async def call(
         self,
@@ -157,33 +151,135 @@ class Connector:
         timeout: float,
         fds: Sequence[int] = (),
     ) -> Reply:
-        """Send ``request`` (its ``id`` is assigned per attempt) and return the reply."""
-        return await self.run(
-            self.attempt, request, idempotent, fds, timeout=timeout, what=type_tag(type(request))
+        """Send ``request`` (its ``id`` is assigned per attempt) and return the reply.
+
+        Raises the daemon's typed error when it is not retryable,
+        ``CircuitOpenError``, ``RetryExhaustedError`` (chained from the last
+        failure), ``RequestTimeoutError`` or ``ConnectionLostError``.
+        """
+        if self._closing:
+            raise TransportError("the client is closed")
+        if not self._timer_running:
+            self._timer_running = True
+            self._tasks.start_soon(self._timer.run)
+        started = trio.current_time()
+        deadline = started + timeout
+        try:
+            reply = await guarded_call(
+                self.attempt, request, idempotent, fds, deadline, timeout,
+                breaker=self.breaker, operation=_OPERATION,
+            )
+        except CircuitOpenError as exc:
+            if exc.breaker == self.breaker.name:
+                raise  # our breaker refused: fail fast, no retry
+            first: Exception = exc
+        except Exception as exc:
+            first = exc
+        else:
+            RETRY_COUNTERS.count_outcome(_OPERATION, RetryOutcome.SUCCESS_NO_RETRY)
+            return reply
+        return await self._retry_after(
+            first, started, deadline, timeout, type_tag(type(request)),
+            self.attempt, request, idempotent, fds, deadline, timeout,
+        )
+
+    async def _retry_after(
+        self,
+        first: Exception,
+        started: float,
+        deadline: float,
+        timeout: float,
+        what: str,
+        attempt: Callable[[Unpack[Ts]], Awaitable[T]],
+        *args: *Ts,
+    ) -> T:
+        """The rest of a call whose first attempt failed: the policy decides."""
+        try:
+            policy = self.retry.increment(
+                first, now=trio.current_time(), rng=_RNG, started_at=started,
+                deadline=deadline, operation=_OPERATION,
+            )
+        except BaseException as final:
+            outcome = (
+                RetryOutcome.BUDGET_EXHAUSTED
+                if isinstance(final, RetryGaveUpError) and final.reason == "budget"
+                else RetryOutcome.FAILED_NO_RETRY
+            )
+            RETRY_COUNTERS.count_outcome(_OPERATION, outcome)
+            raise
+        RETRY_COUNTERS.count_retry(_OPERATION)
+        with trio.CancelScope(deadline=deadline + _SCOPE_GRACE):
+            await trio.sleep(policy.next_delay)
+            return await guarded_call(
+                attempt, *args, breaker=self.breaker, retry=policy, operation=_OPERATION
+            )
+        raise RequestTimeoutError(
+            f"{what}: no reply from the daemon within {timeout:g} s", retryable=False
         )
 
     async def attempt(
-        self, request: msgspec.Struct, idempotent: bool, fds: Sequence[int] = ()
+        self,
+        request: msgspec.Struct,
+        idempotent: bool,
+        fds: Sequence[int],
+        deadline: float,
+        timeout: float,
     ) -> Reply:
         """One try of one request on the current (or a new) link."""
+        if trio.current_time() >= deadline:
+            raise RequestTimeoutError(
+                f"{type_tag(type(request))}: no reply from the daemon within {timeout:g} s",
+                retryable=False,
+            )
         link = self._link
         if link is None or link.closed:
-            link = await self.connect()
+            try:
+                link = await self.connect(deadline)
+            except TransportError as exc:
+                if trio.current_time() < deadline:
+                    raise
+                raise RequestTimeoutError(
+                    f"{type_tag(type(request))}: no reply from the daemon within {timeout:g} s "
+                    f"({exc.message})",
+                    retryable=False,
+                ) from exc
+        if link.in_flight >= link.max_in_flight:
+            with trio.move_on_at(deadline):
+                await link.wait_for_slot()
+            if link.in_flight >= link.max_in_flight:
+                raise RequestTimeoutError(
+                    f"{type_tag(type(request))}: {link.max_in_flight} requests in flight "
+                    f"for {timeout:g} s",
+                    retryable=False,
+                )
         request_id = next(self._ids)
         request.id = request_id  # type: ignore[attr-defined]
-        await link.acquire_slot()
+        link.in_flight += 1
         pending: Pending | None = None
         try:
-            pending = link.register(request_id)
-            await link.send(link.encode(request), fds)
+            pending = link.register(request_id, deadline)
+            self._timer.add(pending)
+            if not idempotent and link.peer_closed():
+                link.fail(TransportError("the daemon closed the connection"))
+                raise link.lost()
+            await link.send(link.encode(request), fds, pending)
             pending.sent = True
             return await link.wait(pending)
+        except RequestTimeoutError as exc:
+            if exc.retryable:
+                raise  # the daemon's own timeout error
+            raise RequestTimeoutError(
+                f"{type_tag(type(request))}: no reply from the daemon within {timeout:g} s",
+                retryable=False,
+            ) from None
         except TransportError as exc:
             outcome = self.outcome_of_loss(exc, request, pending, idempotent)
             if outcome is exc:
                 raise
             raise outcome from exc
         finally:
+            if pending is not None:
+                self._timer.remove(pending)
             link.unregister(request_id)
             link.release_slot()
 
@@ -204,13 +300,30 @@ class Connector:
         lost.__cause__ = error
         return lost
 
-    def _count_failure(self, error: SentinelError) -> None:
-        """A call timed out: count it against the breaker like a refused connect.
+    # --- multi-frame attempts (streams, subscribe, connect) ------------------------------
 
-        guarded_call only sees a cancellation (which says nothing about the
-        dependency), so without this a daemon that accepts but never answers
-        would never open the breaker.
-        """
+    async def run(
+        self,
+        attempt: Callable[[Unpack[Ts]], Awaitable[T]],
+        *args: *Ts,
+        timeout: float,
+        what: str,
+    ) -> T:
+        """``attempt(*args)`` under the retry policy and the breaker, within ``timeout``
+        (a cancel scope: for the calls that are not one frame and one reply)."""
+        if self._closing:
+            raise TransportError("the client is closed")
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
+            return await guarded_call(
+                attempt, *args, breaker=self.breaker, retry=self.retry, operation=_OPERATION
+            )
+        error = RequestTimeoutError(f"{what}: no reply from the daemon within {timeout:g} s")
+        self._count_failure(error)
+        raise error
+
+    def _count_failure(self, error: SentinelError) -> None:
+        """A scoped call timed out: count it against the breaker. guarded_call
+        only saw a cancellation, which says nothing about the dependency."""
         now = trio.current_time()
         try:
             permit = self.breaker.acquire(now)
@@ -220,7 +333,7 @@ class Connector:
 
     # --- connecting ------------------------------------------------------------------
 
-    async def connect(self) -> Link:
+    async def connect(self, deadline: float = float("inf")) -> Link:
         """The current link, or a new one (connect + hello). Raises ``TransportError``
         (retryable) or the daemon's typed refusal (e.g. ``UnsupportedVersionError``)."""
         failures_seen = self._connect_failures
@@ -235,14 +348,12 @@ class Connector:
                 raise TransportError(last.message) from last
             if self._closing:
                 raise TransportError("the client is closed")
+            limit = min(deadline, trio.current_time() + self.config.connect_timeout)
             try:
-                with trio.move_on_after(self.config.connect_timeout) as scope:
+                with trio.move_on_at(limit) as scope:
                     link = await self._open_link()
                 if scope.cancelled_caught or link is None:
-                    raise TransportError(
-                        f"no welcome from {self.socket_path} within "
-                        f"{self.config.connect_timeout:g} s"
-                    )
+                    raise TransportError(f"no welcome from {self.socket_path} in time")
             except SentinelError as exc:
                 self._connect_failures += 1
                 self._last_connect_error = exc
@@ -250,17 +361,18 @@ class Connector:
             self._last_connect_error = None
             self._link = link
             self.connects += 1
-            self._tasks.start_soon(self._read, link)
+            self._tasks.start_soon(self._watch, link)
             if self._subs:
                 self._tasks.start_soon(self._renew, link)
             return link
 
     async def _open_link(self) -> Link:
         sock = await connect_unix(self.socket_path)
-        conn = FramedConnection(sock, DEFAULT_MAX_FRAME_BYTES)
+        self._generation += 1
+        link = Link(sock, self._generation)
         try:
             hello_id = next(self._ids)
-            await conn.send(
+            reply = await link.handshake(
                 Hello(
                     id=hello_id,
                     client=self.config.client_name,
@@ -268,7 +380,6 @@ class Connector:
                     capabilities=list(self.config.capabilities),
                 )
             )
-            reply = await conn.receive()
             if type(reply) is Error:
                 raise error_from_reply(reply)
             if type(reply) is not Welcome or reply.id != hello_id:
@@ -282,13 +393,14 @@ class Connector:
                     f"this client {PROTOCOL_VERSION}"
                 )
         except BaseException:
-            conn.close()
+            link.fail(TransportError("handshake failed"))
             raise
-        self._generation += 1
-        return Link(conn, reply, self._generation)
+        link.adopt(reply)
+        return link
 
-    async def _read(self, link: Link) -> None:
-        await link.run_reader()
+    async def _watch(self, link: Link) -> None:
+        """Log the link's end and tell the subscriptions."""
+        await link.closed_event.wait()
         cause = link.cause
         log_event(
             "client_link_lost",
@@ -352,12 +464,14 @@ class Connector:
         request_id = next(self._ids)
         link.event_routes[request_id] = sub.deliver
         try:
-            await link.acquire_slot()
+            await link.wait_for_slot()
+            link.in_flight += 1
             try:
                 pending = link.register(request_id)
                 if renewal:
                     pending.on_reply = partial(self._announce_renewal, sub)
-                await link.send(link.encode(Subscribe(id=request_id, topics=list(sub.topics))))
+                frame = link.encode(Subscribe(id=request_id, topics=list(sub.topics)))
+                await link.send(frame, (), pending)
                 pending.sent = True
                 await link.wait(pending)
             finally:
@@ -393,12 +507,13 @@ class Connector:
             log_event("client_resubscribed", logging.INFO, subscriptions=renewed)
 
     async def _keep_connected(self, scope: trio.CancelScope) -> None:
-        """While subscriptions exist, reconnect after a loss even if nobody calls."""
+        """While subscriptions exist: read events between calls, and reconnect
+        after a loss even if nobody calls."""
         with scope:
             while self._subs and not self._closing:
                 link = self._link
                 if link is not None and not link.closed:
-                    await link.closed_event.wait()
+                    await link.read_while_idle()
                     continue
                 try:
                     await self.run(self.connect, timeout=self.config.timeout, what="reconnect")
@@ -420,9 +535,6 @@ class Connector:
         if not self._subs and self._keeper is not None:
             self._keeper.cancel()
             self._keeper = None
-
-    def route_unclaimed(self, event: Event) -> None:  # pragma: no cover - diagnostics
-        log_event("client_event_unclaimed", logging.DEBUG, topic=event.topic, kind=event.kind)
 
     # --- closing -----------------------------------------------------------------
 
