@@ -8,8 +8,10 @@ order, a stream cut after its third chunk).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -149,6 +151,52 @@ async def test_call_times_out_against_a_stopped_daemon_then_recovers(daemon_fact
         # The late pong of the timed-out call is dropped; new calls work.
         await client.ping(timeout=5)
         await client.ping(timeout=5)
+
+
+async def test_pipelined_calls_to_a_stopped_daemon_all_time_out_on_time(daemon_factory) -> None:
+    """One caller leads the reads (blocked in recv: the timer kicks it), the
+    others follow (the timer wakes them); every one ends at its own deadline."""
+    d = daemon_factory()
+    async with open_client(d.socket_path) as client:
+        await client.ping()
+        d.signal(signal.SIGSTOP)
+        ends: dict[float, float] = {}
+        try:
+            start = time.monotonic()
+
+            async def one(timeout: float) -> None:
+                with pytest.raises(RequestTimeoutError):
+                    await client.ping(timeout=timeout)
+                ends[timeout] = time.monotonic() - start
+
+            async with trio.open_nursery() as nursery:
+                for timeout in (0.2, 0.3, 0.4, 0.5, 0.6):
+                    nursery.start_soon(one, timeout)
+        finally:
+            d.signal(signal.SIGCONT)
+        for timeout, elapsed in ends.items():
+            assert timeout <= elapsed < timeout + 0.15, (timeout, elapsed)
+        await client.ping(timeout=5)
+        assert client.connects == 1  # a timeout does not cost the connection
+
+
+async def test_a_send_blocked_by_a_stopped_daemon_times_out(daemon_factory) -> None:
+    """A frame larger than the socket buffers cannot be written while the
+    daemon is stopped: the send is kicked at the deadline, and the half-sent
+    frame costs the connection (the stream is no longer at a frame boundary)."""
+    d = daemon_factory()
+    async with open_client(d.socket_path) as client:
+        await client.ping()
+        d.signal(signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(RequestTimeoutError):
+                await client.request(Scan(id=0, data=b"\0" * (8 << 20)), timeout=0.3)
+            assert time.monotonic() - start < 0.6
+        finally:
+            d.signal(signal.SIGCONT)
+        await client.ping(timeout=5)
+        assert client.connects == 2
 
 
 async def test_real_scans_when_served(daemon_factory, tmp_path: Path) -> None:
@@ -471,3 +519,53 @@ async def test_there_is_a_typed_method_for_every_request(tmp_path: Path) -> None
         seen = {type(r) for r in peer.connections[0].received}
         assert seen == set(REQUEST_TYPES), set(REQUEST_TYPES) - seen
         nursery.cancel_scope.cancel()
+
+
+# --- clients/download_watcher.py (the example of issue 7 point 8) ---------------------------
+
+
+def _watcher_module():
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "clients" / "download_watcher.py"
+    spec = importlib.util.spec_from_file_location("download_watcher", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["download_watcher"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_watcher_scans_a_file_once_it_is_complete() -> None:
+    tracker = _watcher_module().StabilityTracker()
+    a, part = Path("/d/report.pdf"), Path("/d/setup.exe.crdownload")
+    assert tracker.poll({a: (10, 1), part: (5, 1)}) == []  # first sight: maybe growing
+    assert tracker.poll({a: (20, 2), part: (9, 2)}) == []  # still growing
+    assert tracker.poll({a: (20, 2), part: (9, 2)}) == [a]  # stable; partial names never
+    assert tracker.poll({a: (20, 2)}) == []  # reported once
+    done = Path("/d/setup.exe")
+    assert tracker.poll({a: (20, 2), done: (9, 3)}) == []  # renamed by the browser
+    assert tracker.poll({a: (20, 2), done: (9, 3)}) == [done]
+    assert tracker.poll({a: (30, 4), done: (9, 3)}) == []
+    assert tracker.poll({a: (30, 4), done: (9, 3)}) == [a]  # rewritten: scanned again
+
+
+def test_watcher_once_against_the_daemon(daemon_factory, tmp_path: Path, capsys) -> None:
+    d = daemon_factory()
+    downloads = tmp_path / "Downloads"
+    downloads.mkdir()
+    (downloads / "notes.txt").write_text("hello\n")
+    (downloads / "eicar.com").write_bytes(EICAR)
+    (downloads / "big.iso.part").write_bytes(b"still downloading")
+    module = _watcher_module()
+    code = module.main([str(downloads), "--socket", str(d.socket_path), "--once", "--json",
+                        "--move-to", str(tmp_path / "held")])
+    out, err = capsys.readouterr()
+    if code == 2 and "not served" in err:
+        pytest.skip("scan not served yet")
+    records = {r["file"]: r for r in map(json.loads, out.splitlines())}
+    assert set(records) == {str(downloads / "notes.txt"), str(downloads / "eicar.com")}
+    assert records[str(downloads / "notes.txt")]["action"] == "allow"
+    flagged = records[str(downloads / "eicar.com")]["action"] != "allow"
+    assert code == (1 if flagged else 0)
+    assert (tmp_path / "held" / "eicar.com").exists() == flagged
