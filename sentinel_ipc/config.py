@@ -21,6 +21,8 @@ from .errors import ConfigError
 from .external.config import ForwardConfig, ReputationConfig
 from .messages import DEFAULT_MAX_FRAME_BYTES
 from .observability.config import ResilienceConfig
+from .policy.settings import AuditSettings, PolicySettings
+from .scanning.engine import ScannerSettings
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -65,6 +67,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     resilience: ResilienceConfig = msgspec.field(default_factory=ResilienceConfig)
+    scanner: ScannerSettings = msgspec.field(default_factory=ScannerSettings)
+    policy: PolicySettings = msgspec.field(default_factory=PolicySettings)
+    audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
     reputation: ReputationConfig = msgspec.field(default_factory=ReputationConfig)
     forward: ForwardConfig = msgspec.field(default_factory=ForwardConfig)
     #: Optional HTTP endpoint for scrapers ("127.0.0.1:9464"): /health*, /metrics. Off when unset.

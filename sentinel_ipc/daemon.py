@@ -18,9 +18,11 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from .config import Config
+from .errors import SentinelError
 from .handlers import core
 from .logs import log_event
 from .messages import Limits
@@ -28,11 +30,16 @@ from .observability.hub import Observability
 from .observability.metrics import SentinelMetrics
 from .server.dispatch import Dispatcher
 from .server.listener import acquire_lock, open_unix_listener, prepare_socket_dir, release_lock
+from .server.peer import PeerCredentials
 from .server.server import Server
 
 if TYPE_CHECKING:  # external integrations: imported (with httpx) only when configured
+    from .audit import AuditLog
     from .external import EventForwarder, ExternalMetrics, ReputationClient
     from .messages import Event
+    from .policy import PolicyService, Quarantine
+    from .scanning import Scanner, ScannerConfig
+    from .verdict import VerdictMaker
 
 
 class Daemon:
@@ -55,6 +62,11 @@ class Daemon:
         self.observability: Observability | None = None
         #: The metrics registry (``self.observability.metrics``), for other sections.
         self.metrics: SentinelMetrics | None = None
+        self.audit: AuditLog | None = None
+        self.scanner: Scanner | None = None
+        self.policy: PolicyService | None = None
+        self.quarantine: Quarantine | None = None
+        self.verdicts: VerdictMaker | None = None
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -111,6 +123,23 @@ class Daemon:
         """
         async with AsyncExitStack() as stack:
             # --- section: audit -------------------------------------------------
+            from .audit import open_audit_log
+
+            audit_cfg = self.config.audit
+            audit = self.audit = await stack.enter_async_context(
+                open_audit_log(
+                    Path(audit_cfg.path) if audit_cfg.path else self.data_dir / "audit.jsonl",
+                    max_bytes=audit_cfg.max_bytes,
+                    backups=audit_cfg.backups,
+                )
+            )
+
+            def audit_refusal(peer: PeerCredentials, what: str) -> None:
+                audit.record(
+                    "request_refused", uid=peer.uid, gid=peer.gid, pid=peer.pid, request=what
+                )
+
+            self.server.on_refusal = audit_refusal
             # --- end: audit
             # --- section: observability (metrics, events, fallback manager) -----
             from .observability.hub import open_observability
@@ -126,8 +155,22 @@ class Daemon:
             self.metrics = self.observability.metrics
             # --- end: observability
             # --- section: scanning -----------------------------------------------
+            from .scanning import open_scanner
+
+            self.scanner = await stack.enter_async_context(
+                open_scanner(self.scanner_config(), self.data_dir)
+            )
             # --- end: scanning
             # --- section: policy -------------------------------------------------
+            from .policy import Quarantine, open_policy_service
+
+            policy_cfg = self.config.policy.to_config(
+                self.config.resilience, self.config.server.admin_uids
+            )
+            self.policy = await stack.enter_async_context(
+                open_policy_service(policy_cfg, self.data_dir, audit=self.audit)
+            )
+            self.quarantine = Quarantine(policy_cfg.resolve(self.data_dir)[3], audit=self.audit)
             # --- end: policy
             # --- section: external integrations ----------------------------------
             if self.config.reputation.enabled or self.config.forward.enabled:
@@ -135,8 +178,30 @@ class Daemon:
             # --- end: external integrations
             # --- section: handlers -----------------------------------------------
             from .handlers import observability as observability_handlers
+            from .handlers import policy as policy_handlers
+            from .handlers import rules as rules_handlers
+            from .handlers import scan as scan_handlers
+            from .verdict import VerdictMaker
 
             observability_handlers.register(self.dispatcher, self.observability)
+            self.verdicts = VerdictMaker(
+                policy=self.policy,
+                quarantine=self.quarantine,
+                reputation=self.reputation,
+                fail_closed=not self.config.resilience.scanner_fail_open,
+                forwarder=self.forwarder,
+                audit=self.audit,
+            )
+            scan_handlers.register(
+                self.dispatcher,
+                scanner=self.scanner,
+                verdicts=self.verdicts,
+                rate_limit=self.config.rate_limit,
+            )
+            policy_handlers.register(
+                self.dispatcher, policy=self.policy, quarantine=self.quarantine
+            )
+            rules_handlers.register(self.dispatcher, scanner=self.scanner, audit=self.audit)
             # --- end: handlers
             # --- section: health -------------------------------------------------
             # Attach whatever the sections above built (absent ones are skipped),
@@ -215,8 +280,25 @@ class Daemon:
                 self.request_shutdown()
 
     async def on_sighup(self) -> None:
-        """Reload rules (wired by the scanning subsystem)."""
-        log_event("sighup_ignored", logging.INFO, reason="no reloadable subsystem")
+        """SIGHUP: reload the rules; a failed compile keeps the old set serving."""
+        if self.scanner is None:
+            return
+        from .handlers.rules import reload_rules
+
+        with contextlib.suppress(SentinelError):
+            await reload_rules(self.scanner, self.audit, trigger="sighup")
+
+    def scanner_config(self) -> ScannerConfig:
+        """``[scanner]`` with the yara breaker, retry and fail mode from ``[resilience]``."""
+        resilience = self.config.resilience
+        config = self.config.scanner.to_config()
+        retry = resilience.retry_policy("yara")
+        return msgspec.structs.replace(
+            config,
+            breaker=resilience.breaker_config("yara"),
+            retry=retry if retry is not None else config.retry,
+            fail_closed=not resilience.scanner_fail_open,
+        )
 
     def _remove_socket(self, listener: trio.socket.SocketType) -> None:
         listener.close()

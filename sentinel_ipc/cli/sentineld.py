@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import msgspec
 import trio
 
 from ..config import Config, default_data_dir, default_socket_path, load_config
@@ -55,12 +56,9 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path, Path]:
 
 
 def apply_rules_flag(config: Config, rules: Path | None) -> None:
-    """``--rules`` overrides the config's rules directory (wired by scanning)."""
-    if rules is None:
-        return
-    scanner = getattr(config, "scanner", None)
-    if scanner is not None:
-        scanner.rules_dir = str(rules)
+    """``--rules`` overrides the config's ``scanner.rules_dir``."""
+    if rules is not None:
+        config.scanner = msgspec.structs.replace(config.scanner, rules_dir=str(rules))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,127 @@
+"""Policy, threat-history and quarantine requests.
+
+Writes (``policy_add``, ``policy_remove``) and every quarantine operation are
+admin operations (the dispatcher refuses them to other uids and audits the
+refusal). A write during a database outage is journaled and answered
+``queued: true``; the PolicyService replays it exactly once on recovery.
+
+Quarantine restore writes to a descriptor the client passes (SCM_RIGHTS), so
+the daemon never opens a path on another user's behalf. Only the daemon's own
+uid may name a ``path`` instead; then the daemon creates a new file (never
+overwriting, never following a symlink).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import BadFileDescriptorError, ForbiddenError, ProtocolError
+from ..messages import (
+    PolicyAdd,
+    PolicyDecision,
+    PolicyList,
+    PolicyListResult,
+    PolicyQuery,
+    PolicyRemove,
+    PolicyResult,
+    QuarantineDelete,
+    QuarantineList,
+    QuarantineListResult,
+    QuarantineRestore,
+    QuarantineResult,
+    Threats,
+    ThreatsResult,
+)
+from ..server.dispatch import Dispatcher, RequestContext
+
+if TYPE_CHECKING:
+    from ..policy import PolicyService, Quarantine
+
+MAX_THREATS = 1000
+
+
+def register(
+    dispatcher: Dispatcher, *, policy: PolicyService, quarantine: Quarantine | None
+) -> None:
+    async def policy_add(req: PolicyAdd, ctx: RequestContext) -> PolicyResult:
+        policy_id, queued = await policy.add(
+            action=req.action,
+            sha256=req.sha256,
+            url_pattern=req.url_pattern,
+            rule_name=req.rule_name,
+            mime_type=req.mime_type,
+            reason=req.reason,
+            expires_at=req.expires_at,
+            created_by=f"uid:{ctx.peer.uid}",
+            idempotency_key=req.idempotency_key,
+        )
+        return PolicyResult(id=req.id, policy_id=policy_id, queued=queued)
+
+    async def policy_remove(req: PolicyRemove, ctx: RequestContext) -> PolicyResult:
+        policy_id, queued = await policy.remove(
+            req.policy_id, idempotency_key=req.idempotency_key, removed_by=f"uid:{ctx.peer.uid}"
+        )
+        return PolicyResult(id=req.id, policy_id=policy_id, queued=queued)
+
+    async def policy_list(req: PolicyList, ctx: RequestContext) -> PolicyListResult:
+        policies, degraded = await policy.list()
+        return PolicyListResult(id=req.id, policies=policies, degraded=degraded)
+
+    async def policy_query(req: PolicyQuery, ctx: RequestContext) -> PolicyDecision:
+        decision = await policy.query(sha256=req.sha256, url=req.url, rule_names=req.rule_names)
+        return PolicyDecision(
+            id=req.id,
+            action=decision.action,
+            policy_id=decision.policy_id,
+            reason=decision.reason,
+            degraded=decision.degraded,
+        )
+
+    async def threats(req: Threats, ctx: RequestContext) -> ThreatsResult:
+        if not 1 <= req.limit <= MAX_THREATS:
+            raise ProtocolError(f"threats.limit must be between 1 and {MAX_THREATS}")
+        return ThreatsResult(id=req.id, threats=await policy.threats(req.limit))
+
+    dispatcher.register(PolicyAdd, policy_add, admin=True)
+    dispatcher.register(PolicyRemove, policy_remove, admin=True)
+    dispatcher.register(PolicyList, policy_list)
+    dispatcher.register(PolicyQuery, policy_query)
+    dispatcher.register(Threats, threats)
+    if quarantine is not None:
+        register_quarantine(dispatcher, quarantine)
+
+
+def register_quarantine(dispatcher: Dispatcher, quarantine: Quarantine) -> None:
+    async def q_list(req: QuarantineList, ctx: RequestContext) -> QuarantineListResult:
+        return QuarantineListResult(id=req.id, items=await quarantine.list())
+
+    async def q_restore(req: QuarantineRestore, ctx: RequestContext) -> QuarantineResult:
+        if ctx.fds:
+            fd = ctx.fds[0]
+            try:
+                os.fstat(fd)
+            except OSError as exc:
+                raise BadFileDescriptorError(f"destination descriptor: {exc.strerror}") from exc
+            await quarantine.restore(req.quarantine_id, fd)
+            return QuarantineResult(id=req.id, quarantine_id=req.quarantine_id)
+        if req.path is None:
+            raise BadFileDescriptorError(
+                "quarantine_restore needs a destination: a descriptor passed with SCM_RIGHTS"
+                " (or, for the daemon's own user, a path)"
+            )
+        if ctx.peer.uid != os.getuid():
+            raise ForbiddenError(
+                "only the daemon's own user may restore to a path; pass a descriptor instead"
+            )
+        await quarantine.restore_to_path(req.quarantine_id, Path(req.path))
+        return QuarantineResult(id=req.id, quarantine_id=req.quarantine_id)
+
+    async def q_delete(req: QuarantineDelete, ctx: RequestContext) -> QuarantineResult:
+        await quarantine.delete(req.quarantine_id)
+        return QuarantineResult(id=req.id, quarantine_id=req.quarantine_id)
+
+    dispatcher.register(QuarantineList, q_list, admin=True)
+    dispatcher.register(QuarantineRestore, q_restore, admin=True)
+    dispatcher.register(QuarantineDelete, q_delete, admin=True)

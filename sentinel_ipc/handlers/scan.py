@@ -1,0 +1,212 @@
+"""The scan requests: ``scan``, ``scan_begin``/``scan_chunk``/``scan_end``, ``scan_fd``.
+
+The path of a scan, and where each resilience decision is taken:
+
+1. admission (here): the peer's token bucket (``rate_limited``), the
+   connection's concurrent-scan cap (``rate_limited``), open streams per
+   connection (``busy``);
+2. the scanner (``Scanner``): bounded queue (``busy``), yara breaker, yara
+   retry on worker crash; if it cannot scan it says so (``scanned=False``)
+   instead of failing;
+3. the verdict (:class:`~sentinel_ipc.verdict.VerdictMaker`): reputation,
+   policy decision with its own database fallback, fail-open / fail-closed,
+   quarantine, threat history, metrics.
+
+Each step degrades on its own; a failing database never makes a scan fail and
+a failing scanner never stops hash policies from applying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..config import RateLimitConfig
+from ..errors import (
+    BadFileDescriptorError,
+    BusyError,
+    NotFoundError,
+    ProtocolError,
+    RateLimitedError,
+)
+from ..messages import Scan, ScanBegin, ScanChunk, ScanEnd, ScanFd, ScanResult
+from ..ratelimit import RateLimiter
+from ..server.dispatch import Dispatcher, RequestContext
+
+if TYPE_CHECKING:
+    from ..scanning import Scanner, ScanStream
+    from ..verdict import VerdictMaker
+
+_SCANS_KEY = "scan.active"
+_STREAMS_KEY = "scan.streams"
+MAX_STREAMS_PER_CONNECTION = 8
+
+
+class ScanAdmission:
+    """Per-peer token bucket and per-connection concurrency cap."""
+
+    def __init__(self, config: RateLimitConfig) -> None:
+        self.config = config
+        self.limiter = RateLimiter(config.burst, config.scans_per_second)
+
+    def take_token(self, ctx: RequestContext) -> None:
+        wait = self.limiter.try_acquire(ctx.peer.uid, trio.current_time())
+        if wait is not None:
+            raise RateLimitedError(
+                f"uid {ctx.peer.uid} is over its scan rate "
+                f"({self.config.scans_per_second:g}/s, burst {self.config.burst})",
+                retry_after=wait,
+            )
+
+    @contextlib.contextmanager
+    def running(self, ctx: RequestContext) -> Iterator[None]:
+        """Count a scan against the connection's concurrency cap while it runs."""
+        conn = ctx.connection
+        active = conn.state.get(_SCANS_KEY, 0)
+        if active >= self.config.max_concurrent_scans_per_connection:
+            raise RateLimitedError(
+                f"{active} scans already running on this connection "
+                f"(limit {self.config.max_concurrent_scans_per_connection})",
+                retry_after=0.1,
+            )
+        conn.state[_SCANS_KEY] = active + 1
+        try:
+            yield
+        finally:
+            conn.state[_SCANS_KEY] -= 1
+
+    @contextlib.contextmanager
+    def admit(self, ctx: RequestContext) -> Iterator[None]:
+        with self.running(ctx):
+            self.take_token(ctx)
+            yield
+
+
+def register(
+    dispatcher: Dispatcher,
+    *,
+    scanner: Scanner,
+    verdicts: VerdictMaker,
+    rate_limit: RateLimitConfig,
+) -> ScanAdmission:
+    from ..scanning import ScanMeta
+
+    admission = ScanAdmission(rate_limit)
+
+    def meta_of(req: Scan | ScanBegin | ScanFd) -> ScanMeta:
+        return ScanMeta(url=req.url, filename=req.filename, mime_type=req.mime_type)
+
+    async def scan(req: Scan, ctx: RequestContext) -> ScanResult:
+        meta = meta_of(req)
+        with admission.admit(ctx):
+            outcome = await scanner.scan_bytes(req.data, meta)
+            return await verdicts.verdict(req.id, outcome, meta, content=req.data)
+
+    def streams(ctx: RequestContext) -> dict[int, ScanStream]:
+        table: dict[int, ScanStream] | None = ctx.connection.state.get(_STREAMS_KEY)
+        if table is None:
+            table = ctx.connection.state[_STREAMS_KEY] = {}
+
+            def abort_all() -> None:
+                for stream in table.values():
+                    stream.abort()
+                table.clear()
+
+            ctx.connection.on_close(abort_all)
+        return table
+
+    async def scan_begin(req: ScanBegin, ctx: RequestContext) -> None:
+        table = streams(ctx)
+        if req.id in table:
+            raise ProtocolError(f"a scan stream with id {req.id} is already open")
+        if len(table) >= MAX_STREAMS_PER_CONNECTION:
+            raise BusyError(
+                f"{len(table)} scan streams already open on this connection "
+                f"(limit {MAX_STREAMS_PER_CONNECTION})",
+                retry_after=0.5,
+            )
+        admission.take_token(ctx)
+        table[req.id] = scanner.open_stream(meta_of(req), req.size)
+
+    async def scan_chunk(req: ScanChunk, ctx: RequestContext) -> None:
+        table = streams(ctx)
+        stream = table.get(req.id)
+        if stream is None:
+            raise NotFoundError(f"no open scan stream with id {req.id} (send scan_begin first)")
+        try:
+            stream.write(req.data)
+        except Exception:
+            # Over the size limit (or the buffer failed): drop the stream at once.
+            table.pop(req.id, None)
+            stream.abort()
+            raise
+
+    async def scan_end(req: ScanEnd, ctx: RequestContext) -> ScanResult:
+        table = streams(ctx)
+        stream = table.pop(req.id, None)
+        if stream is None:
+            raise NotFoundError(f"no open scan stream with id {req.id} (send scan_begin first)")
+        try:
+            with admission.running(ctx):
+                outcome = await stream.finish()
+                # The buffer stays readable until abort(): a quarantine copies it.
+                return await verdicts.verdict(
+                    req.id, outcome, stream.meta, content_fd=stream.fileno()
+                )
+        finally:
+            stream.abort()
+
+    async def scan_fd(req: ScanFd, ctx: RequestContext) -> ScanResult:
+        if not ctx.fds:
+            raise BadFileDescriptorError(
+                "scan_fd needs a file descriptor passed with SCM_RIGHTS in the same sendmsg()"
+            )
+        fd = ctx.fds[0]
+        check_regular_file(fd)
+        meta = meta_of(req)
+        with admission.admit(ctx):
+            outcome = await scanner.scan_fd(fd, meta)
+            return await verdicts.verdict(req.id, outcome, meta, content_fd=fd)
+
+    dispatcher.register(Scan, scan)
+    dispatcher.register(ScanBegin, scan_begin, ordered=True)
+    dispatcher.register(ScanChunk, scan_chunk, ordered=True)
+    dispatcher.register(ScanEnd, scan_end)
+    dispatcher.register(ScanFd, scan_fd)
+    return admission
+
+
+def check_regular_file(fd: int) -> os.stat_result:
+    """The daemon scans only regular files (or memfds) through a passed descriptor."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise BadFileDescriptorError(
+            f"the passed descriptor is not usable: {exc.strerror}"
+        ) from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = _kind(st.st_mode)
+        raise BadFileDescriptorError(f"the passed descriptor is a {kind}, not a regular file")
+    return st
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "pipe"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISLNK, "symlink"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+__all__ = ["ScanAdmission", "check_regular_file", "register"]

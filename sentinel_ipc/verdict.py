@@ -1,0 +1,185 @@
+"""From a scan outcome to the verdict the client receives.
+
+This is where the scanner's result, the reputation service, the PolicyGraph
+and the fail-open / fail-closed setting meet. Each input can be missing or
+degraded on its own, and the verdict says so (``degraded``, ``warnings``,
+``degraded_reasons``) instead of failing:
+
+* scanner unavailable (``scanned=False``): hash and URL policies still apply;
+  otherwise allow with a warning (fail-open) or block (fail-closed);
+* policy database down: the PolicyService decides from its snapshot and marks
+  the decision degraded;
+* reputation service down or slow: skipped within its deadline, marked.
+
+A ``quarantine`` action stores the scanned bytes before the verdict is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .logs import log_event
+from .messages import ACTION_SEVERITY, Action, ScanResult
+
+if TYPE_CHECKING:
+    from .audit import AuditLog
+    from .external import EventForwarder, ReputationClient
+    from .policy import PolicyService, Quarantine
+    from .scanning import ScanMeta, ScanOutcome
+
+VerdictObserver = Callable[[ScanResult, "ScanOutcome"], None]
+
+
+class VerdictMaker:
+    def __init__(
+        self,
+        *,
+        policy: PolicyService | None = None,
+        quarantine: Quarantine | None = None,
+        reputation: ReputationClient | None = None,
+        fail_closed: bool = False,
+        forwarder: EventForwarder | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
+        self.policy = policy
+        self.quarantine = quarantine
+        self.reputation = reputation
+        self.fail_closed = fail_closed
+        self.forwarder = forwarder
+        self.audit = audit
+        self.observers: list[VerdictObserver] = []
+
+    async def verdict(
+        self,
+        request_id: int,
+        outcome: ScanOutcome,
+        meta: ScanMeta,
+        *,
+        content: bytes | None = None,
+        content_fd: int | None = None,
+    ) -> ScanResult:
+        warnings = list(outcome.warnings)
+        reasons: list[str] = []
+        if outcome.degraded:
+            reasons.append("scanner")
+
+        action: Action
+        policy_id: int | None = None
+        reason: str | None
+        if self.policy is not None:
+            decision = await self.policy.decide(
+                sha256=outcome.sha256,
+                url=meta.url,
+                matches=outcome.matches,
+                scanned=outcome.scanned,
+                fail_closed=self.fail_closed,
+                filename=meta.filename,
+                mime_type=meta.mime_type,
+                size=outcome.size,
+            )
+            action, policy_id, reason = decision.action, decision.policy_id, decision.reason
+            warnings.extend(w for w in decision.warnings if w not in warnings)
+            if decision.degraded:
+                reasons.append("database")
+        else:
+            action, reason = self._without_policy(outcome)
+
+        reputation: str | None = None
+        if self.reputation is not None:
+            action, reason, reputation = await self._apply_reputation(
+                outcome.sha256, action, reason, policy_id, warnings, reasons
+            )
+
+        quarantine_id: str | None = None
+        if action == "quarantine" and self.quarantine is not None:
+            source = content if content is not None else content_fd
+            try:
+                if source is None:
+                    raise ValueError("no content to keep")
+                item = await self.quarantine.store(
+                    source,
+                    sha256=outcome.sha256,
+                    url=meta.url,
+                    filename=meta.filename,
+                    rules=[m.rule for m in outcome.matches],
+                )
+                quarantine_id = item.quarantine_id
+            except Exception as exc:
+                # The verdict still stands; the user must know the copy failed.
+                warnings.append(f"quarantine copy failed: {exc}; the file was not kept")
+                log_event("quarantine_failed", logging.ERROR, sha256=outcome.sha256, error=str(exc))
+
+        result = ScanResult(
+            id=request_id,
+            action=action,
+            sha256=outcome.sha256,
+            size=outcome.size,
+            matches=outcome.matches,
+            rules_version=outcome.rules_version,
+            degraded=bool(reasons),
+            warnings=warnings,
+            scan_ms=outcome.scan_ms,
+            policy_id=policy_id,
+            reason=reason,
+            degraded_reasons=reasons,
+            reputation=reputation,
+        )
+        if outcome.matches or action != "allow":
+            self._report_detection(result, meta, quarantine_id)
+        for observer in self.observers:
+            observer(result, outcome)
+        return result
+
+    def _report_detection(
+        self, result: ScanResult, meta: ScanMeta, quarantine_id: str | None
+    ) -> None:
+        """Audit and forward a detection or non-allow verdict (never blocks)."""
+        fields: dict[str, Any] = {
+            "sha256": result.sha256,
+            "action": result.action,
+            "rules": [m.rule for m in result.matches],
+            "url": meta.url,
+            "filename": meta.filename,
+            "policy_id": result.policy_id,
+            "degraded": result.degraded,
+        }
+        if quarantine_id is not None:
+            fields["quarantine_id"] = quarantine_id
+        if self.audit is not None:
+            self.audit.record("detection", **fields)
+        if self.forwarder is not None:
+            kind = "quarantine" if quarantine_id is not None else "detection"
+            self.forwarder.emit(kind, "high", fields)
+
+    def _without_policy(self, outcome: ScanOutcome) -> tuple[Action, str]:
+        if not outcome.scanned:
+            if self.fail_closed:
+                return "block", "scanner unavailable; fail-closed"
+            return "allow", "scanner unavailable; fail-open"
+        if outcome.matches:
+            return "block", "matched " + ", ".join(sorted({m.rule for m in outcome.matches}))
+        return "allow", "no rule matched"
+
+    async def _apply_reputation(
+        self,
+        sha256: str,
+        action: Action,
+        reason: str | None,
+        policy_id: int | None,
+        warnings: list[str],
+        reasons: list[str],
+    ) -> tuple[Action, str | None, str]:
+        assert self.reputation is not None
+        result = await self.reputation.lookup(sha256)
+        if result.verdict == "unavailable":
+            reasons.append("reputation")
+            warnings.append(result.warning or "reputation lookup unavailable")
+            return action, reason, result.verdict
+        if result.verdict == "known_bad" and ACTION_SEVERITY[action] < ACTION_SEVERITY["block"]:
+            # A user's explicit "always allow" on this hash still wins.
+            if action == "allow" and policy_id is not None and reason and "sha256" in reason:
+                return action, reason, result.verdict
+            return "block", f"reputation: {result.name or 'known malware'}", result.verdict
+        return action, reason, result.verdict
