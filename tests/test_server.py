@@ -53,7 +53,9 @@ from sentinel_ipc.messages import (
     Ping,
     Pong,
     Reply,
+    Scan,
     ScanFd,
+    ScanResult,
     Shutdown,
     Welcome,
 )
@@ -515,6 +517,22 @@ def test_signal_stops_cleanly_removing_socket_and_lock(daemon_factory: Any, sign
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     log = d.log()
     assert "event=listening" in log and "event=stopped" in log
+
+
+def test_sigterm_lets_an_in_flight_scan_finish(daemon_factory: Any) -> None:
+    """A real scan (32 MiB: a few hundred ms) is in flight when SIGTERM arrives;
+    its verdict still comes back, then the daemon closes and exits 0."""
+    d = daemon_factory()
+    with Raw(d.socket_path, timeout=30) as c:
+        c.send(Scan(id=1, data=b"A" * (32 << 20)), Ping(id=2))
+        assert c.recv() == Pong(id=2)  # the scan was dispatched before the ping
+        d.signal(signal.SIGTERM)
+        verdict = c.recv()
+        assert isinstance(verdict, ScanResult), verdict
+        assert verdict.id == 1 and verdict.size == 32 << 20
+        assert c.recv() is None
+    assert d.proc.wait(30) == 0
+    assert not d.socket_path.exists()
 
 
 @contextlib.asynccontextmanager
