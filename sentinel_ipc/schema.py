@@ -179,6 +179,7 @@ FIELD_NOTES: dict[str, str] = {
     "PolicyAdd.expires_at": "Unix time (seconds); nil = never",
     "PolicyAdd.idempotency_key": "same key twice = applied once (see Idempotency)",
     "PolicyRemove.idempotency_key": "same key twice = applied once (see Idempotency)",
+    "Threats.limit": "1 .. 1000",
     "QuarantineRestore.path": "daemon's own uid only; otherwise pass a writable fd (SCM_RIGHTS)",
     "Error.code": "one of the error codes (see Errors)",
     "Error.message": "for people: names the field or the bound that failed",
