@@ -78,6 +78,7 @@ class VerdictMaker:
                 filename=meta.filename,
                 mime_type=meta.mime_type,
                 size=outcome.size,
+                audit=False,  # audited below, once, with the final verdict
             )
             action, policy_id, reason = decision.action, decision.policy_id, decision.reason
             warnings.extend(w for w in decision.warnings if w not in warnings)
@@ -143,8 +144,11 @@ class VerdictMaker:
             "url": meta.url,
             "filename": meta.filename,
             "policy_id": result.policy_id,
+            "reason": result.reason,
             "degraded": result.degraded,
         }
+        if result.degraded_reasons:
+            fields["degraded_reasons"] = result.degraded_reasons
         if quarantine_id is not None:
             fields["quarantine_id"] = quarantine_id
         if self.audit is not None:

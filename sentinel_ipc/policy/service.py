@@ -350,13 +350,16 @@ class PolicyService:
         mime_type: str | None = None,
         size: int = 0,
         fail_closed: bool | None = None,
+        audit: bool = True,
     ) -> Decision:
         """The verdict for one scanned file (order in ``decision``); never raises
         for a database failure: then it decides from the snapshot, degraded.
 
         With ``record`` it also counts the deciding policy's hit and writes the
         threat row (every detection, every non-allow verdict): to the database,
-        or to the journal during an outage.
+        or to the journal during an outage. ``audit=False`` leaves the audit
+        line of the detection to the caller (the daemon's VerdictMaker writes
+        one with the final verdict: reputation and quarantine come after this).
         """
         now = self._wall()
         kwargs = self._decide_kwargs(fail_closed)
@@ -389,7 +392,7 @@ class PolicyService:
             else:
                 if result.hit_policy is not None and result.hit_policy.id in self._snapshot.index:
                     self._snapshot.touch(result.hit_policy)
-                if record:
+                if record and audit:
                     self._audit_decision(result.decision, sha256, url, matches, filename)
                 return result.decision
         decision = self._decide_from_snapshot(sha256, url, matches, now, mime_type, kwargs)
@@ -397,7 +400,8 @@ class PolicyService:
             await self._journal_record(
                 decision, sha256, url, matches, now, filename, mime_type, size, record_key
             )
-            self._audit_decision(decision, sha256, url, matches, filename)
+            if audit:
+                self._audit_decision(decision, sha256, url, matches, filename)
         return decision
 
     def _decide_from_snapshot(
