@@ -23,6 +23,7 @@ from sentinel_ipc.errors import (
     RetryGaveUpError,
     SentinelError,
     TransportError,
+    UnknownMessageTypeError,
 )
 from sentinel_ipc.messages import (
     Ack,
@@ -36,11 +37,15 @@ from sentinel_ipc.messages import (
 )
 from sentinel_ipc.resilience import RETRY_PRESETS
 
+#: The ipc retry preset's shape (5 attempts, x1.5) with millisecond waits, so
+#: that real-time tests do not sleep through backoffs.
+FAST_RETRY = dataclasses.replace(RETRY_PRESETS["ipc"], initial=0.001, max_delay=0.005)
+
 
 def fast_breaker(**changes: object) -> ClientConfig:
-    """The ipc preset with a short open timeout, for tests in real time."""
+    """The ipc breaker preset with a short open timeout, for tests in real time."""
     breaker = dataclasses.replace(IPC_BREAKER, **changes)  # type: ignore[arg-type]
-    return ClientConfig(breaker=breaker)
+    return ClientConfig(breaker=breaker, retry=FAST_RETRY)
 
 
 async def test_sigkill_and_restart_while_calling(daemon_factory) -> None:
@@ -49,7 +54,7 @@ async def test_sigkill_and_restart_while_calling(daemon_factory) -> None:
     outcomes: list[tuple[str, float]] = []
     done = trio.Event()
 
-    async with open_client(d.socket_path, config=fast_breaker(open_timeout=0.5)) as client:
+    async with open_client(d.socket_path, config=fast_breaker(open_timeout=0.3)) as client:
         await client.ping()
 
         async def caller() -> None:
@@ -69,7 +74,7 @@ async def test_sigkill_and_restart_while_calling(daemon_factory) -> None:
                 d.kill()  # SIGKILL: stale socket file left behind
                 await trio.sleep(0.2)
                 await trio.to_thread.run_sync(d.start)
-                await trio.sleep(1.0)  # > open_timeout: the callers get back in
+                await trio.sleep(0.6)  # > open_timeout: the callers get back in
             done.set()
 
         async with trio.open_nursery() as nursery:
@@ -162,7 +167,7 @@ async def test_socket_removed_existing_link_lives_new_connects_retry(daemon_fact
     async with open_client(d.socket_path) as old:
         await old.ping()
         os.unlink(d.socket_path)
-        async with open_client(d.socket_path) as new:
+        async with open_client(d.socket_path, config=ClientConfig(retry=FAST_RETRY)) as new:
             with pytest.raises(RetryGaveUpError) as info:
                 await new.ping()
             assert info.value.attempts == RETRY_PRESETS["ipc"].attempts
@@ -234,10 +239,14 @@ async def test_non_idempotent_request_is_retried_while_it_could_not_be_sent(
         assert isinstance(request, Reload)
         await conn.send(ReloadResult(id=request.id, rules_version="v2", rule_count=3))
 
-    async with open_client(path) as client, trio.open_nursery() as nursery:
+    retry = dataclasses.replace(FAST_RETRY, initial=0.02, max_delay=0.05)
+    async with open_client(path, config=ClientConfig(retry=retry)) as client, \
+            trio.open_nursery() as nursery:
 
         async def late_start() -> None:
-            await trio.sleep(0.1)  # the first attempts find no socket
+            # The caller's first attempt found no socket; it now sleeps its backoff.
+            await trio.testing.wait_all_tasks_blocked(0.005)
+            assert client.breaker_statistics().failures >= 1
             await start_peer(nursery, path, script)
 
         nursery.start_soon(late_start)
@@ -307,3 +316,78 @@ async def test_breaker_trip_via_daemon_control_is_not_the_clients_breaker(
             assert (await client.breaker_trip("database")).detail == "tripped"
             assert client.breaker_statistics().state == "closed"
         nursery.cancel_scope.cancel()
+
+
+# --- against the real daemon's subscribe / breakers / scans (as they land) --------------------
+
+
+async def test_real_subscription_survives_a_daemon_kill(daemon_factory) -> None:
+    d = daemon_factory()
+    config = fast_breaker(open_timeout=0.3)
+    async with open_client(d.socket_path, config=config) as client:
+        sub = await client.subscribe(["services", "degraded"])
+        d.kill()
+        await trio.to_thread.run_sync(d.start)
+        kinds = []
+        with trio.fail_after(15):
+            async for event in sub:
+                if event.topic == "client":
+                    kinds.append(event.kind)
+                if kinds[-1:] == ["resubscribed"]:
+                    break
+        assert kinds == ["connection_lost", "resubscribed"]
+        assert client.connects == 2  # reconnected by the keeper: nobody was calling
+        await sub.aclose()
+
+
+async def test_degraded_notice_reaches_a_subscriber_and_the_buttons_work(daemon_factory) -> None:
+    d = daemon_factory()
+    async with open_client(d.socket_path) as client:
+        names = [b.name for b in (await client.breakers()).breakers]
+        if "database" not in names:
+            pytest.skip("no database breaker in the daemon yet")
+        notices: list[Event] = []
+        sub = await client.subscribe(["degraded"], callback=notices.append)
+        await client.breaker_trip("database")
+        try:
+            with trio.fail_after(10):
+                async for event in sub:
+                    if event.kind == "degraded_notice" and event.service == "database":
+                        break
+            notice = notices[-1]
+            assert "degraded mode" in (notice.message or "")
+            assert notice.actions == ["Retry Connection", "Continue with Cache"]
+            assert isinstance(await client.acknowledge_degraded("database"), Ack)
+        finally:
+            await client.breaker_reset("database")
+        await sub.aclose()
+
+
+async def test_real_stream_scan_restarts_after_a_daemon_kill(
+    daemon_factory, tmp_path: Path
+) -> None:
+    import hashlib
+
+    d = daemon_factory()
+    sample = tmp_path / "big.bin"
+    content = os.urandom(256 * 1024)
+    sample.write_bytes(content)
+    config = dataclasses.replace(fast_breaker(open_timeout=0.3), chunk_size=16 * 1024)
+    async with open_client(d.socket_path, config=config) as client:
+        try:
+            await client.scan(b"probe")
+        except UnknownMessageTypeError:
+            pytest.skip("scan not served yet")
+        progress: list[int] = []
+
+        def on_progress(sent: int, total: int | None) -> None:
+            progress.append(sent)
+            if len(progress) == 4 and client.connects == 1:
+                d.kill()  # mid-stream, after the 4th chunk
+                d.start()
+
+        result = await client.scan_file(sample, method="stream", progress=on_progress)
+        assert client.connects == 2
+        assert result.sha256 == hashlib.sha256(content).hexdigest()
+        assert result.size == len(content)
+        assert progress.count(16 * 1024) == 2  # the stream started over from byte 0

@@ -27,6 +27,11 @@ from sentinel_ipc.client.outbox import COMPACT_AFTER, OutboxJournal, _Record
 from sentinel_ipc.codec import decode_request, encode
 from sentinel_ipc.errors import ErrorCode, PolicyValidationError, UnknownMessageTypeError
 from sentinel_ipc.messages import Error, Ping, PolicyAdd, PolicyResult, Pong
+from sentinel_ipc.resilience import RETRY_PRESETS
+
+#: The ipc retry preset's shape with millisecond waits (no test sleeps through a backoff).
+FAST_RETRY = dataclasses.replace(RETRY_PRESETS["ipc"], initial=0.001, max_delay=0.005)
+
 
 # --- the journal file ----------------------------------------------------------------
 
@@ -192,7 +197,10 @@ async def test_await_delivery_times_out_but_the_write_still_arrives(tmp_path: Pa
         await conn.send(PolicyResult(id=request.id, policy_id=42))
         await conn.recv()
 
-    async with open_client(path) as client, trio.open_nursery() as nursery:
+    config = ClientConfig(
+        retry=FAST_RETRY, breaker=dataclasses.replace(IPC_BREAKER, open_timeout=0.2)
+    )
+    async with open_client(path, config=config) as client, trio.open_nursery() as nursery:
         with pytest.raises(DeliveryPendingError, match="stays queued") as info:
             await client.policy_add("quarantine", url_pattern="*.exe", timeout=0.2)
         ticket = info.value.ticket
@@ -253,7 +261,9 @@ async def test_a_killed_client_leaves_its_writes_for_the_next_one(
 
     # A short open timeout: the breaker opened while the daemon was away.
     config = ClientConfig(
-        outbox_path=outbox_path, breaker=dataclasses.replace(IPC_BREAKER, open_timeout=0.5)
+        outbox_path=outbox_path,
+        breaker=dataclasses.replace(IPC_BREAKER, open_timeout=0.5),
+        retry=FAST_RETRY,
     )
     async with open_client(d.socket_path, config=config) as client:
         pending = client.outbox.pending()
@@ -277,6 +287,7 @@ async def test_policy_writes_arrive_exactly_once_through_a_daemon_kill(
     config = ClientConfig(
         outbox_path=tmp_path / "outbox.log",
         breaker=dataclasses.replace(IPC_BREAKER, open_timeout=0.5),
+        retry=FAST_RETRY,
     )
     shas = [hashlib.sha256(os.urandom(16)).hexdigest() for _ in range(6)]
     async with open_client(d.socket_path, config=config) as client:

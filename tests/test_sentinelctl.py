@@ -15,10 +15,12 @@ import signal
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_harness import DaemonProcess
 from rich.console import Console
 
 from sentinel_ipc.cli import sentinelctl
@@ -43,9 +45,14 @@ def skip_if_unserved(code: int, err: str, what: str) -> None:
         pytest.skip(f"{what} not served yet")
 
 
-@pytest.fixture
-def daemon(daemon_factory: Any) -> Any:
-    return daemon_factory()
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One daemon for the module's read-mostly tests (each starts in ~1 s);
+    the tests that stop or break a daemon take their own."""
+    d = DaemonProcess(tmp_path_factory.mktemp("ctl"))
+    d.start()
+    yield d
+    d.stop(check=False)
 
 
 # --- golden output ------------------------------------------------------------------
@@ -131,11 +138,10 @@ def test_health_exit_code_follows_the_status(daemon: Any, capsys: Capture) -> No
     assert "Components" in out and report["status"] in out
 
 
-@pytest.mark.parametrize("command", ["ping", "live", "ready", "health", "breakers"])
-def test_unreachable_daemon_exits_2_with_one_line(tmp_path: Path, command: str) -> None:
+def test_unreachable_daemon_exits_2_with_one_line_as_a_probe(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sentinel_ipc.cli.sentinelctl",
-         "--socket", str(tmp_path / "none.sock"), command],
+         "--socket", str(tmp_path / "none.sock"), "ready"],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
@@ -145,7 +151,17 @@ def test_unreachable_daemon_exits_2_with_one_line(tmp_path: Path, command: str) 
     assert "Traceback" not in result.stderr
 
 
-def test_a_hung_daemon_is_a_one_line_timeout(daemon: Any, capsys: Capture) -> None:
+@pytest.mark.parametrize("command", ["ping", "health"])
+def test_unreachable_daemon_exits_2_for_every_command(
+    tmp_path: Path, capsys: Capture, command: str
+) -> None:
+    code, out, err = run(capsys, tmp_path / "none.sock", command)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "cannot connect" in err
+
+
+def test_a_hung_daemon_is_a_one_line_timeout(daemon_factory: Any, capsys: Capture) -> None:
+    daemon = daemon_factory()
     daemon.signal(signal.SIGSTOP)
     try:
         code = main(["--socket", str(daemon.socket_path), "--timeout", "0.3", "ready"])

@@ -18,11 +18,13 @@ from sentinel_ipc.errors import (
     UnsupportedVersionError,
 )
 from sentinel_ipc.messages import Hello, Ping, Pong
+from sentinel_ipc.resilience import RETRY_PRESETS
 
 
 def _config(**changes: object) -> ClientConfig:
     breaker = dataclasses.replace(IPC_BREAKER, open_timeout=0.3)
-    return ClientConfig(breaker=breaker, **changes)  # type: ignore[arg-type]
+    retry = dataclasses.replace(RETRY_PRESETS["ipc"], initial=0.001, max_delay=0.005)
+    return ClientConfig(breaker=breaker, retry=retry, **changes)  # type: ignore[arg-type]
 
 
 def test_calls_from_many_threads_share_one_connection(daemon_factory) -> None:
