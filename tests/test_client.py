@@ -13,11 +13,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from client_peer import PeerConn, start_peer
+from daemon_harness import DaemonProcess
 
 from sentinel_ipc.client import ClientConfig, ConnectionLostError, error_from_reply, open_client
 from sentinel_ipc.errors import (
@@ -77,12 +79,22 @@ from sentinel_ipc.messages import (
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One real daemon for the module's tests that leave it as they found it
+    (a SIGSTOP is always followed by SIGCONT); starting one costs about a second."""
+    d = DaemonProcess(tmp_path_factory.mktemp("daemon"))
+    d.start()
+    yield d
+    d.stop(check=False)
+
+
 
 # --- the real daemon -----------------------------------------------------------------
 
 
-async def test_many_concurrent_calls_share_one_connection(daemon_factory) -> None:
-    d = daemon_factory()
+async def test_many_concurrent_calls_share_one_connection(shared_daemon) -> None:
+    d = shared_daemon
     async with open_client(d.socket_path) as client:
         assert not client.connected  # lazy: nothing happens before the first call
         results: list[float] = []
@@ -101,8 +113,8 @@ async def test_many_concurrent_calls_share_one_connection(daemon_factory) -> Non
         assert stats.state == "closed" and stats.failures == 0
 
 
-async def test_error_reply_becomes_typed_exception_and_link_survives(daemon_factory) -> None:
-    d = daemon_factory()
+async def test_error_reply_becomes_typed_exception_and_link_survives(shared_daemon) -> None:
+    d = shared_daemon
     async with open_client(d.socket_path) as client:
         with pytest.raises(UnsupportedVersionError) as info:
             await client.request(Hello(id=0, client="t", protocol_version=999))
@@ -133,8 +145,8 @@ def test_error_from_reply_maps_every_code() -> None:
     assert error_from_reply(Error(id=1, code="busy", message="")).retry_after is None
 
 
-async def test_call_times_out_against_a_stopped_daemon_then_recovers(daemon_factory) -> None:
-    d = daemon_factory()
+async def test_call_times_out_against_a_stopped_daemon_then_recovers(shared_daemon) -> None:
+    d = shared_daemon
     async with open_client(d.socket_path) as client:
         await client.ping()
         d.signal(signal.SIGSTOP)
@@ -153,10 +165,10 @@ async def test_call_times_out_against_a_stopped_daemon_then_recovers(daemon_fact
         await client.ping(timeout=5)
 
 
-async def test_pipelined_calls_to_a_stopped_daemon_all_time_out_on_time(daemon_factory) -> None:
+async def test_pipelined_calls_to_a_stopped_daemon_all_time_out_on_time(shared_daemon) -> None:
     """One caller leads the reads (blocked in recv: the timer kicks it), the
     others follow (the timer wakes them); every one ends at its own deadline."""
-    d = daemon_factory()
+    d = shared_daemon
     async with open_client(d.socket_path) as client:
         await client.ping()
         d.signal(signal.SIGSTOP)
@@ -180,11 +192,11 @@ async def test_pipelined_calls_to_a_stopped_daemon_all_time_out_on_time(daemon_f
         assert client.connects == 1  # a timeout does not cost the connection
 
 
-async def test_a_send_blocked_by_a_stopped_daemon_times_out(daemon_factory) -> None:
+async def test_a_send_blocked_by_a_stopped_daemon_times_out(shared_daemon) -> None:
     """A frame larger than the socket buffers cannot be written while the
     daemon is stopped: the send is kicked at the deadline, and the half-sent
     frame costs the connection (the stream is no longer at a frame boundary)."""
-    d = daemon_factory()
+    d = shared_daemon
     async with open_client(d.socket_path) as client:
         await client.ping()
         d.signal(signal.SIGSTOP)
@@ -199,8 +211,8 @@ async def test_a_send_blocked_by_a_stopped_daemon_times_out(daemon_factory) -> N
         assert client.connects == 2
 
 
-async def test_real_scans_when_served(daemon_factory, tmp_path: Path) -> None:
-    d = daemon_factory()
+async def test_real_scans_when_served(shared_daemon, tmp_path: Path) -> None:
+    d = shared_daemon
     sample = tmp_path / "eicar.com"
     sample.write_bytes(EICAR)
     digest = hashlib.sha256(EICAR).hexdigest()
@@ -550,8 +562,8 @@ def test_watcher_scans_a_file_once_it_is_complete() -> None:
     assert tracker.poll({a: (30, 4), done: (9, 3)}) == [a]  # rewritten: scanned again
 
 
-def test_watcher_once_against_the_daemon(daemon_factory, tmp_path: Path, capsys) -> None:
-    d = daemon_factory()
+def test_watcher_once_against_the_daemon(shared_daemon, tmp_path: Path, capsys) -> None:
+    d = shared_daemon
     downloads = tmp_path / "Downloads"
     downloads.mkdir()
     (downloads / "notes.txt").write_text("hello\n")

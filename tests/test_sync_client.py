@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from daemon_harness import DaemonProcess
 
 from sentinel_ipc.client import IPC_BREAKER, ClientConfig, OutboxError, SyncClient
 from sentinel_ipc.errors import (
@@ -21,14 +23,25 @@ from sentinel_ipc.messages import Hello, Ping, Pong
 from sentinel_ipc.resilience import RETRY_PRESETS
 
 
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One real daemon for the module's tests that leave it as they found it
+    (a SIGSTOP is always followed by SIGCONT); starting one costs about a second."""
+    d = DaemonProcess(tmp_path_factory.mktemp("daemon"))
+    d.start()
+    yield d
+    d.stop(check=False)
+
+
+
 def _config(**changes: object) -> ClientConfig:
     breaker = dataclasses.replace(IPC_BREAKER, open_timeout=0.3)
     retry = dataclasses.replace(RETRY_PRESETS["ipc"], initial=0.001, max_delay=0.005)
     return ClientConfig(breaker=breaker, retry=retry, **changes)  # type: ignore[arg-type]
 
 
-def test_calls_from_many_threads_share_one_connection(daemon_factory) -> None:
-    d = daemon_factory()
+def test_calls_from_many_threads_share_one_connection(shared_daemon) -> None:
+    d = shared_daemon
     with SyncClient(d.socket_path) as client:
         assert client.ping() >= 0
         with ThreadPoolExecutor(8) as pool:
@@ -63,8 +76,8 @@ def test_daemon_down_then_back_with_queued_writes(daemon_factory, tmp_path) -> N
         assert client.breaker_statistics().state == "closed"
 
 
-def test_unserved_requests_raise_typed_errors(daemon_factory) -> None:
-    d = daemon_factory()
+def test_unserved_requests_raise_typed_errors(shared_daemon) -> None:
+    d = shared_daemon
     with SyncClient(d.socket_path) as client:
         try:
             client.policy_list()
@@ -74,8 +87,8 @@ def test_unserved_requests_raise_typed_errors(daemon_factory) -> None:
             assert isinstance(client.policy_list().policies, list)
 
 
-def test_close_is_idempotent_and_stops_the_thread(daemon_factory) -> None:
-    d = daemon_factory()
+def test_close_is_idempotent_and_stops_the_thread(shared_daemon) -> None:
+    d = shared_daemon
     before = threading.active_count()
     client = SyncClient(d.socket_path)
     client.ping()
