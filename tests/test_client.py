@@ -13,8 +13,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -93,7 +94,7 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPr
 # --- the real daemon -----------------------------------------------------------------
 
 
-async def test_many_concurrent_calls_share_one_connection(shared_daemon) -> None:
+async def test_many_concurrent_calls_share_one_connection(shared_daemon: DaemonProcess) -> None:
     d = shared_daemon
     async with open_client(d.socket_path) as client:
         assert not client.connected  # lazy: nothing happens before the first call
@@ -113,7 +114,9 @@ async def test_many_concurrent_calls_share_one_connection(shared_daemon) -> None
         assert stats.state == "closed" and stats.failures == 0
 
 
-async def test_error_reply_becomes_typed_exception_and_link_survives(shared_daemon) -> None:
+async def test_error_reply_becomes_typed_exception_and_link_survives(
+    shared_daemon: DaemonProcess
+) -> None:
     d = shared_daemon
     async with open_client(d.socket_path) as client:
         with pytest.raises(UnsupportedVersionError) as info:
@@ -145,7 +148,9 @@ def test_error_from_reply_maps_every_code() -> None:
     assert error_from_reply(Error(id=1, code="busy", message="")).retry_after is None
 
 
-async def test_call_times_out_against_a_stopped_daemon_then_recovers(shared_daemon) -> None:
+async def test_call_times_out_against_a_stopped_daemon_then_recovers(
+    shared_daemon: DaemonProcess
+) -> None:
     d = shared_daemon
     async with open_client(d.socket_path) as client:
         await client.ping()
@@ -165,7 +170,9 @@ async def test_call_times_out_against_a_stopped_daemon_then_recovers(shared_daem
         await client.ping(timeout=5)
 
 
-async def test_pipelined_calls_to_a_stopped_daemon_all_time_out_on_time(shared_daemon) -> None:
+async def test_pipelined_calls_to_a_stopped_daemon_all_time_out_on_time(
+    shared_daemon: DaemonProcess
+) -> None:
     """One caller leads the reads (blocked in recv: the timer kicks it), the
     others follow (the timer wakes them); every one ends at its own deadline."""
     d = shared_daemon
@@ -192,7 +199,7 @@ async def test_pipelined_calls_to_a_stopped_daemon_all_time_out_on_time(shared_d
         assert client.connects == 1  # a timeout does not cost the connection
 
 
-async def test_a_send_blocked_by_a_stopped_daemon_times_out(shared_daemon) -> None:
+async def test_a_send_blocked_by_a_stopped_daemon_times_out(shared_daemon: DaemonProcess) -> None:
     """A frame larger than the socket buffers cannot be written while the
     daemon is stopped: the send is kicked at the deadline, and the half-sent
     frame costs the connection (the stream is no longer at a frame boundary)."""
@@ -211,7 +218,7 @@ async def test_a_send_blocked_by_a_stopped_daemon_times_out(shared_daemon) -> No
         assert client.connects == 2
 
 
-async def test_real_scans_when_served(shared_daemon, tmp_path: Path) -> None:
+async def test_real_scans_when_served(shared_daemon: DaemonProcess, tmp_path: Path) -> None:
     d = shared_daemon
     sample = tmp_path / "eicar.com"
     sample.write_bytes(EICAR)
@@ -314,7 +321,9 @@ async def test_scan_fd_sends_the_descriptor_with_the_frame(tmp_path: Path) -> No
         nursery.cancel_scope.cancel()
 
 
-def _stream_script(received: list[tuple[int, bytes, int | None]], cut_after: dict[int, int]):
+def _stream_script(
+    received: list[tuple[int, bytes, int | None]], cut_after: dict[int, int]
+) -> Callable[[PeerConn], Awaitable[None]]:
     """Collect streams; on connection k, hang up after ``cut_after[k]`` chunks."""
 
     async def script(conn: PeerConn) -> None:
@@ -394,7 +403,7 @@ async def test_stream_from_an_unreplayable_source_fails_typed(tmp_path: Path) ->
     path = tmp_path / "peer.sock"
     received: list[tuple[int, bytes, int | None]] = []
 
-    async def chunks():
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(6):
             yield b"z" * 1024
             await trio.lowlevel.checkpoint()
@@ -536,7 +545,7 @@ async def test_there_is_a_typed_method_for_every_request(tmp_path: Path) -> None
 # --- clients/download_watcher.py (the example of issue 7 point 8) ---------------------------
 
 
-def _watcher_module():
+def _watcher_module() -> Any:
     import importlib.util
 
     path = Path(__file__).parent.parent / "clients" / "download_watcher.py"
@@ -562,7 +571,9 @@ def test_watcher_scans_a_file_once_it_is_complete() -> None:
     assert tracker.poll({a: (30, 4), done: (9, 3)}) == [a]  # rewritten: scanned again
 
 
-def test_watcher_once_against_the_daemon(shared_daemon, tmp_path: Path, capsys) -> None:
+def test_watcher_once_against_the_daemon(
+    shared_daemon: DaemonProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = shared_daemon
     downloads = tmp_path / "Downloads"
     downloads.mkdir()

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -48,7 +49,7 @@ def fast_breaker(**changes: object) -> ClientConfig:
     return ClientConfig(breaker=breaker, retry=FAST_RETRY)
 
 
-async def test_sigkill_and_restart_while_calling(daemon_factory) -> None:
+async def test_sigkill_and_restart_while_calling(daemon_factory: Any) -> None:
     d = daemon_factory()
     timeout = 2.0
     outcomes: list[tuple[str, float]] = []
@@ -92,7 +93,7 @@ async def test_sigkill_and_restart_while_calling(daemon_factory) -> None:
 
 
 async def test_daemon_absent_breaker_opens_fails_fast_and_recovers(
-    daemon_factory, autojump_clock: trio.testing.MockClock
+    daemon_factory: Any, autojump_clock: trio.testing.MockClock
 ) -> None:
     """SPEC presets as they are (5 attempts; 10 failures; 10 s open), on a mock clock."""
     d = daemon_factory(start=False)
@@ -127,7 +128,7 @@ async def test_daemon_absent_breaker_opens_fails_fast_and_recovers(
         await client.ping()
 
 
-async def test_breaker_recovers_in_real_time_with_a_short_open_timeout(daemon_factory) -> None:
+async def test_breaker_recovers_in_real_time_with_a_short_open_timeout(daemon_factory: Any) -> None:
     d = daemon_factory(start=False)
     config = fast_breaker(open_timeout=0.3)
     async with open_client(d.socket_path, config=config) as client:
@@ -143,7 +144,7 @@ async def test_breaker_recovers_in_real_time_with_a_short_open_timeout(daemon_fa
         assert client.breaker_statistics().state == "closed"
 
 
-async def test_timeouts_count_against_the_breaker(daemon_factory) -> None:
+async def test_timeouts_count_against_the_breaker(daemon_factory: Any) -> None:
     d = daemon_factory()
     async with open_client(d.socket_path, config=fast_breaker(failure_threshold=3,
                                                               open_timeout=0.3)) as client:
@@ -162,7 +163,7 @@ async def test_timeouts_count_against_the_breaker(daemon_factory) -> None:
         assert client.breaker_statistics().state == "closed"
 
 
-async def test_socket_removed_existing_link_lives_new_connects_retry(daemon_factory) -> None:
+async def test_socket_removed_existing_link_lives_new_connects_retry(daemon_factory: Any) -> None:
     d = daemon_factory()
     async with open_client(d.socket_path) as old:
         await old.ping()
@@ -321,7 +322,7 @@ async def test_breaker_trip_via_daemon_control_is_not_the_clients_breaker(
 # --- against the real daemon's subscribe / breakers / scans (as they land) --------------------
 
 
-async def test_real_subscription_survives_a_daemon_kill(daemon_factory) -> None:
+async def test_real_subscription_survives_a_daemon_kill(daemon_factory: Any) -> None:
     d = daemon_factory()
     config = fast_breaker(open_timeout=0.3)
     async with open_client(d.socket_path, config=config) as client:
@@ -340,7 +341,9 @@ async def test_real_subscription_survives_a_daemon_kill(daemon_factory) -> None:
         await sub.aclose()
 
 
-async def test_degraded_notice_reaches_a_subscriber_and_the_buttons_work(daemon_factory) -> None:
+async def test_degraded_notice_reaches_a_subscriber_and_the_buttons_work(
+    daemon_factory: Any
+) -> None:
     d = daemon_factory()
     async with open_client(d.socket_path) as client:
         names = [b.name for b in (await client.breakers()).breakers]
@@ -364,7 +367,7 @@ async def test_degraded_notice_reaches_a_subscriber_and_the_buttons_work(daemon_
 
 
 async def test_real_stream_scan_restarts_after_a_daemon_kill(
-    daemon_factory, tmp_path: Path
+    daemon_factory: Any, tmp_path: Path
 ) -> None:
     import hashlib
 

@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_harness import DaemonProcess
@@ -40,7 +42,7 @@ def _config(**changes: object) -> ClientConfig:
     return ClientConfig(breaker=breaker, retry=retry, **changes)  # type: ignore[arg-type]
 
 
-def test_calls_from_many_threads_share_one_connection(shared_daemon) -> None:
+def test_calls_from_many_threads_share_one_connection(shared_daemon: DaemonProcess) -> None:
     d = shared_daemon
     with SyncClient(d.socket_path) as client:
         assert client.ping() >= 0
@@ -54,7 +56,7 @@ def test_calls_from_many_threads_share_one_connection(shared_daemon) -> None:
         assert client.welcome is not None
 
 
-def test_daemon_down_then_back_with_queued_writes(daemon_factory, tmp_path) -> None:
+def test_daemon_down_then_back_with_queued_writes(daemon_factory: Any, tmp_path: Path) -> None:
     d = daemon_factory(start=False)
     with SyncClient(d.socket_path, config=_config(outbox_path=tmp_path / "o.log")) as client:
         with pytest.raises(RetryExhaustedError):
@@ -76,7 +78,7 @@ def test_daemon_down_then_back_with_queued_writes(daemon_factory, tmp_path) -> N
         assert client.breaker_statistics().state == "closed"
 
 
-def test_unserved_requests_raise_typed_errors(shared_daemon) -> None:
+def test_unserved_requests_raise_typed_errors(shared_daemon: DaemonProcess) -> None:
     d = shared_daemon
     with SyncClient(d.socket_path) as client:
         try:
@@ -87,7 +89,7 @@ def test_unserved_requests_raise_typed_errors(shared_daemon) -> None:
             assert isinstance(client.policy_list().policies, list)
 
 
-def test_close_is_idempotent_and_stops_the_thread(shared_daemon) -> None:
+def test_close_is_idempotent_and_stops_the_thread(shared_daemon: DaemonProcess) -> None:
     d = shared_daemon
     before = threading.active_count()
     client = SyncClient(d.socket_path)
@@ -99,7 +101,7 @@ def test_close_is_idempotent_and_stops_the_thread(shared_daemon) -> None:
         client.ping()
 
 
-def test_an_unusable_outbox_fails_construction(tmp_path) -> None:
+def test_an_unusable_outbox_fails_construction(tmp_path: Path) -> None:
     path = tmp_path / "o.log"
     config = ClientConfig(outbox_path=path)
     with SyncClient(tmp_path / "absent.sock", config=config), pytest.raises(OutboxError):

@@ -96,7 +96,9 @@ R = TypeVar("R", bound=msgspec.Struct)
 #: Headroom for the scan_chunk envelope (type, id, bin header) inside one frame.
 _CHUNK_OVERHEAD = 256
 #: What a stream scan reads from: a path, a binary file, or chunks.
-ScanSource = str | os.PathLike[str] | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes]
+ScanSource = (
+    bytes | str | os.PathLike[str] | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes]
+)
 Progress = Callable[[int, int | None], object]
 
 
