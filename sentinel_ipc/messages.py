@@ -290,6 +290,7 @@ ADMIN_REQUESTS: frozenset[type[Any]] = frozenset(
     {
         PolicyAdd,
         PolicyRemove,
+        QuarantineList,
         QuarantineRestore,
         QuarantineDelete,
         BreakerControl,
@@ -469,11 +470,18 @@ REPLY_TYPES: tuple[type[Any], ...] = Reply.__args__
 
 
 def type_tag(cls: type[Any]) -> str:
-    """The wire ``type`` tag of a message class."""
-    tag = msgspec.inspect.type_info(cls).tag  # type: ignore[attr-defined]
-    assert isinstance(tag, str)
+    """The wire ``type`` tag of a message class (cached: msgspec's inspection is slow)."""
+    tag = _TAG_CACHE.get(cls)
+    if tag is None:
+        info = msgspec.inspect.type_info(cls)
+        tag = getattr(info, "tag", None)
+        if not isinstance(tag, str):
+            raise TypeError(f"{cls!r} is not a tagged message type")
+        _TAG_CACHE[cls] = tag
     return tag
 
+
+_TAG_CACHE: dict[type[Any], str] = {}
 
 REQUEST_TAGS: frozenset[str] = frozenset(type_tag(t) for t in REQUEST_TYPES)
 REPLY_TAGS: frozenset[str] = frozenset(type_tag(t) for t in REPLY_TYPES)

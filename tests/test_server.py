@@ -315,11 +315,6 @@ def test_peer_credentials_decide_admin_requests(daemon_factory: Any, shared_base
     assert d.stop() == 0
 
 
-#: Request types whose registration disagrees with messages.ADMIN_REQUESTS (the
-#: documented admin column); the lead decides which side is right.
-KNOWN_ADMIN_MISMATCHES = {"quarantine_list"}
-
-
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as nobody")
 def test_exactly_the_documented_admin_requests_are_forbidden_to_others(
     daemon_factory: Any, shared_base: Path
@@ -337,7 +332,7 @@ def test_exactly_the_documented_admin_requests_are_forbidden_to_others(
         if isinstance(r, Error) and r.code == ErrorCode.FORBIDDEN and r.id in requests
     }
     documented = {type_tag(t) for t in ADMIN_REQUESTS}
-    assert forbidden ^ documented == KNOWN_ADMIN_MISMATCHES
+    assert forbidden == documented
     assert ping_once(d.socket_path)  # and the shutdown among them was refused
 
 

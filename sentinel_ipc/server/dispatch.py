@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import msgspec
 
 from ..errors import ForbiddenError
-from ..messages import Reply
+from ..messages import ADMIN_REQUESTS, Reply
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -63,12 +63,23 @@ class Dispatcher:
         message_type: type[Req],
         handler: Callable[[Req, RequestContext], Awaitable[Reply | None]],
         *,
-        admin: bool = False,
+        admin: bool | None = None,
         ordered: bool = False,
     ) -> None:
+        """Route ``message_type`` to ``handler``.
+
+        Whether it is an admin operation is decided by
+        :data:`~sentinel_ipc.messages.ADMIN_REQUESTS`, the one documented list;
+        an ``admin`` argument that disagrees with it is a bug and raises.
+        """
         if message_type in self._routes:
             raise ValueError(f"a handler for {message_type.__name__} is already registered")
-        self._routes[message_type] = Route(handler, admin, ordered)
+        documented = message_type in ADMIN_REQUESTS
+        if admin is not None and admin != documented:
+            raise ValueError(
+                f"{message_type.__name__}: admin={admin} disagrees with messages.ADMIN_REQUESTS"
+            )
+        self._routes[message_type] = Route(handler, documented, ordered)
 
     def route(self, message_type: type[Any]) -> Route[Any] | None:
         return self._routes.get(message_type)
