@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -265,6 +266,78 @@ async def test_replies_out_of_order_reach_their_callers(tmp_path: Path) -> None:
                 for i in range(n):
                     calls.start_soon(ask, f"{i:064x}")
             assert answers == {f"{i:064x}": f"{i:064x}" for i in range(n)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_leader_and_followers_under_random_delays_timeouts_and_cancels(
+    tmp_path: Path, rng: random.Random
+) -> None:
+    """Many callers on one connection; the peer answers in random order after
+    random delays, or never; callers time out or are cancelled at random.
+    Every caller gets its own reply, or a timeout at its deadline, or its
+    cancellation: the reads never stall when a leader leaves."""
+    path = tmp_path / "peer.sock"
+    delays: dict[str, float | None] = {}
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        async with trio.open_nursery() as nursery:
+            while True:
+                request, _ = await conn.recv()
+                if request is None:
+                    nursery.cancel_scope.cancel()
+                    return
+                assert isinstance(request, PolicyQuery) and request.sha256 is not None
+                delay = delays[request.sha256]
+                if delay is not None:
+                    nursery.start_soon(answer, conn, request, delay)
+
+    async def answer(conn: PeerConn, q: PolicyQuery, delay: float) -> None:
+        await trio.sleep(delay)
+        await conn.send(PolicyDecision(id=q.id, action="allow", reason=q.sha256))
+
+    outcomes: dict[str, str] = {}
+
+    async def caller(client: Any, sha: str, timeout: float, cancel_after: float | None) -> None:
+        start = trio.current_time()
+        with trio.move_on_after(cancel_after if cancel_after is not None else 1e9):
+            try:
+                decision = await client.policy_query(sha256=sha, timeout=timeout)
+            except RequestTimeoutError:
+                elapsed = trio.current_time() - start
+                assert timeout <= elapsed < timeout + 0.1, (timeout, elapsed)
+                outcomes[sha] = "timeout"
+            else:
+                assert decision.reason == sha
+                outcomes[sha] = "reply"
+            return
+        outcomes[sha] = "cancelled"
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            calls = []
+            for i in range(120):
+                sha = f"{i:064x}"
+                delays[sha] = None if rng.random() < 0.15 else rng.uniform(0, 0.08)
+                timeout = rng.uniform(0.03, 0.2)
+                cancel = rng.uniform(0, 0.1) if rng.random() < 0.15 else None
+                calls.append((sha, timeout, cancel))
+            async with trio.open_nursery() as callers:
+                for sha, timeout, cancel in calls:
+                    callers.start_soon(caller, client, sha, timeout, cancel)
+                    await trio.sleep(rng.uniform(0, 0.002))
+            assert len(outcomes) == 120
+            for sha, timeout, cancel in calls:
+                delay = delays[sha]
+                limit = min(timeout, cancel if cancel is not None else 1e9)
+                if delay is not None and delay + 0.03 < limit:
+                    assert outcomes[sha] == "reply", (sha, delay, timeout, cancel)
+                if delay is None:
+                    assert outcomes[sha] != "reply"
+            assert client.connects == 1
+            delays["f" * 64] = 0.0
+            assert (await client.policy_query(sha256="f" * 64, timeout=1)).reason == "f" * 64
         nursery.cancel_scope.cancel()
 
 

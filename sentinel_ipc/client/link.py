@@ -304,31 +304,37 @@ class Link:
         died first (a :class:`SentinelError`), or a non-retryable
         :class:`RequestTimeoutError` at the deadline.
         """
-        while True:
-            reply = pending.reply
-            if reply is not None:
-                if type(reply) is Error:
-                    raise error_from_reply(reply)
-                return reply
-            if pending.error is not None:
-                raise pending.error
-            if pending.timed_out:
-                raise RequestTimeoutError("no reply in time", retryable=False)
+        try:
+            while True:
+                reply = pending.reply
+                if reply is not None:
+                    if type(reply) is Error:
+                        raise error_from_reply(reply)
+                    return reply
+                if pending.error is not None:
+                    raise pending.error
+                if pending.timed_out:
+                    raise RequestTimeoutError("no reply in time", retryable=False)
+                if self.leader is None:
+                    self.leader = pending
+                    try:
+                        await self._lead(pending)
+                    finally:
+                        self.leader = None
+                else:
+                    pending.waiting = True
+                    try:
+                        await pending.event.wait()
+                    finally:
+                        pending.waiting = False
+                    if not pending.done and not pending.timed_out:
+                        pending.event = trio.Event()  # woken to lead: re-arm
+        finally:
+            # However this caller leaves (its reply, its deadline, a cancel),
+            # the reads must go on for the others: hand the baton on. A
+            # follower woken to lead that leaves instead passes it too.
             if self.leader is None:
-                self.leader = pending
-                try:
-                    await self._lead(pending)
-                finally:
-                    self.leader = None
-                    self._pass_baton()
-            else:
-                pending.waiting = True
-                try:
-                    await pending.event.wait()
-                finally:
-                    pending.waiting = False
-                if not pending.done and not pending.timed_out:
-                    pending.event = trio.Event()  # woken to lead: re-arm
+                self._pass_baton()
 
     async def _lead(self, pending: Pending) -> None:
         while not pending.done and not pending.timed_out and not self.closed:
