@@ -113,6 +113,8 @@ KEY_RETENTION_SECONDS: Final = 30 * 24 * 3600
 #: its journaled copy both landing: a day is plenty.
 RECORD_KEY_RETENTION_SECONDS: Final = 24 * 3600
 _REQUIRED_TABLES: Final = frozenset({"policies", "threat_history", "applied_writes"})
+#: access() with the effective uid (faccessat AT_EACCESS) where the platform has it.
+_EFFECTIVE_IDS: Final = os.access in os.supports_effective_ids
 
 T = TypeVar("T")
 
@@ -605,6 +607,7 @@ class PolicyStore:
             _unlink_db_files(salvage)
             dst = sqlite3.connect(str(salvage), isolation_level=None)
             try:
+                os.chmod(salvage, 0o600)  # it becomes the database: as private as the old
                 old.backup(dst)
                 ok = [r[0] for r in dst.execute("PRAGMA quick_check")] == ["ok"]
                 dst.execute("PRAGMA journal_mode = DELETE")
@@ -738,6 +741,14 @@ class PolicyStore:
         """
         start = time.perf_counter()
         self._require()
+        # SQLite hands a new connection the descriptor an earlier one left behind
+        # (it cannot close it while this process holds locks on the file), so
+        # after the first verification the "fresh" open makes no open() call and
+        # a file made unreadable passes. access() asks the kernel without opening.
+        if not os.access(self.path, os.R_OK | os.W_OK, effective_ids=_EFFECTIVE_IDS):
+            raise DatabaseIOError(
+                f"policy database {self.path}: permission denied (cannot read and write it)"
+            )
         fresh = self._connect(self.path, "ro")
         try:
             try:
