@@ -8,6 +8,8 @@ import base64
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -376,3 +378,80 @@ async def test_closing_the_pool_leaves_no_process_or_descriptor(rules: RulesInfo
             nursery.cancel_scope.cancel()  # leaves a worker draining at shutdown
     assert len(pids) == 2 and all(gone(pid) for pid in pids)
     assert open_fds() == before
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, trio
+from pathlib import Path
+import msgspec
+from sentinel_ipc.scanning.pool import PoolConfig, WorkerPool
+from sentinel_ipc.scanning.rules import RulesInfo
+
+async def main():
+    pool = WorkerPool(PoolConfig(workers=2), msgspec.json.decode(sys.argv[1], type=RulesInfo))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        await pool.wait_alive()
+        fd = os.memfd_create("slow")
+        os.write(fd, b"SLOW" + b"A" * 1_600_000)
+        handle = await pool.acquire()
+        nursery.start_soon(lambda: pool.run_job(handle, fd, {}, yara_timeout=60,
+                                                hard_timeout=60, max_bytes=1 << 30))
+        while not pool.statistics().busy_pids:
+            await trio.sleep(0.01)
+        print(" ".join(map(str, pool.worker_pids())), flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_workers_exit_when_the_daemon_is_killed_even_mid_scan(rules: RulesInfo) -> None:
+    """kill -9 of the daemon: its workers (one busy for ~10 s) exit within a second."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _ORPHAN_SCRIPT, msgspec.json.encode(rules).decode()],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        with trio.fail_after(20):
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "the pool script died before reporting its workers"
+                line += chunk
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2
+        proc.kill()
+        await proc.wait()
+        await wait_for(lambda: all(_gone_or_zombie(pid) for pid in pids), timeout=2.0)
+    finally:
+        proc.kill()
+        await proc.wait()
+        await proc.stdout.aclose()
+
+
+async def test_workers_outlive_the_thread_that_spawned_them(
+    rules: RulesInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trio starts processes from its thread cache, whose idle threads exit (after
+    10 s; 0.4 s here, longer than a worker takes to start). A worker tied to its
+    parent *thread* (PR_SET_PDEATHSIG) would be killed then; ours watch the
+    daemon's socket instead."""
+    from trio._core import _thread_cache
+
+    monkeypatch.setattr(_thread_cache, "IDLE_TIMEOUT", 0.4)
+    async with running_pool(rules) as pool:
+        await pool.wait_alive()
+        pids = pool.worker_pids()
+        await trio.sleep(1.0)
+        assert pool.worker_pids() == pids and pool.statistics().crashes_total == 0
+        assert (await job(pool, EICAR)).matches

@@ -382,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="where compiled rules are cached (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     args = ap.parse_args(argv)
+    from sentinel_ipc.logs import configure_logging
+
+    configure_logging("warning")  # worker deaths and unscanned files show up in the log
 
     if args.make_corpus:
         ensure_corpus(args.corpus, args.total_mib, args.files, args.seed)

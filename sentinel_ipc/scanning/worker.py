@@ -18,8 +18,12 @@ instead of loading the daemon's event loop.
 
 One job at a time: ``Job`` in, ``Result`` out, until the daemon closes its end
 (EOF) and the worker exits. A worker that the daemon no longer wants is simply
-killed; it holds no state worth saving. ``PR_SET_PDEATHSIG`` kills it when the
-daemon dies, so a crashed daemon cannot leak workers.
+killed; it holds no state worth saving. A watchdog thread blocks in ``poll()``
+for the hang-up of the daemon's end of the socket and exits at once, even in
+the middle of a scan, so a crashed daemon cannot leak workers. (Not
+``PR_SET_PDEATHSIG``: it fires when the *thread* that forked the child exits,
+and trio forks from its worker-thread cache, whose idle threads exit after
+10 s -- every worker would be SIGKILLed soon after it started.)
 
 Failures are reported, not hidden: YARA's timeout -> ``kind="timeout"``;
 memory exhaustion (``MemoryError``, ``ENOMEM`` from ``mmap`` under
@@ -148,18 +152,24 @@ def _rss() -> int:
         return 0
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this worker when the daemon dies (Linux), and exit if it already has."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - non-Linux
-        pass
+def _die_with_parent(parent_pid: int, sock_fd: int) -> None:
+    """Exit when the daemon's end of the socket hangs up (it died), even mid-scan."""
     if parent_pid and os.getppid() != parent_pid:
         os._exit(0)
+    import select
+    import threading
+
+    hangup = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(sock_fd, select.POLLRDHUP)  # HUP and ERR are always reported
+        while True:
+            for _fd, events in poller.poll():
+                if events & hangup:
+                    os._exit(0)
+
+    threading.Thread(target=watch, name="daemon-watchdog", daemon=True).start()
     # Under memory pressure the kernel should kill a worker, never the daemon.
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The daemon handles Ctrl-C / SIGTERM and then kills us; don't die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(args.parent_pid)
+    _die_with_parent(args.parent_pid, args.sock)
     sock = socket.socket(fileno=args.sock)
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(ToWorker)
