@@ -185,6 +185,10 @@ def outage_reason(error: BaseException) -> str:
     while isinstance(cause, RetryExhaustedError) and cause.__cause__ is not None:
         cause = cause.__cause__
     if isinstance(cause, CircuitOpenError):
+        # Opened by this very call's failures (``raise rejected from error``):
+        # the failure is the reason a person can act on, not the breaker.
+        if cause.__cause__ is not None and not isinstance(cause.__cause__, CircuitOpenError):
+            return outage_reason(cause.__cause__)
         return "database circuit breaker open"
     if isinstance(cause, DatabaseLockedError):
         return "database locked"
