@@ -74,6 +74,10 @@ class RecordDecision(_Op, tag="record", frozen=True):
 
     hit_policy_id: int | None = None
     threat: ThreatDraft | None = None
+    #: The key of the queued ``AddPolicy`` that decided, when that policy had no
+    #: database id yet; replay counts the hit on (and links the threat row to)
+    #: the id the add was given.
+    hit_policy_key: str | None = None
 
 
 JournalOp = AddPolicy | RemovePolicy | RecordDecision

@@ -246,6 +246,8 @@ class PolicyService:
         self._snapshot_lock = trio.Lock()
         self._wake = trio.Event()
         self._recent_keys: OrderedDict[str, int | None] = OrderedDict()
+        #: Provisional (negative) snapshot id of a queued add -> the add's key.
+        self._provisional_keys: dict[int, str] = {}
         self._replayed_seq = 0
         self._next_verify = 0.0
         self._next_refresh = 0.0
@@ -399,10 +401,13 @@ class PolicyService:
                 if record and audit:
                     self._audit_decision(result.decision, sha256, url, matches, filename)
                 return result.decision
-        decision = self._decide_from_snapshot(sha256, url, matches, now, mime_type, kwargs)
+        decision, hit_key = self._decide_from_snapshot(
+            sha256, url, matches, now, mime_type, kwargs
+        )
         if record:
             await self._journal_record(
-                decision, sha256, url, matches, now, filename, mime_type, size, record_key
+                decision, sha256, url, matches, now, filename, mime_type, size, record_key,
+                hit_key,
             )
             if audit:
                 self._audit_decision(decision, sha256, url, matches, filename)
@@ -416,7 +421,8 @@ class PolicyService:
         now: float,
         mime_type: str | None,
         kwargs: dict[str, Any],
-    ) -> Decision:
+    ) -> tuple[Decision, str | None]:
+        """The decision, and the key of the queued add that decided (if one did)."""
         d = decide(
             self._snapshot.index,
             sha256=sha256,
@@ -427,7 +433,9 @@ class PolicyService:
             **kwargs,
         )
         reason = self._reason or "database unavailable"
+        hit_key = None
         if d.policy_id is not None and d.policy_id < 0:
+            hit_key = self._provisional_keys.get(d.policy_id)
             # A policy queued during the outage: it has no database id yet.
             d.reason = d.reason.replace(f"policy #{d.policy_id}", "queued policy", 1)
             d.reason += " (not yet in the database)"
@@ -440,7 +448,7 @@ class PolicyService:
             *d.warnings,
             f"policy database unavailable ({reason}); using cached security policies",
         ]
-        return d
+        return d, hit_key
 
     def _audit_decision(
         self,
@@ -474,6 +482,7 @@ class PolicyService:
         mime_type: str | None,
         size: int,
         key: str,
+        hit_key: str | None = None,
     ) -> None:
         threat = threat_from(
             d,
@@ -486,9 +495,11 @@ class PolicyService:
             size=size,
         )
         hit = d.policy_id if d.policy_id is not None and d.policy_id > 0 else None
-        if threat is None and hit is None:
+        if threat is None and hit is None and hit_key is None:
             return
-        op = RecordDecision(key=key, at=now, hit_policy_id=hit, threat=threat)
+        op = RecordDecision(
+            key=key, at=now, hit_policy_id=hit, threat=threat, hit_policy_key=hit_key
+        )
         try:
             await self._journal_append([op])
         except SentinelError as exc:
@@ -590,7 +601,7 @@ class PolicyService:
                 )
             op = AddPolicy(key=key, at=now, policy=draft)
             stored = await self._journal_append([op])
-            self._snapshot.overlay(stored[0])
+            self._overlay(stored[0])
             self._audit_event(
                 "policy_add",
                 policy_id=None,
@@ -647,7 +658,7 @@ class PolicyService:
                 raise NotFoundError(f"no policy with id {policy_id}")
             op = RemovePolicy(key=key, at=now, policy_id=policy_id)
             stored = await self._journal_append([op])
-            self._snapshot.overlay(stored[0])
+            self._overlay(stored[0])
             self._audit_event(
                 "policy_remove",
                 policy_id=policy_id,
@@ -656,6 +667,17 @@ class PolicyService:
                 removed_by=removed_by,
             )
             return policy_id, True
+
+    def _replace_snapshot(self, policies: _List[PolicyRecord], max_id: int) -> None:
+        """Reload from the database: the overlay (and its provisional ids) is gone."""
+        self._snapshot.replace_all(policies, max_id)
+        self._provisional_keys.clear()
+
+    def _overlay(self, op: JournalOp) -> None:
+        """Lay a journaled write over the snapshot (remembering a queued add's key)."""
+        self._snapshot.overlay(op)
+        if isinstance(op, AddPolicy):
+            self._provisional_keys[-op.seq] = op.key
 
     def _remember_key(self, key: str | None, policy_id: int | None) -> None:
         if key is None:
@@ -752,7 +774,7 @@ class PolicyService:
                         policies, max_id = await self._db(
                             partial(self._store.load_active, self._wall()), "load"
                         )
-                        self._snapshot.replace_all(policies, max_id)
+                        self._replace_snapshot(policies, max_id)
                         self._set_state(False, None)
             except (SentinelError, trio.TooSlowError) as exc:
                 reason = outage_reason(exc)
@@ -865,7 +887,7 @@ class PolicyService:
             return False
         async with self._write_lock:
             if not self._degraded and not self.journal_depth:
-                self._snapshot.replace_all(policies, max_id)
+                self._replace_snapshot(policies, max_id)
         await self._persist_snapshot()
         return True
 
@@ -953,7 +975,7 @@ class PolicyService:
             self._audit_event("journal_unavailable", error=str(exc))
         if self._journal is not None:
             for op in self._journal.pending():
-                self._snapshot.overlay(op)
+                self._overlay(op)
             if self._journal.depth:
                 log.warning("policy journal: %d writes pending replay", self._journal.depth)
         try:
@@ -975,7 +997,7 @@ class PolicyService:
         except (SentinelError, trio.TooSlowError) as exc:
             self._set_state(True, outage_reason(exc))
             return
-        self._snapshot.replace_all(policies, max_id)
+        self._replace_snapshot(policies, max_id)
         self._degraded, self._reason = False, None
         await self._persist_snapshot()
 

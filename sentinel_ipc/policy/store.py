@@ -1072,8 +1072,15 @@ class PolicyStore:
             if not conn.execute("DELETE FROM policies WHERE id = ?", (op.policy_id,)).rowcount:
                 status, detail = "not_found", f"no policy with id {op.policy_id}"
         elif isinstance(op, RecordDecision):
-            self._record_tx(conn, op.hit_policy_id, op.threat, op.at)
-            policy_id = op.hit_policy_id
+            hit_id, threat = op.hit_policy_id, op.threat
+            if hit_id is None and op.hit_policy_key is not None:
+                # Decided by a policy queued in the same outage: replayed before
+                # this entry (journal order), so its key names its new id.
+                hit_id = _lookup_key(conn, op.hit_policy_key)[1]
+                if threat is not None and threat.policy_id is None and hit_id is not None:
+                    threat = msgspec.structs.replace(threat, policy_id=hit_id)
+            self._record_tx(conn, hit_id, threat, op.at)
+            policy_id = hit_id
         _mark_applied(conn, op.key, policy_id, self._wall())
         return ReplayOutcome(
             seq=op.seq, key=op.key, op=kind, status=status, policy_id=policy_id, detail=detail
