@@ -106,3 +106,18 @@ def test_an_unusable_outbox_fails_construction(tmp_path: Path) -> None:
     config = ClientConfig(outbox_path=path)
     with SyncClient(tmp_path / "absent.sock", config=config), pytest.raises(OutboxError):
         SyncClient(tmp_path / "absent.sock", config=config)
+
+
+def test_blocking_subscription_sees_the_gap_and_the_renewal(daemon_factory: Any) -> None:
+    d = daemon_factory()
+    with SyncClient(d.socket_path, config=_config()) as client:
+        with client.subscribe(["services", "degraded"]) as sub:
+            d.kill()
+            d.start()
+            kinds: list[str] = []
+            while kinds[-1:] != ["resubscribed"]:
+                event = sub.get(timeout=15)
+                if event.topic == "client":
+                    kinds.append(event.kind)
+            assert kinds == ["connection_lost", "resubscribed"]
+        assert client.ping() >= 0
