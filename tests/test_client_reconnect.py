@@ -394,3 +394,36 @@ async def test_real_stream_scan_restarts_after_a_daemon_kill(
         assert result.sha256 == hashlib.sha256(content).hexdigest()
         assert result.size == len(content)
         assert progress.count(16 * 1024) == 2  # the stream started over from byte 0
+
+
+async def test_closing_the_client_fails_calls_in_flight_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "peer.sock"
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        while (await conn.recv())[0] is not None:
+            pass  # never answers
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            await client.connect()
+            errors: list[BaseException] = []
+
+            async def call() -> None:
+                try:
+                    await client.ping(timeout=30)
+                except TransportError as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as calls:
+                for _ in range(3):
+                    calls.start_soon(call)
+                await trio.testing.wait_all_tasks_blocked()
+                start = trio.current_time()
+                await client.aclose()
+            assert trio.current_time() - start < 0.5  # no retries after close
+            assert len(errors) == 3 and all("closed" in str(e) for e in errors)
+            with pytest.raises(TransportError, match="closed"):
+                await client.ping()
+        nursery.cancel_scope.cancel()

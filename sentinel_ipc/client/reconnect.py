@@ -158,7 +158,7 @@ class Connector:
         failure), ``RequestTimeoutError`` or ``ConnectionLostError``.
         """
         if self._closing:
-            raise TransportError("the client is closed")
+            raise TransportError("the client is closed", retryable=False)
         if not self._timer_running:
             self._timer_running = True
             self._tasks.start_soon(self._timer.run)
@@ -311,7 +311,7 @@ class Connector:
         """``attempt(*args)`` under the retry policy and the breaker, within ``timeout``
         (a cancel scope: for the calls that are not one frame and one reply)."""
         if self._closing:
-            raise TransportError("the client is closed")
+            raise TransportError("the client is closed", retryable=False)
         with trio.CancelScope(deadline=trio.current_time() + timeout):
             return await guarded_call(
                 attempt, *args, breaker=self.breaker, retry=self.retry, operation=_OPERATION
@@ -346,7 +346,7 @@ class Connector:
                 # rather than queueing one connect timeout after another.
                 raise TransportError(last.message) from last
             if self._closing:
-                raise TransportError("the client is closed")
+                raise TransportError("the client is closed", retryable=False)
             limit = min(deadline, trio.current_time() + self.config.connect_timeout)
             try:
                 with trio.move_on_at(limit) as scope:
@@ -544,7 +544,7 @@ class Connector:
             sub.close()
         link = self._link
         if link is not None:
-            link.fail(TransportError("the client is closed"))
+            link.fail(TransportError("the client is closed", retryable=False))
 
 
 __all__ = ["Connector"]

@@ -151,17 +151,17 @@ class SyncClient:
     @property
     def client(self) -> Client:
         if self._client is None or self._closed:
-            raise TransportError("the client is closed")
+            raise TransportError("the client is closed", retryable=False)
         return self._client
 
     def _run(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._closed:
-            raise TransportError("the client is closed")
+            raise TransportError("the client is closed", retryable=False)
         return trio.from_thread.run(partial(fn, *args, **kwargs), trio_token=self._token)
 
     def _run_sync(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._closed:
-            raise TransportError("the client is closed")
+            raise TransportError("the client is closed", retryable=False)
         return trio.from_thread.run_sync(partial(fn, *args, **kwargs), trio_token=self._token)
 
     def close(self, timeout: float = 10.0) -> None:
