@@ -135,6 +135,17 @@ _IO = (
     "SQLITE_AUTH",
 )
 _CORRUPT = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+#: Errors of a backup that come from the side being *written* (the salvage copy).
+_SALVAGE_TARGET = (
+    "SQLITE_FULL",
+    "SQLITE_CANTOPEN",
+    "SQLITE_READONLY",
+    "SQLITE_PERM",
+    "SQLITE_IOERR_WRITE",
+    "SQLITE_IOERR_FSYNC",
+    "SQLITE_IOERR_DIR",
+    "SQLITE_IOERR_TRUNCATE",
+)
 
 
 def map_sqlite_error(exc: sqlite3.Error, what: str) -> SentinelError:
@@ -291,6 +302,8 @@ class PolicyStore:
         self._wall = wall_clock
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
+        #: The identity whose move was already reported (recovery may need several tries).
+        self._moved_reported: tuple[int, int] | None = None
         self._events: list[StoreEvent] = []
         self._events_lock = threading.Lock()
 
@@ -326,7 +339,9 @@ class PolicyStore:
                 self._call("check", lambda c: c.execute("SELECT 1").fetchone())
                 return events
             except DatabaseMovedError as exc:
-                events.append(StoreEvent(kind="moved_detected", detail=exc.message))
+                if self._moved_reported != self._identity:
+                    self._moved_reported = self._identity
+                    events.append(StoreEvent(kind="moved_detected", detail=exc.message))
                 events.extend(self._recover_moved(seed, seed_max_id))
                 return events
             except DatabaseCorruptError:
@@ -615,6 +630,17 @@ class PolicyStore:
                 dst.close()
             salvaged = ok
         except (sqlite3.Error, OSError) as exc:
+            name = getattr(exc, "sqlite_errorname", "") or ""
+            if isinstance(exc, OSError) or name.startswith(_SALVAGE_TARGET):
+                # The copy cannot be written (a read-only or full data dir). The
+                # open connection holds the only copy of the content: keep it,
+                # fail this attempt, and salvage when recovery tries again.
+                _unlink_db_files(salvage)
+                raise DatabaseIOError(
+                    f"policy database {self.path} was deleted or replaced, and its "
+                    f"content cannot be copied out yet: {exc}"
+                ) from exc
+            # The old file itself cannot be read: waiting would not help.
             log.error("policy database: cannot salvage the moved file: %s", exc)
         self.close()
         # The -wal/-shm at the path belong to the old file; a new file must never see them.
