@@ -195,7 +195,7 @@ async def test_pipelined_calls_to_a_stopped_daemon_all_time_out_on_time(
         finally:
             d.signal(signal.SIGCONT)
         for timeout, elapsed in ends.items():
-            assert timeout <= elapsed < timeout + 0.15, (timeout, elapsed)
+            assert timeout <= elapsed < timeout + 0.25, (timeout, elapsed)
         await client.ping(timeout=5)
         assert client.connects == 1  # a timeout does not cost the connection
 
