@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .logs import log_event
-from .messages import ACTION_SEVERITY, Action, ScanResult
+from .messages import Action, ScanResult
 
 if TYPE_CHECKING:
     from .audit import AuditLog
@@ -65,6 +65,19 @@ class VerdictMaker:
         if outcome.degraded:
             reasons.append("scanner")
 
+        # Reputation first: a known-bad answer is part of the decision (and of
+        # the threat row), not a correction after it was recorded.
+        reputation: str | None = None
+        known_bad: str | None = None
+        if self.reputation is not None:
+            looked_up = await self.reputation.lookup(outcome.sha256)
+            reputation = looked_up.verdict
+            if looked_up.verdict == "unavailable":
+                reasons.append("reputation")
+                warnings.append(looked_up.warning or "reputation lookup unavailable")
+            elif looked_up.verdict == "known_bad":
+                known_bad = looked_up.name or "known malware"
+
         action: Action
         policy_id: int | None = None
         reason: str | None
@@ -79,6 +92,7 @@ class VerdictMaker:
                 mime_type=meta.mime_type,
                 size=outcome.size,
                 audit=False,  # audited below, once, with the final verdict
+                known_bad=known_bad,
             )
             action, policy_id, reason = decision.action, decision.policy_id, decision.reason
             warnings.extend(w for w in decision.warnings if w not in warnings)
@@ -86,12 +100,8 @@ class VerdictMaker:
                 reasons.append("database")
         else:
             action, reason = self._without_policy(outcome)
-
-        reputation: str | None = None
-        if self.reputation is not None:
-            action, reason, reputation = await self._apply_reputation(
-                outcome.sha256, action, reason, policy_id, warnings, reasons
-            )
+            if known_bad is not None and action != "block":
+                action, reason = "block", f"reputation: known malware {known_bad!r}"
 
         quarantine_id: str | None = None
         if action == "quarantine" and self.quarantine is not None:
@@ -165,25 +175,3 @@ class VerdictMaker:
         if outcome.matches:
             return "block", "matched " + ", ".join(sorted({m.rule for m in outcome.matches}))
         return "allow", "no rule matched"
-
-    async def _apply_reputation(
-        self,
-        sha256: str,
-        action: Action,
-        reason: str | None,
-        policy_id: int | None,
-        warnings: list[str],
-        reasons: list[str],
-    ) -> tuple[Action, str | None, str]:
-        assert self.reputation is not None
-        result = await self.reputation.lookup(sha256)
-        if result.verdict == "unavailable":
-            reasons.append("reputation")
-            warnings.append(result.warning or "reputation lookup unavailable")
-            return action, reason, result.verdict
-        if result.verdict == "known_bad" and ACTION_SEVERITY[action] < ACTION_SEVERITY["block"]:
-            # A user's explicit "always allow" on this hash still wins.
-            if action == "allow" and policy_id is not None and reason and "sha256" in reason:
-                return action, reason, result.verdict
-            return "block", f"reputation: {result.name or 'known malware'}", result.verdict
-        return action, reason, result.verdict

@@ -616,3 +616,60 @@ async def test_quarantine_store_list_restore_delete(daemon_factory: Any, tmp_pat
     detections = audit_events(d.data_dir, "detection")
     assert len(detections) == 3
     assert {e.get("quarantine_id") for e in detections} == {i.quarantine_id for i in items.values()}
+
+
+# --- reputation and the threat history --------------------------------------------
+
+
+async def test_reputation_known_bad_is_part_of_the_decision_and_recorded(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """A file the reputation service knows as malware is blocked (no rule needs to
+    match) unless the user's sha256 policy allows it, and the threat row says what
+    the client was told."""
+    from http_fixture import serve_http
+
+    bad = b"nothing any rule knows " + os.urandom(64)
+    warned = b"a file with a sha256 warn policy " + os.urandom(64)
+    with serve_http(max_hang=5.0) as server:
+        for data in (bad, warned, EICAR):
+            server.reputation[sha(data)] = {"verdict": "malicious", "name": "Evil-X"}
+        config = daemon_config(tmp_path)
+        config["reputation"] = {"url": server.url + "/reputation", "lookup_deadline": 2.0}
+        d = daemon_factory(config=config)
+        async with open_framed_connection(d.socket_path) as conn:
+            w = Wire(conn)
+            allow_eicar = await w.add("allow", sha256=sha(EICAR))
+            warn_id = await w.add("warn", sha256=sha(warned))
+            r = await w.scan(bad, filename="bad.bin")
+            assert (r.action, r.policy_id, r.matches, r.reputation) == (
+                "block",
+                None,
+                [],
+                "known_bad",
+            )
+            assert r.reason and "Evil-X" in r.reason
+            r = await w.scan(warned)
+            assert (r.action, r.policy_id) == ("block", None)
+            assert r.reason and "Evil-X" in r.reason and f"#{warn_id}" in r.reason
+            r = await w.scan(EICAR)  # the user's "always allow" wins
+            assert (r.action, r.policy_id, r.reputation) == ("allow", allow_eicar, "known_bad")
+            r = await w.scan(b"unknown to everyone " + os.urandom(16))
+            assert (r.action, r.reputation) == ("allow", "unknown")
+            rows = {t.file_hash: t for t in await w.threats()}
+            assert set(rows) == {sha(bad), sha(warned), sha(EICAR)}
+            assert (rows[sha(bad)].action_taken, rows[sha(bad)].filename) == ("block", "bad.bin")
+            assert rows[sha(warned)].action_taken == "block"
+            assert (rows[sha(EICAR)].action_taken, rows[sha(EICAR)].policy_id) == (
+                "allow",
+                allow_eicar,
+            )
+            policies = await w.policies()
+            assert (policies[allow_eicar].hit_count, policies[warn_id].hit_count) == (1, 0)
+        d.stop()
+    detections = audit_events(d.data_dir, "detection")
+    assert {e["sha256"]: e["action"] for e in detections} == {
+        sha(bad): "block",
+        sha(warned): "block",
+        sha(EICAR): "allow",
+    }

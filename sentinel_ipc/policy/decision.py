@@ -375,8 +375,53 @@ def decide(
     mime_type: str | None = None,
     scanned: bool = True,
     fail_closed: bool = False,
+    known_bad: str | None = None,
 ) -> Decision:
-    """The verdict for one scanned file (see the module docstring for the order)."""
+    """The verdict for one scanned file (see the module docstring for the order).
+
+    ``known_bad``: a reputation service names this file as malware (the name):
+    the verdict is then at least ``block``, unless a sha256 policy allows this
+    very file (the user's "always allow" still wins). Deciding it here, and not
+    after the fact, makes the threat row record the verdict the client gets.
+    """
+    d, by_hash = _decide(
+        index,
+        sha256=sha256,
+        url=url,
+        matches=matches,
+        now=now,
+        default_match_action=default_match_action,
+        severity_actions=severity_actions,
+        mime_type=mime_type,
+        scanned=scanned,
+        fail_closed=fail_closed,
+    )
+    if known_bad is None or d.action == "block" or (by_hash and d.action == "allow"):
+        return d
+    return Decision(
+        action="block",
+        reason=f"reputation: known malware {known_bad!r} (else: {d.action}, {d.reason})",
+        degraded=d.degraded,
+        warnings=d.warnings,
+        degraded_reason=d.degraded_reason,
+        severity=d.severity,
+    )
+
+
+def _decide(
+    index: PolicyIndex,
+    *,
+    sha256: str,
+    url: str | None,
+    matches: Sequence[RuleMatch],
+    now: float,
+    default_match_action: Action,
+    severity_actions: Mapping[str, Action] | None,
+    mime_type: str | None,
+    scanned: bool,
+    fail_closed: bool,
+) -> tuple[Decision, bool]:
+    """The decision, and whether a sha256 policy made it."""
     severity = max_severity(matches)
     rules = frozenset(k for m in matches for k in rule_keys(m))
 
@@ -388,7 +433,7 @@ def decide(
             policy_id=hit.id,
             reason=f"sha256 policy #{hit.id} ({hit.action})" + _why(hit),
             severity=severity,
-        )
+        ), True
 
     # 2. URL pattern
     if url is not None:
@@ -403,7 +448,7 @@ def decide(
                 policy_id=hit.id,
                 reason=f"url policy #{hit.id} {hit.url_pattern!r} ({hit.action})" + _why(hit),
                 severity=severity,
-            )
+            ), False
 
     if not scanned:
         action: Action = "block" if fail_closed else "allow"
@@ -417,10 +462,10 @@ def decide(
             degraded_reason="scanner unavailable",
             warnings=[warning],
             severity=severity,
-        )
+        ), False
 
     if not matches:
-        return Decision(action="allow", reason=NO_MATCH_REASON)
+        return Decision(action="allow", reason=NO_MATCH_REASON), False
 
     # 3 + 4. per matched rule: its policy, else the (severity-mapped) default; strictest wins.
     sev_map = severity_actions or {}
@@ -451,7 +496,7 @@ def decide(
         policy_id=None if decided_by is None else decided_by.id,
         reason=reason,
         severity=severity,
-    )
+    ), False
 
 
 def _why(p: PolicyRecord) -> str:

@@ -357,6 +357,7 @@ class PolicyService:
         size: int = 0,
         fail_closed: bool | None = None,
         audit: bool = True,
+        known_bad: str | None = None,
     ) -> Decision:
         """The verdict for one scanned file (order in ``decision``); never raises
         for a database failure: then it decides from the snapshot, degraded.
@@ -365,11 +366,14 @@ class PolicyService:
         threat row (every detection, every non-allow verdict): to the database,
         or to the journal during an outage. ``audit=False`` leaves the audit
         line of the detection to the caller (the daemon's VerdictMaker writes
-        one with the final verdict: reputation and quarantine come after this).
+        one with the final verdict, quarantine included). ``known_bad``: the
+        reputation service's name for this file, if it knows it as malware
+        (see :func:`~sentinel_ipc.policy.decision.decide`).
         """
         now = self._wall()
         kwargs = self._decide_kwargs(fail_closed)
         kwargs["scanned"] = scanned
+        kwargs["known_bad"] = known_bad
         # One key for the record, whichever way it goes: a database attempt that
         # timed out may still commit later, and its journaled copy must not land too.
         record_key = new_key("r")
