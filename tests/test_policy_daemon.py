@@ -344,16 +344,26 @@ async def test_policy_messages_and_decision_order_through_real_scans(
         assert k1.policy_id == k2.policy_id and k1.policy_id is not None
         assert sum(p.rule_name == "R1" for p in (await w.policies()).values()) == 1
 
+        # An expired policy never applies (and one cannot be made already expired).
+        expires = time.time() + 0.6
+        soon = await w.add("block", url_pattern="https://soon.example/*", expires_at=expires)
+        r = await w.scan(clean, url="https://soon.example/a")
+        assert (r.action, r.policy_id) == ("block", soon)
+        await trio.sleep(max(0.0, expires - time.time()) + 0.05)
+        r = await w.scan(clean, url="https://soon.example/a")
+        assert (r.action, r.policy_id) == ("allow", None)
+        await w.error(PolicyAdd, "policy_invalid", action="block", sha256="ee" * 32, expires_at=1.0)
+
     # The audit log has every policy change.
     adds = wait_audit(d.data_dir, lambda e: e.get("kind") == "policy_add")
-    assert len(adds) == 7
+    assert len(adds) == 8
     assert wait_audit(
         d.data_dir, lambda e: e.get("kind") == "policy_remove" and e.get("policy_id") == allow_eicar
     )
     d.stop()
-    # ... and each detection exactly once (15 scans, two of them clean allows)
+    # ... and each detection exactly once (17 scans, three of them clean allows)
     detections = audit_events(d.data_dir, "detection")
-    assert len(detections) == 13, detections
+    assert len(detections) == 14, detections
     assert {e["sha256"] for e in detections} >= {
         sha(EICAR),
         sha(LOW),
