@@ -17,6 +17,12 @@ URLs that match a pattern or not, rule matches):
 
 Bars (issue 5): p99 < 1 ms from the snapshot, < 5 ms from the database.
 
+``--daemon`` measures instead ``policy_query`` round trips through a real
+``sentineld`` (started on a database holding the same policies), beside a
+``ping`` round trip on the same connection: healthy (the database path) and
+with the database breaker tripped (the snapshot path). The difference to the
+ping is what the policy decision adds to a request.
+
 ``--gc-freeze`` moves everything alive after the setup out of the cyclic
 garbage collector's view (``gc.freeze()``), as a daemon may do once it has
 started: most of the tail above ~1 ms is full collections walking the 10,000
@@ -27,15 +33,18 @@ paths only) separates work from a busy machine's preemptions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
+import signal
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +53,20 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sentinel_ipc.messages import PolicyRecord, RuleMatch  # noqa: E402
+from sentinel_ipc.messages import (  # noqa: E402
+    Ack,
+    BreakerControl,
+    Ping,
+    PolicyDecision,
+    PolicyQuery,
+    PolicyRecord,
+    Pong,
+    RuleMatch,
+)
 from sentinel_ipc.policy import PolicyConfig, open_policy_service  # noqa: E402
 from sentinel_ipc.policy.decision import PolicyIndex, decide  # noqa: E402
 from sentinel_ipc.policy.store import PolicyStore  # noqa: E402
+from sentinel_ipc.transport import FramedConnection, open_framed_connection  # noqa: E402
 
 KW: dict[str, Any] = {"default_match_action": "block", "severity_actions": {"low": "warn"}}
 Query = tuple[str, str | None, list[RuleMatch]]
@@ -241,6 +260,123 @@ async def run(args: argparse.Namespace) -> list[dict[str, float | str | int]]:
     return results
 
 
+@contextlib.contextmanager
+def running_daemon(base: Path) -> Iterator[Path]:
+    """A real sentineld on ``base``'s data dir (the database is already there)."""
+    sock = base / "run" / "sentinel.sock"
+    config = base / "config.toml"
+    config.write_text("[scanner]\nworkers = 1\n[rate_limit]\nburst = 100000\n")
+    log = open(base / "sentineld.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sentinel_ipc.cli.sentineld",
+            "--socket",
+            str(sock),
+            "--data-dir",
+            str(base / "data"),
+            "--config",
+            str(config),
+        ],
+        stdout=log,
+        stderr=log,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"sentineld did not start: {(base / 'sentineld.log').read_text()}")
+            time.sleep(0.05)
+        yield sock
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def _round_trips(conn: FramedConnection, requests: list[Any], expect: type) -> list[int]:
+    for req in requests[:200]:  # warm up
+        await conn.send(req)
+        await conn.receive()
+    out = []
+    for req in requests:
+        t = time.perf_counter_ns()
+        await conn.send(req)
+        reply = await conn.receive()
+        out.append(time.perf_counter_ns() - t)
+        if not isinstance(reply, expect):
+            raise SystemExit(f"unexpected reply to {req!r}: {reply!r}")
+    return out
+
+
+async def run_daemon(args: argparse.Namespace) -> list[dict[str, float | str | int]]:
+    rng = random.Random(args.seed)
+    policies = make_policies(args.policies, rng)
+    queries = make_queries(policies, args.service_queries, rng)
+    requests = [
+        PolicyQuery(id=i + 1, sha256=sha, url=url, rule_names=[m.rule for m in matches])
+        for i, (sha, url, matches) in enumerate(queries)
+    ]
+    pings = [Ping(id=i + 1) for i in range(len(requests))]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-policy-daemon-") as tmp:
+        base = Path(tmp)
+        (base / "data").mkdir(mode=0o700)
+        store = PolicyStore(base / "data" / "policy_graph.db")
+        store.ensure_open(policies, len(policies))
+        store.close()
+        with running_daemon(base) as sock:
+            async with open_framed_connection(sock) as conn:
+                results.append(summarize("daemon: ping", await _round_trips(conn, pings, Pong)))
+                results.append(
+                    summarize(
+                        "daemon: policy_query (database)",
+                        await _round_trips(conn, requests, PolicyDecision),
+                    )
+                )
+                await conn.send(BreakerControl(id=1, name="database", action="trip"))
+                if not isinstance(await conn.receive(), Ack):
+                    raise SystemExit("could not trip the database breaker")
+                await conn.send(requests[0])
+                first = await conn.receive()
+                if not (isinstance(first, PolicyDecision) and first.degraded):
+                    raise SystemExit(f"the daemon did not turn degraded: {first!r}")
+                results.append(
+                    summarize(
+                        "daemon: policy_query (snapshot)",
+                        await _round_trips(conn, requests, PolicyDecision),
+                    )
+                )
+                await conn.send(BreakerControl(id=2, name="database", action="reset"))
+                await conn.receive()
+    return results
+
+
+def main_daemon(args: argparse.Namespace) -> None:
+    results = trio.run(run_daemon, args)
+    ping = results[0]
+    for r in results:
+        r["added_p50_us"] = float(r["p50_us"]) - float(ping["p50_us"])
+        r["added_p99_us"] = float(r["p99_us"]) - float(ping["p99_us"])
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"{args.policies} policies, one connection, one request at a time")
+    head = f"{'path':36} {'n':>6} {'p50 us':>9} {'p99 us':>9} {'max us':>9}"
+    print(f"{head}  added p50 / p99 vs ping")
+    for r in results:
+        print(
+            f"{r['path']:36} {r['n']:>6} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f}"
+            f" {r['max_us']:>9.0f}  {r['added_p50_us']:>+8.1f} / {r['added_p99_us']:>+8.1f} us"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -252,7 +388,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the setup")
+    parser.add_argument(
+        "--daemon", action="store_true", help="policy_query round trips through a real sentineld"
+    )
     args = parser.parse_args()
+    if args.daemon:
+        main_daemon(args)
+        return
     results = trio.run(run, args)
     by = {r["path"]: r for r in results}
     sel, dic = by["baseline: sqlite3 indexed SELECT"], by["baseline: dict lookup"]
