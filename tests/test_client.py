@@ -7,6 +7,7 @@ order, a stream cut after its third chunk).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +24,13 @@ import trio
 from client_peer import PeerConn, start_peer
 from daemon_harness import DaemonProcess
 
-from sentinel_ipc.client import ClientConfig, ConnectionLostError, error_from_reply, open_client
+from sentinel_ipc.client import (
+    IPC_BREAKER,
+    ClientConfig,
+    ConnectionLostError,
+    error_from_reply,
+    open_client,
+)
 from sentinel_ipc.errors import (
     BusyError,
     CircuitOpenError,
@@ -313,9 +320,12 @@ async def test_leader_and_followers_under_random_delays_timeouts_and_cancels(
             return
         outcomes[sha] = "cancelled"
 
+    # Unanswered calls time out, and timeouts count against the breaker; this
+    # test is about the reads, so the breaker must not open under it.
+    config = ClientConfig(breaker=dataclasses.replace(IPC_BREAKER, failure_threshold=10_000))
     async with trio.open_nursery() as nursery:
         await start_peer(nursery, path, script)
-        async with open_client(path) as client:
+        async with open_client(path, config=config) as client:
             calls = []
             for i in range(120):
                 sha = f"{i:064x}"
