@@ -32,6 +32,10 @@ class _Envelope(msgspec.Struct):
     id: Any = None
 
 
+#: msgspec raises RecursionError (not DecodeError) for values nested deeper than
+#: Python's recursion limit: a 2 KB frame of nested arrays must not escape as that.
+_TOO_DEEP = "undecodable frame: values nested too deeply"
+
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
@@ -74,6 +78,8 @@ def _classify(payload: bytes, exc: msgspec.ValidationError, tags: frozenset[str]
     except (msgspec.DecodeError, msgspec.ValidationError):
         # Valid MessagePack, but not a map: nothing to reply to by id.
         return DecodeFailure(BadFrameError(f"frame is not a message map: {exc}"), 0)
+    except RecursionError:
+        return DecodeFailure(BadFrameError(_TOO_DEEP), 0)
     request_id = env.id if type(env.id) is int and 0 <= env.id < 2**63 else 0
     if not isinstance(env.type, str):
         error: ProtocolError = InvalidMessageError(
@@ -94,6 +100,8 @@ def decode_request(payload: bytes) -> Request:
         raise _classify(payload, exc, REQUEST_TAGS) from exc
     except msgspec.DecodeError as exc:
         raise DecodeFailure(BadFrameError(f"undecodable frame: {exc}"), 0) from exc
+    except RecursionError as exc:
+        raise DecodeFailure(BadFrameError(_TOO_DEEP), 0) from exc
     return request
 
 
@@ -105,4 +113,6 @@ def decode_reply(payload: bytes) -> Reply:
         raise _classify(payload, exc, REPLY_TAGS) from exc
     except msgspec.DecodeError as exc:
         raise DecodeFailure(BadFrameError(f"undecodable frame: {exc}"), 0) from exc
+    except RecursionError as exc:
+        raise DecodeFailure(BadFrameError(_TOO_DEEP), 0) from exc
     return reply
