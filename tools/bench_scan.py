@@ -2,8 +2,8 @@
 """Scan throughput, side by side: raw yara-python vs Sentinel's Scanner (vs the daemon).
 
     python tools/bench_scan.py --rules DIR --corpus DIR [--workers N] [--modes ...]
-    python tools/bench_scan.py --rules /work/shared/bench/rules --corpus /tmp/c --make-corpus \
-        --total-mib 60          # quick run on a smaller corpus
+    python tools/bench_scan.py --rules /work/shared/bench/rules --corpus /tmp/c60 \
+        --total-mib 60 --files 100     # quick run: makes a 60 MiB corpus if /tmp/c60 has none
 
 Every mode scans the same bytes (the corpus, read into memory first) with the
 same compiled rules (one namespace per file, externals defined):
@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rules", required=True, help="directory of .yar/.yara files")
     ap.add_argument("--corpus", required=True, type=Path, help="corpus directory")
     ap.add_argument("--make-corpus", action="store_true",
-                    help="generate the corpus with make_corpus.py if it does not exist")
+                    help="generate the corpus with make_corpus.py if it does not exist "
+                         "(done anyway when DIR has no manifest.json)")
     ap.add_argument("--total-mib", type=float, default=300.0, help="with --make-corpus")
     ap.add_argument("--files", type=int, default=400, help="with --make-corpus")
     ap.add_argument("--seed", type=int, default=1, help="with --make-corpus")
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging("warning")  # worker deaths and unscanned files show up in the log
 
-    if args.make_corpus:
+    if args.make_corpus or not (args.corpus / "manifest.json").exists():
         ensure_corpus(args.corpus, args.total_mib, args.files, args.seed)
     corpus = load_corpus(args.corpus)
     total = sum(len(d) for _, d in corpus)
