@@ -379,6 +379,8 @@ class PolicyDecision(_Msg, tag="policy_decision"):
     policy_id: int | None = None
     reason: str | None = None
     degraded: bool = False
+    #: Why the decision came from the cached snapshot (the database outage), if it did.
+    degraded_reason: str | None = None
 
 
 class ThreatsResult(_Msg, tag="threats_result"):

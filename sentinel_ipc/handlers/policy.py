@@ -77,6 +77,7 @@ def register(
             policy_id=decision.policy_id,
             reason=decision.reason,
             degraded=decision.degraded,
+            degraded_reason=decision.degraded_reason,
         )
 
     async def threats(req: Threats, ctx: RequestContext) -> ThreatsResult:
