@@ -36,6 +36,7 @@ import errno
 import logging
 import os
 import socket
+import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,15 @@ class Connection:
                 # requests finish (bounded by shutdown cancellation), then close.
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception as exc:
+            # A bug in serving one peer costs that peer its connection, never the
+            # daemon: every other connection lives in the same nursery.
+            log_event(
+                "connection_failed",
+                logging.ERROR,
+                conn=self.conn_id,
+                error="".join(traceback.format_exception(exc))[-4000:],
+            )
         finally:
             self._closed = True
             self._close_fds()
