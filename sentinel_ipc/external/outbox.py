@@ -66,6 +66,7 @@ from typing import Final
 import msgspec
 
 from sentinel_ipc.errors import SentinelError
+from sentinel_ipc.fsutil import fsync_dir, pwrite_all, read_all
 
 __all__ = [
     "Outbox",
@@ -301,7 +302,7 @@ class Outbox:
 
     def _replay(self) -> None:
         fd = self._require_fd()
-        data = _read_all(fd)
+        data = read_all(fd)
         offset, header_seen = 0, False
         events: dict[int, OutboxEvent] = {}
         while offset < len(data):
@@ -364,7 +365,7 @@ class Outbox:
                 raise OSError(errno.EINVAL, f"{self.path}: not an outbox log (no header)")
             self.origin = os.urandom(8).hex()
             self._write_now(_frame(self._header()))
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         for seq in sorted(events):
             self._insert(events[seq])
         # A smaller bound than the file was written with: evict down to it now.
@@ -502,7 +503,7 @@ class Outbox:
         fd = self._require_fd()
         start = self._file_bytes
         try:
-            _write_all(fd, staged.data, start)
+            pwrite_all(fd, staged.data, start)
             os.fsync(fd)
         except OSError as exc:
             self._write_errors += 1
@@ -552,10 +553,10 @@ class Outbox:
                 for e in plan.events
             )
             data = b"".join(parts)
-            _write_all(new_fd, data, 0)
+            pwrite_all(new_fd, data, 0)
             os.fsync(new_fd)
             os.replace(tmp, self.path)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
             os.close(new_fd)
             with contextlib.suppress(OSError):
@@ -658,28 +659,3 @@ def _wrap(event_id: str, seq: int, body: bytes) -> bytes:
     return head[:-1] + b"," + inner[1:]
 
 
-def _read_all(fd: int) -> bytes:
-    chunks: list[bytes] = []
-    offset = 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, offset)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        offset += len(chunk)
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
-def _fsync_dir(directory: Path) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

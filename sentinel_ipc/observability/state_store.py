@@ -26,13 +26,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from ..fsutil import atomic_write
 from ..logs import log_event
 
 __all__ = ["STATE_FILE", "STATE_VERSION", "PersistedState", "StateStore", "atomic_write"]
@@ -60,30 +60,6 @@ class PersistedState(msgspec.Struct, kw_only=True):
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(PersistedState)
 
-
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.
-
-    Raises ``OSError`` (the old file is then untouched).
-    """
-    directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class StateStore:

@@ -45,6 +45,7 @@ from typing import Final
 import msgspec
 
 from sentinel_ipc.errors import JournalFullError, PolicyStoreError
+from sentinel_ipc.fsutil import fsync_dir, read_all, write_all
 from sentinel_ipc.policy.validation import PolicyDraft, ThreatDraft
 
 log = logging.getLogger("sentinel.policy.journal")
@@ -146,7 +147,7 @@ class Journal:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             if created:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent, strict=False)
             journal = cls(path, fd, max_bytes)
             journal._load()
         except BaseException:
@@ -215,7 +216,7 @@ class Journal:
                     "the write was not accepted"
                 )
             try:
-                _write_all(self._fd, data)
+                write_all(self._fd, data)
                 os.fsync(self._fd)
             except OSError as exc:
                 self._cut_back(self._size)
@@ -250,7 +251,7 @@ class Journal:
     # --- internals ----------------------------------------------------------
 
     def _load(self) -> None:
-        data = _read_all(self._fd)
+        data = read_all(self._fd)
         entries: list[JournalOp] = []
         good_end = 0
         pos = 0
@@ -324,44 +325,15 @@ class Journal:
         data = b"".join(encode_line(op) for op in keep)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent, strict=False)
         new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         os.close(self._fd)
         self._fd = new_fd
         return len(data)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _read_all(fd: int) -> bytes:
-    chunks: list[bytes] = []
-    offset = 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, offset)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        offset += len(chunk)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

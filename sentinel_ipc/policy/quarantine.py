@@ -34,6 +34,7 @@ import trio
 
 from sentinel_ipc.audit import AuditLog
 from sentinel_ipc.errors import NotFoundError, ScanError, SentinelError
+from sentinel_ipc.fsutil import fsync_dir, write_all
 from sentinel_ipc.messages import QuarantineItem
 
 log = logging.getLogger("sentinel.quarantine")
@@ -199,7 +200,7 @@ class Quarantine:
                 size = 0
                 for chunk in _chunks(data):
                     digest.update(chunk)
-                    _write_all(fd, chunk)
+                    write_all(fd, chunk)
                     size += len(chunk)
                 if digest.hexdigest() != sha256:
                     raise ScanError(
@@ -223,12 +224,12 @@ class Quarantine:
             os.replace(tmp_blob, blob)
             fd = os.open(tmp_meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
             try:
-                _write_all(fd, _encoder.encode(item))
+                write_all(fd, _encoder.encode(item))
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp_meta, meta)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             for p in (tmp_blob, tmp_meta, blob):
                 with contextlib.suppress(OSError):
@@ -251,7 +252,7 @@ class Quarantine:
             with open(blob, "rb", buffering=0) as src:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
-                    _write_all(dest_fd, chunk)
+                    write_all(dest_fd, chunk)
                     n += len(chunk)
         except FileNotFoundError:
             raise NotFoundError(f"quarantined bytes of {item.quarantine_id} are missing") from None
@@ -269,7 +270,7 @@ class Quarantine:
         blob, meta = self._paths(qid)
         meta.unlink(missing_ok=True)  # first: the item disappears from list() at once
         blob.unlink(missing_ok=True)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _clean_leftovers(self) -> None:
         names = set(os.listdir(self.directory))
@@ -308,16 +309,3 @@ def _chunks(data: bytes | int) -> Iterator[bytes | memoryview]:
         offset += len(chunk)
         yield chunk
 
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

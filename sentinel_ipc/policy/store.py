@@ -89,6 +89,7 @@ from sentinel_ipc.errors import (
     SentinelError,
     ShuttingDownError,
 )
+from sentinel_ipc.fsutil import fsync_dir
 from sentinel_ipc.messages import PolicyRecord, RuleMatch, ThreatRecord
 from sentinel_ipc.policy.decision import (
     Decision,
@@ -679,7 +680,7 @@ class PolicyStore:
                 return events
         if salvaged:
             os.replace(salvage, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent, strict=False)
         else:
             _unlink_db_files(salvage)
         events.extend(self._open(seed, seed_max_id, allow_rebuild=True))
@@ -704,7 +705,7 @@ class PolicyStore:
             src = Path(f"{self.path}{suffix}")
             if src.exists():
                 os.replace(src, Path(f"{aside}{suffix}"))
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent, strict=False)
         log.error("policy database: moved %s aside to %s", self.path, aside)
         return aside
 
@@ -1194,18 +1195,6 @@ def _unlink_db_files(path: Path) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         _unlink_quietly(Path(f"{path}{suffix}"))
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
