@@ -20,15 +20,14 @@ never half-trusted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 import msgspec
 
+from sentinel_ipc.fsutil import atomic_write
 from sentinel_ipc.messages import PolicyRecord
 from sentinel_ipc.policy.decision import PolicyIndex
 from sentinel_ipc.policy.journal import AddPolicy, JournalOp, RemovePolicy
@@ -85,34 +84,10 @@ def save_snapshot_file(path: Path, snap: SnapshotFile) -> int:
     Raises OSError when the directory or the disk refuses.
     """
     data = _encoder.encode(snap)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, data, mode=0o600)
     return len(data)
 
 
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
 
 
 class PolicySnapshot:
