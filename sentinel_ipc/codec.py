@@ -32,10 +32,6 @@ class _Envelope(msgspec.Struct):
     id: Any = None
 
 
-#: msgspec raises RecursionError (not DecodeError) for values nested deeper than
-#: Python's recursion limit: a 2 KB frame of nested arrays must not escape as that.
-_TOO_DEEP = "undecodable frame: values nested too deeply"
-
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
@@ -72,14 +68,23 @@ class DecodeFailure(Exception):
         return isinstance(self.error, BadFrameError)
 
 
+def _undecodable(exc: RecursionError | UnicodeDecodeError) -> DecodeFailure:
+    """What msgspec raises besides its own errors: RecursionError for values nested
+    deeper than Python's recursion limit (a 2 KB frame of nested arrays), and
+    UnicodeDecodeError for a string that is not UTF-8. Neither may escape."""
+    if isinstance(exc, RecursionError):
+        return DecodeFailure(BadFrameError("undecodable frame: values nested too deeply"), 0)
+    return DecodeFailure(BadFrameError(f"undecodable frame: a string is not UTF-8 ({exc})"), 0)
+
+
 def _classify(payload: bytes, exc: msgspec.ValidationError, tags: frozenset[str]) -> DecodeFailure:
     try:
         env = _envelope_decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError):
         # Valid MessagePack, but not a map: nothing to reply to by id.
         return DecodeFailure(BadFrameError(f"frame is not a message map: {exc}"), 0)
-    except RecursionError:
-        return DecodeFailure(BadFrameError(_TOO_DEEP), 0)
+    except (RecursionError, UnicodeDecodeError) as other:
+        return _undecodable(other)
     request_id = env.id if type(env.id) is int and 0 <= env.id < 2**63 else 0
     if not isinstance(env.type, str):
         error: ProtocolError = InvalidMessageError(
@@ -100,8 +105,8 @@ def decode_request(payload: bytes) -> Request:
         raise _classify(payload, exc, REQUEST_TAGS) from exc
     except msgspec.DecodeError as exc:
         raise DecodeFailure(BadFrameError(f"undecodable frame: {exc}"), 0) from exc
-    except RecursionError as exc:
-        raise DecodeFailure(BadFrameError(_TOO_DEEP), 0) from exc
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise _undecodable(exc) from exc
     return request
 
 
@@ -113,6 +118,6 @@ def decode_reply(payload: bytes) -> Reply:
         raise _classify(payload, exc, REPLY_TAGS) from exc
     except msgspec.DecodeError as exc:
         raise DecodeFailure(BadFrameError(f"undecodable frame: {exc}"), 0) from exc
-    except RecursionError as exc:
-        raise DecodeFailure(BadFrameError(_TOO_DEEP), 0) from exc
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise _undecodable(exc) from exc
     return reply
