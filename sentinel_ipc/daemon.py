@@ -18,7 +18,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import msgspec
 import trio
 
 from .config import Config
@@ -87,7 +86,17 @@ class Daemon:
         lock_fd = acquire_lock(self.socket_path)
         try:
             async with AsyncExitStack() as stack:
-                await stack.enter_async_context(self._subsystems())
+                try:
+                    await stack.enter_async_context(self._subsystems())
+                except BaseExceptionGroup as group:
+                    # A subsystem that cannot start (rules that do not compile, a
+                    # database that cannot open) reaches us wrapped by the nurseries
+                    # of the sections before it: the CLI reports the error, not a
+                    # traceback of the group.
+                    error = _sole_sentinel_error(group)
+                    if error is None:
+                        raise
+                    raise error from None
                 core.register(
                     self.dispatcher, limits=self.limits, request_shutdown=self.request_shutdown
                 )
@@ -291,12 +300,9 @@ class Daemon:
     def scanner_config(self) -> ScannerConfig:
         """``[scanner]`` with the yara breaker, retry and fail mode from ``[resilience]``."""
         resilience = self.config.resilience
-        config = self.config.scanner.to_config()
-        retry = resilience.retry_policy("yara")
-        return msgspec.structs.replace(
-            config,
+        return self.config.scanner.to_config(
             breaker=resilience.breaker_config("yara"),
-            retry=retry if retry is not None else config.retry,
+            retry=resilience.retry_policy("yara"),
             fail_closed=not resilience.scanner_fail_open,
         )
 
@@ -304,3 +310,18 @@ class Daemon:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
+
+
+def _sole_sentinel_error(group: BaseExceptionGroup[BaseException]) -> SentinelError | None:
+    """The one SentinelError ``group`` (however nested) holds, if it holds nothing else."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], SentinelError):
+        return leaves[0]
+    return None

@@ -170,7 +170,6 @@ class _ScannerLimits(msgspec.Struct, frozen=True, kw_only=True):
     worker_start_timeout: float = 60.0
     #: Scans that may wait for a worker at once; one more gets BusyError.
     max_queue: int = 256
-    fail_closed: bool = False
     #: Largest file (stream, fd or bytes) the scanner accepts.
     max_stream_bytes: int = 512 * MIB
     #: Bytes buffered in memfds (streams and byte scans) at once, over all scans.
@@ -200,38 +199,33 @@ class ScannerConfig(_ScannerLimits, frozen=True, kw_only=True):
 
     breaker: BreakerConfig = msgspec.field(default_factory=_yara_breaker)
     retry: RetryPolicy = msgspec.field(default_factory=_yara_retry)
+    #: When the scanner cannot scan: block (True) or allow with a warning (False).
+    fail_closed: bool = False
 
 
 class ScannerSettings(_ScannerLimits, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The ``[scanner]`` section of the TOML config: plain values only (the policy
-    objects hold callables, which a config file cannot), turned into a
-    ScannerConfig by :meth:`to_config`. Defaults are the SPEC's yara presets."""
+    """The ``[scanner]`` section of the TOML config: plain values only.
 
-    breaker_failure_threshold: int = 3
-    breaker_open_timeout: float = 60.0
-    breaker_success_threshold: int = 3
-    retry_attempts: int = 2
-    retry_initial: float = 1.0
-    retry_max_delay: float = 5.0
-    retry_multiplier: float = 3.0
+    The yara breaker, the yara retry policy and the fail mode are *not* here:
+    they live in ``[resilience]`` with every other threshold (one place for
+    each knob), and the daemon passes them to :meth:`to_config`.
+    """
 
-    def to_config(self) -> ScannerConfig:
-        """Raises ValueError for breaker or retry values that make no sense."""
+    def to_config(
+        self,
+        *,
+        breaker: BreakerConfig | None = None,
+        retry: RetryPolicy | None = None,
+        fail_closed: bool = False,
+    ) -> ScannerConfig:
+        """The engine's config; breaker and retry default to the SPEC's yara presets."""
         plain = {name: getattr(self, name) for name in _ScannerLimits.__struct_fields__}
-        breaker = dataclasses.replace(
-            BREAKER_PRESETS["yara"],
-            failure_threshold=self.breaker_failure_threshold,
-            open_timeout=self.breaker_open_timeout,
-            success_threshold=self.breaker_success_threshold,
+        return ScannerConfig(
+            **plain,
+            breaker=breaker if breaker is not None else _yara_breaker(),
+            retry=retry if retry is not None else _yara_retry(),
+            fail_closed=fail_closed,
         )
-        retry = dataclasses.replace(
-            RETRY_PRESETS["yara"],
-            attempts=self.retry_attempts,
-            initial=self.retry_initial,
-            max_delay=self.retry_max_delay,
-            multiplier=self.retry_multiplier,
-        )
-        return ScannerConfig(**plain, breaker=breaker, retry=retry)
 
 
 class ScannerStatistics(msgspec.Struct, frozen=True, kw_only=True):
