@@ -96,7 +96,10 @@ class VerdictMaker:
             )
             action, policy_id, reason = decision.action, decision.policy_id, decision.reason
             warnings.extend(w for w in decision.warnings if w not in warnings)
-            if decision.degraded:
+            # A decision is degraded for an unscanned file too (its "scanner
+            # unavailable" step); only a decision from the snapshot means the
+            # database was down.
+            if decision.degraded and (outcome.scanned or self.policy.degraded):
                 reasons.append("database")
         else:
             action, reason = self._without_policy(outcome)
