@@ -79,6 +79,7 @@ from ..errors import (
     ShuttingDownError,
     WorkerCrashedError,
 )
+from ..fsutil import pwrite_all
 from ..logs import log_event
 from ..messages import Action, RuleMatch
 from ..resilience import (
@@ -313,14 +314,6 @@ def _check_scan_fd(fd: int, max_bytes: int) -> int:
     return st.st_size
 
 
-def _write_all(fd: int, data: bytes | memoryview, offset: int = 0) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
 def _new_memfd() -> int:
     return os.memfd_create("sentinel-scan", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
 
@@ -454,9 +447,9 @@ class Scanner:
         reuse = False
         try:
             if size > _INLINE_WRITE:
-                await trio.to_thread.run_sync(_write_all, fd, data)
+                await trio.to_thread.run_sync(pwrite_all, fd, data, 0)
             else:
-                _write_all(fd, data)
+                pwrite_all(fd, data, 0)
             outcome = await self._scan(fd, size, meta, owned=True, data=data)
             reuse = True
             return outcome
@@ -527,7 +520,7 @@ class Scanner:
         started = time.perf_counter()
         fd = _new_memfd()
         try:
-            _write_all(fd, SELF_TEST_DATA)
+            pwrite_all(fd, SELF_TEST_DATA, 0)
             _seal(fd)
             with trio.move_on_after(timeout) as scope:
                 handle = await self._pool.acquire()
@@ -760,7 +753,7 @@ class ScanStream:
             raise
         self.size += n
         try:
-            _write_all(self._fd, chunk, self.size - n)
+            pwrite_all(self._fd, chunk, self.size - n)
         except OSError as exc:
             self.abort()
             raise ScanError(f"cannot buffer the stream: {exc.strerror}", retryable=True) from exc

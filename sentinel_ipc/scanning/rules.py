@@ -43,6 +43,8 @@ from pathlib import Path
 
 import msgspec
 
+from sentinel_ipc.fsutil import atomic_write, fsync_dir
+
 from ..errors import RulesError
 
 #: External variables every rule set is compiled with (empty strings by default).
@@ -282,31 +284,9 @@ def compile_to_cache(sources: list[RuleSource], rules_dir: str, builtin: bool,
         warnings=warnings[:200],
         compile_seconds=round(seconds, 3),
     )
-    _atomic_write(cache_dir / f"{key}.json", msgspec.json.encode(info))
-    _fsync_dir(cache_dir)
+    atomic_write(cache_dir / f"{key}.json", msgspec.json.encode(info))
+    fsync_dir(cache_dir, strict=False)
     return info
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".meta-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def prune_cache(cache_dir: Path, keep_key: str, keep: int = CACHE_KEEP) -> None:
