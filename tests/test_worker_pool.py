@@ -161,6 +161,22 @@ async def test_file_over_max_bytes_is_refused_by_the_worker(rules: RulesInfo) ->
         assert result.kind == "too_large"
 
 
+async def test_workers_yield_cpu_to_the_daemon_and_ignore_sigint(rules: RulesInfo) -> None:
+    import psutil
+
+    from sentinel_ipc.scanning.worker import WORKER_NICENESS
+
+    async with running_pool(rules) as pool:
+        await pool.wait_alive()
+        pids = pool.worker_pids()
+        assert pids and all(psutil.Process(p).nice() == WORKER_NICENESS for p in pids)
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)  # a Ctrl-C reaching the process group
+        assert [m.rule for m in (await job(pool, EICAR)).matches] == ["EICAR_Test_File"]
+        assert sorted(pool.worker_pids()) == sorted(pids)  # nobody died
+        assert pool.statistics().crashes_total == 0
+
+
 # --- crashes -------------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ as EOF on the socket.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import mmap
@@ -52,6 +53,8 @@ import msgspec
 
 #: Largest control datagram either side sends (externals are bounded well below).
 MAX_DATAGRAM = 256 * 1024
+#: Workers run at this niceness so the daemon's event loop wins the CPU when both want it.
+WORKER_NICENESS = 10
 
 
 class MatchRecord(msgspec.Struct, kw_only=True):
@@ -176,6 +179,14 @@ def _die_with_parent(parent_pid: int, sock_fd: int) -> None:
             f.write("1000")
     except OSError:  # pragma: no cover - not Linux, or a locked-down /proc
         pass
+    # Scanning yields the CPU to the daemon: its event loop answers health,
+    # metrics and pings, and must stay responsive while every worker is busy.
+    # An idle daemon costs the workers nothing; a busy one gets most of a core.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, WORKER_NICENESS)
+    # A Ctrl-C in the daemon's terminal reaches the whole process group; the
+    # daemon drains and then ends its workers itself, so they ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _scan(rules: Any, job: Job, fd: int, yara: Any) -> Result:
