@@ -148,18 +148,20 @@ def register(
 
     async def scan_end(req: ScanEnd, ctx: RequestContext) -> ScanResult:
         table = streams(ctx)
-        stream = table.pop(req.id, None)
-        if stream is None:
+        if req.id not in table:
             raise NotFoundError(f"no open scan stream with id {req.id} (send scan_begin first)")
-        try:
-            with admission.running(ctx):
+        # Over the concurrency cap the stream stays open: the rate_limited error
+        # is retryable, and a retried scan_end must find it.
+        with admission.running(ctx):
+            stream = table.pop(req.id)
+            try:
                 outcome = await stream.finish()
                 # The buffer stays readable until abort(): a quarantine copies it.
                 return await verdicts.verdict(
                     req.id, outcome, stream.meta, content_fd=stream.fileno()
                 )
-        finally:
-            stream.abort()
+            finally:
+                stream.abort()
 
     async def scan_fd(req: ScanFd, ctx: RequestContext) -> ScanResult:
         if not ctx.fds:
