@@ -21,7 +21,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +176,9 @@ def workers_of(d: DaemonProcess) -> list[psutil.Process]:
     return found
 
 
-def holds_scan_buffer(proc: psutil.Process) -> bool:
-    """A worker is mid-job exactly while it holds the job's memfd."""
+def holds_scan_buffer(proc: psutil.Process, min_bytes: int = 4096) -> bool:
+    """A worker is mid-job exactly while it holds the job's memfd. Small ones are
+    skipped: the health check's self-test (a few hundred bytes) is not our scan."""
     fd_dir = f"/proc/{proc.pid}/fd"
     try:
         names = os.listdir(fd_dir)
@@ -185,12 +186,14 @@ def holds_scan_buffer(proc: psutil.Process) -> bool:
         return False
     for name in names:
         with contextlib.suppress(OSError):
-            if os.readlink(f"{fd_dir}/{name}").startswith("/memfd:sentinel-scan"):
+            if (os.readlink(f"{fd_dir}/{name}").startswith("/memfd:sentinel-scan")
+                    and os.stat(f"{fd_dir}/{name}").st_size >= min_bytes):
                 return True
     return False
 
 
 async def wait_busy_worker(d: DaemonProcess, timeout: float = 10.0) -> psutil.Process:
+    """The worker scanning one of our (large) inputs, as soon as one is."""
     with trio.fail_after(timeout):
         while True:
             for proc in workers_of(d):
@@ -213,6 +216,21 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None
     with trio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110 - state of another process
             await trio.sleep(0.02)
+
+
+async def trio_first(*waits: Awaitable[Reply]) -> Reply:
+    """The reply of whichever wait finishes first; the others are cancelled."""
+    send, receive = trio.open_memory_channel[Reply](len(waits))
+    async with trio.open_nursery() as nursery:
+        for wait in waits:
+
+            async def one(w: Awaitable[Reply] = wait) -> None:
+                send.send_nowait(await w)
+
+            nursery.start_soon(one)
+        first = await receive.receive()
+        nursery.cancel_scope.cancel()
+    return first
 
 
 def descendants(d: DaemonProcess) -> list[psutil.Process]:
@@ -721,25 +739,32 @@ async def test_reload_with_a_broken_rule_file_keeps_serving_the_old_rules(
 async def test_a_peer_over_its_token_bucket_is_rate_limited(daemon_factory: Any) -> None:
     d = daemon_factory(config={
         "scanner": {"workers": 1},
-        "rate_limit": {"burst": 5, "scans_per_second": 1.0},
+        "rate_limit": {"burst": 5, "scans_per_second": 1.0,
+                       "max_concurrent_scans_per_connection": 20},
     })
-    async with connect(d) as peer:
-        for n in range(5):
-            assert (await peer.scan(n + 1, CLEAN)).action == "allow"
-        limited = await peer.call(Scan(id=6, data=CLEAN))
-        assert isinstance(limited, Error) and limited.code == "rate_limited", limited
-        assert limited.retryable and limited.retry_after_ms is not None
-        assert 0 < limited.retry_after_ms <= 1000
-        # The bucket is per peer uid, not per connection: a new connection is no way out.
-        async with connect(d) as other:
-            also = await other.call(Scan(id=7, data=CLEAN))
-            assert isinstance(also, Error) and also.code == "rate_limited", also
-            # Streams and descriptors take from the same bucket.
-            stream = await other.call(ScanBegin(id=8))
-            assert isinstance(stream, Error) and stream.code == "rate_limited", stream
+    async with connect(d) as peer, connect(d) as other:
+        # A burst of 8 in a few milliseconds: the bucket holds 5 and refills 1/s.
+        for n in range(1, 9):
+            await peer.send(Scan(id=n, data=CLEAN))
+        replies = [await peer.reply(n) for n in range(1, 9)]
+        allowed = [r for r in replies if isinstance(r, ScanResult)]
+        limited = [r for r in replies if isinstance(r, Error)]
+        assert len(allowed) == 5 and all(r.action == "allow" for r in allowed), replies
+        assert len(limited) == 3, replies
+        for e in limited:
+            assert e.code == "rate_limited" and e.retryable, e
+            assert e.retry_after_ms is not None and 0 < e.retry_after_ms <= 1000, e
+            assert "over its scan rate (1/s, burst 5)" in e.message
+        # The bucket is the peer's (uid), not the connection's: another connection is
+        # no way out; streams take from the same bucket.
+        also = await other.call(Scan(id=20, data=CLEAN))
+        assert isinstance(also, Error) and also.code == "rate_limited", also
+        stream = await other.call(ScanBegin(id=21))
+        assert isinstance(stream, Error) and stream.code == "rate_limited", stream
         # After the advertised wait, a token is there again.
-        await trio.sleep(limited.retry_after_ms / 1000 + 0.05)
-        assert (await peer.scan(9, CLEAN)).action == "allow"
+        wait_ms = max(e.retry_after_ms or 0 for e in (*limited, also, stream))
+        await trio.sleep(wait_ms / 1000 + 0.05)
+        assert (await peer.scan(30, CLEAN)).action == "allow"
     stop_cleanly(d)
 
 
@@ -753,7 +778,7 @@ async def test_too_many_concurrent_scans_on_one_connection_are_rate_limited(
         extra_args=["--rules", str(rules)],
     )
     await wait_workers(d, 2)
-    data = slow_input(0.8)
+    data = slow_input(1.2)
     async with connect(d) as peer, connect(d) as other:
         # A stream, opened before: scan_begin and chunks are not scans in progress.
         await peer.send(ScanBegin(id=50, filename="eicar.com"))
@@ -789,18 +814,23 @@ async def test_a_full_scan_queue_answers_busy(daemon_factory: Any, tmp_path: Pat
         config={"scanner": {"workers": 1, "max_queue": 1}}, extra_args=["--rules", str(rules)]
     )
     await wait_workers(d, 1)
-    data = slow_input(0.6)
+    data = slow_input(1.0)
     async with connect(d) as a, connect(d) as b:
         await a.send(Scan(id=1, data=data))
         await wait_busy_worker(d)  # the only worker holds scan 1
-        await a.send(Scan(id=2, data=data))  # waits for the worker: the queue is full
-        await trio.sleep(0.1)
-        busy = await b.call(Scan(id=3, data=EICAR))
+        # One of these waits for the worker (the queue holds one); the other is
+        # answered at once. Which is which depends on which connection is read first.
+        await a.send(Scan(id=2, data=data))
+        await b.send(Scan(id=3, data=data))
+        with trio.fail_after(0.8):  # "at once": well before scan 1 can finish
+            busy = await trio_first(a.reply(2), b.reply(3))
         assert isinstance(busy, Error) and busy.code == "busy", busy
         assert busy.retryable and busy.retry_after_ms and busy.retry_after_ms > 0
+        assert "scan queue full" in busy.message
         # Nothing queued was lost.
-        for n in (1, 2):
-            result = await a.reply(n)
+        waiting = 3 if busy.id == 2 else 2
+        for peer, n in ((a, 1), (a if waiting == 2 else b, waiting)):
+            result = await peer.reply(n)
             assert isinstance(result, ScanResult) and not result.degraded, result
             assert [m.rule for m in result.matches] == ["Sentinel_Test_Slow"]
         assert_eicar(await b.scan(4, EICAR), 4)
