@@ -747,7 +747,9 @@ async def test_a_peer_over_its_token_bucket_is_rate_limited(daemon_factory: Any)
         # A burst in a few milliseconds (the bucket holds 5 and refills 1/s): 8 scans
         # on one connection, and a scan and a stream on a second connection of the
         # same peer (uid). The bucket is the peer's, and streams take from it too, so
-        # exactly 5 of the 10 get in, whichever connection the daemon reads first.
+        # exactly 5 of the 10 get in, whichever connection the daemon reads first
+        # (plus one a second, should a loaded machine stretch the burst).
+        started = time.monotonic()
         for n in range(1, 9):
             await peer.send(Scan(id=n, data=CLEAN))
         await other.send(Scan(id=20, data=CLEAN))
@@ -759,10 +761,12 @@ async def test_a_peer_over_its_token_bucket_is_rate_limited(daemon_factory: Any)
         if isinstance(stream, Error):
             assert (await other.reply(21)).code == "not_found"  # type: ignore[union-attr]
         replies.append(stream)
+        refills = int(time.monotonic() - started)
         allowed = [r for r in replies if isinstance(r, ScanResult)]
         limited = [r for r in replies if isinstance(r, Error)]
-        assert len(allowed) == 5 and all(r.action == "allow" for r in allowed), replies
-        assert len(limited) == 5, replies
+        assert all(r.action == "allow" for r in allowed), replies
+        assert 5 <= len(allowed) <= 5 + refills, (refills, replies)
+        assert len(limited) == 10 - len(allowed), replies
         for e in limited:
             assert e.code == "rate_limited" and e.retryable, e
             assert e.retry_after_ms is not None and 0 < e.retry_after_ms <= 1000, e
