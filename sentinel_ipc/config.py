@@ -44,8 +44,6 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: When false, peers of another uid (and not in admin_uids/allowed_uids) are refused.
     allow_other_users: bool = True
     allowed_uids: list[int] = []
-    #: Bytes of unsent replies buffered per connection before the sender waits.
-    max_reply_backlog: int = 256
 
 
 class RateLimitConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
