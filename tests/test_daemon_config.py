@@ -70,3 +70,11 @@ def test_disabling_retries_leaves_one_attempt(tmp_path: Path) -> None:
 def test_scanner_section_has_no_second_copy_of_resilience_knobs(text: str) -> None:
     with pytest.raises(ConfigError, match="scanner"):
         parse_config(text)
+
+
+def test_the_readme_configuration_example_is_a_valid_config() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("```toml", 1)[1].split("```", 1)[0]
+    config = parse_config(example)
+    assert config.server.socket_mode == 0o600
+    assert config.policy.severity_actions == {"low": "warn"}
