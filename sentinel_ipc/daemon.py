@@ -280,22 +280,39 @@ class Daemon:
             )
 
     async def _watch_signals(self, nursery: trio.Nursery) -> None:
+        # A SIGHUP reload runs beside this loop: compiling a large rule set takes
+        # minutes, and SIGTERM must still stop the daemon meanwhile (cancelling the
+        # compile). SIGHUPs during a reload ask for one more, not one each.
+        reload_send, reload_receive = trio.open_memory_channel[None](1)
+        nursery.start_soon(self._reload_on_sighup, reload_receive)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await self.on_sighup()
+                    with contextlib.suppress(trio.WouldBlock):
+                        reload_send.send_nowait(None)
                     continue
                 log_event("signal", logging.INFO, signal=signal.Signals(signum).name)
                 self.request_shutdown()
 
+    async def _reload_on_sighup(self, requests: trio.MemoryReceiveChannel[None]) -> None:
+        async for _ in requests:
+            await self.on_sighup()
+
     async def on_sighup(self) -> None:
-        """SIGHUP: reload the rules; a failed compile keeps the old set serving."""
+        """SIGHUP: reload the rules; a failed compile keeps the old set serving.
+
+        Never raises: an operator's signal must not take the daemon down.
+        """
         if self.scanner is None:
             return
         from .handlers.rules import reload_rules
 
-        with contextlib.suppress(SentinelError):
+        try:
             await reload_rules(self.scanner, self.audit, trigger="sighup")
+        except SentinelError:
+            pass  # logged and audited by reload_rules
+        except Exception as exc:
+            log_event("rules_reload_failed", logging.ERROR, trigger="sighup", error=repr(exc))
 
     def scanner_config(self) -> ScannerConfig:
         """``[scanner]`` with the yara breaker, retry and fail mode from ``[resilience]``."""
