@@ -734,6 +734,44 @@ async def test_reload_with_a_broken_rule_file_keeps_serving_the_old_rules(
     stop_cleanly(d)
 
 
+def slow_to_compile(rules: int = 8000) -> str:
+    """A rule set YARA needs seconds to compile (regexes and hex jumps)."""
+    return "\n".join(
+        f'rule Sentinel_Test_Bulk_{i} {{ strings: $a = /abc{i}[a-z]{{2,8}}def{i}/ '
+        f'$b = "token-{i}-xyz" $c = {{ {i % 256:02x} {i * 7 % 256:02x} ?? 4? 5A }} '
+        "condition: any of them }"
+        for i in range(rules)
+    )
+
+
+def compilers_of(d: DaemonProcess) -> list[psutil.Process]:
+    """The daemon's rule-compile child processes."""
+    found = []
+    for child in psutil.Process(d.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if "--cache-dir" in child.cmdline():
+                found.append(child)
+    return found
+
+
+async def test_sigterm_during_a_long_sighup_reload_stops_the_daemon_at_once(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """The compile of a large rule set can take minutes; the signal that stops the
+    daemon must not wait behind it (nor must the daemon leave the compiler behind)."""
+    rules = with_eicar(tmp_path / "rules")
+    d = daemon_factory(config={"scanner": {"workers": 1}}, extra_args=["--rules", str(rules)])
+    (rules / "bulk.yar").write_text(slow_to_compile())
+    d.signal(signal.SIGHUP)
+    await wait_for(lambda: bool(compilers_of(d)), timeout=10)
+    compilers = compilers_of(d)
+    stop_cleanly(d)
+    assert_gone(compilers)
+    # The daemon did not finish the compile first: nothing was reloaded.
+    assert not log_events(d, "rules_reloaded"), d.log()[-2000:]
+    assert not log_events(d, "scan_rules_loaded")
+
+
 # --- admission: rate limit, concurrency cap, bounded queue ----------------------------------
 
 
