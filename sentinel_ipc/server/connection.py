@@ -23,7 +23,10 @@ Bounds, each answered with a typed ``error`` rather than a queue:
   no longer trustworthy); a decodable but wrong message -> ``invalid_message``
   / ``unknown_type`` with the request's id, and the connection stays usable;
 * descriptors: at most ``_MAX_PENDING_FDS`` held; a descriptor not claimed by
-  the frame it arrived with is closed.
+  the frame it arrived with is closed;
+* a peer refused for its rate (``rate_limited``) is not read from until its
+  ``retry_after`` (at most ``_MAX_THROTTLE``): its pipelined flood waits in its
+  own socket buffer instead of costing the daemon a decode and a reply per frame.
 
 A peer that hangs up, even mid-frame, ends only its own connection.
 """
@@ -69,6 +72,8 @@ _RECV_MIN = 64 * 1024
 _RECV_MAX = 1024 * 1024
 _ANCBUF = socket.CMSG_SPACE(_MAX_PENDING_FDS * 4)
 _CORK_LIMIT = 64 * 1024
+#: Longest a rate-limited peer's reads are paused at a time.
+_MAX_THROTTLE = 1.0
 
 
 def error_reply(request_id: int, exc: SentinelError) -> Error:
@@ -115,6 +120,8 @@ class Connection:
         self._frame_deadline: float | None = None
         #: Inline replies not yet written (see "corked" in the module docstring).
         self._corked = bytearray()
+        #: No reads before this trio time (see :meth:`throttle`); 0.0: not throttled.
+        self._throttle_until = 0.0
 
     # -- public API for handlers ---------------------------------------------
 
@@ -146,6 +153,29 @@ class Connection:
                 await self._stream.send_all(frame)
         finally:
             lock.release()
+
+    def throttle(self, seconds: float) -> None:
+        """Read nothing more from this peer for ``seconds`` (at most ``_MAX_THROTTLE``).
+
+        For a peer over its rate limit: one that keeps pipelining would otherwise
+        have the daemon read, decode and refuse every frame it sends, at the
+        expense of every other client. Not reading makes its sends block instead.
+        """
+        until = trio.current_time() + min(seconds, _MAX_THROTTLE)
+        if until > self._throttle_until:
+            self._throttle_until = until
+
+    async def _wait_throttle(self) -> None:
+        """Honour :meth:`throttle`: write what is corked, then read nothing until the
+        time is up. A frame in progress gets the pause added to its deadline."""
+        pause = self._throttle_until - trio.current_time()
+        self._throttle_until = 0.0
+        if pause <= 0 or self.server.draining:
+            return
+        await self._flush_quietly()
+        if self._frame_deadline is not None:
+            self._frame_deadline += pause
+        await trio.sleep(pause)
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when the connection ends (release per-connection state)."""
@@ -184,6 +214,8 @@ class Connection:
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         config = self.server.config
         while True:
+            if self._throttle_until:
+                await self._wait_throttle()
             try:
                 frame = self._decoder.next_frame()
             except FrameTooLargeError as exc:
