@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +40,28 @@ if TYPE_CHECKING:  # external integrations: imported (with httpx) only when conf
     from .policy import PolicyService, Quarantine
     from .scanning import Scanner, ScannerConfig
     from .verdict import VerdictMaker
+
+
+#: Descriptors beyond one per connection: state files, worker pipes and pidfds,
+#: memfds of scans in flight, descriptors passed with scan_fd.
+FD_RESERVE = 512
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to fit ``max_connections`` plus a reserve (up to
+    the hard limit). At a stock soft limit of 1024, a daemon near 1000 connections
+    runs out: accept() fails with EMFILE and peers wait in the backlog, unanswered,
+    where they should have been served or told ``busy``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + FD_RESERVE
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
+    if soft != resource.RLIM_INFINITY and soft < max_connections + FD_RESERVE:
+        log_event("fd_limit_low", logging.WARNING, limit=soft, max_connections=max_connections,
+                  advice="raise the hard RLIMIT_NOFILE (LimitNOFILE= in systemd)")
 
 
 class Daemon:
@@ -79,6 +102,7 @@ class Daemon:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise_fd_limit(self.config.server.max_connections)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         server_cfg = self.config.server
         dir_mode = 0o750 if server_cfg.socket_group else 0o700
