@@ -425,6 +425,14 @@ def main() -> None:
         f"bars: snapshot p99 {snap:.0f} us (< 1000: {'ok' if float(snap) < 1000 else 'MISSED'}), "
         f"database p99 {db:.0f} us (< 5000: {'ok' if float(db) < 5000 else 'MISSED'})"
     )
+    snap50 = by["service-snapshot (degraded)"]["p50_us"]
+    db50 = by["service-db (healthy)"]["p50_us"]
+    print(
+        f"bench_policy: snapshot_p50_us={float(snap50):.1f} snapshot_p99_us={float(snap):.1f} "
+        f"db_p50_us={float(db50):.1f} db_p99_us={float(db):.1f} "
+        f"dict_p50_us={float(dic['p50_us']):.2f} dict_p99_us={float(dic['p99_us']):.2f} "
+        f"select_p50_us={float(sel['p50_us']):.1f} select_p99_us={float(sel['p99_us']):.1f}"
+    )
 
 
 if __name__ == "__main__":
