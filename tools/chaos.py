@@ -527,6 +527,7 @@ class Chaos:
         self.in_flight: Counter[str] = Counter()
         self.write_ids = itertools.count(1)
         self.t0 = 0.0
+        self.startup = 0.0
         self.baseline_health = "healthy"
         self.corpus: list[CorpusFile] = []
         self.tmpfs: Path | None = None
@@ -1051,7 +1052,7 @@ class Chaos:
               f"data dir "
               f"{'tmpfs ' + str(TMPFS_BYTES // 2**20) + ' MiB' if self.tmpfs else 'plain dir'}",
               flush=True)
-        startup = await d.start()
+        startup = self.startup = await d.start()
         self.t0 = time.monotonic()
         print(f"sentineld pid {d.pid} ready in {startup:.2f}s", flush=True)
         await self.seed_policies()
@@ -1208,6 +1209,16 @@ class Chaos:
               f"lost={len(self.lost)} duplicates={len(self.duplicates)} leaked={len(self.leaks)}")
         bad = (total.unanswered or self.lost or self.duplicates or self.leaks or self.wrong
                or unrecovered)
+        if self.args.json:
+            self.args.json.write_text(json.dumps({
+                "faults": [{"name": f.name, "at": f.at, "held": f.held, "detected": f.detected,
+                            "recovery": f.recovery, "seen": sorted(f.seen),
+                            "audit": dict(f.audit), "note": f.note, "skipped": f.skipped}
+                           for f in self.faults],
+                "requests": total.sent, "unanswered": total.unanswered, "lost": len(self.lost),
+                "duplicates": len(self.duplicates), "leaked": len(self.leaks),
+                "wrong": sum(self.wrong.values()), "startup_s": self.startup,
+            }, indent=2))
         return 1 if bad else 0
 
 
@@ -1325,6 +1336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, default=None,
                         help="seconds each lasting fault is held (default: from --duration)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument("--json", type=Path, help="also write the results here (tools/bench.py)")
     parser.add_argument("--faults", type=lambda text: text.split(","), default=None,
                         help=f"comma-separated subset, in order (of: {', '.join(FAULTS)})")
     args = parser.parse_args(argv)
