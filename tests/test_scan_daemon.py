@@ -685,7 +685,7 @@ async def test_a_scan_past_its_timeout_kills_the_worker_and_the_daemon_keeps_ser
 async def test_reload_with_a_broken_rule_file_keeps_serving_the_old_rules(
     daemon_factory: Any, tmp_path: Path
 ) -> None:
-    rules = with_eicar(tmp_path / "rules")
+    rules = with_eicar(tmp_path / "rules", ("slow.yar", SLOW_RULE))
     d = daemon_factory(config={"scanner": {"workers": 1}}, extra_args=["--rules", str(rules)])
     marker = b"header SENTINEL-MARKER-V2 trailer"
     async with connect(d) as peer:
@@ -708,15 +708,29 @@ async def test_reload_with_a_broken_rule_file_keeps_serving_the_old_rules(
         assert d.proc is not None and d.proc.poll() is None
         assert (await peer.scan(4, EICAR)).rules_version == v1
 
-        # 3. fixed: a reload request swaps, the version changes, the new rule applies.
+        # 3. fixed: a reload request swaps, the version changes, the new rule applies;
+        # a scan in flight meanwhile (its worker held stopped) ends on the old set.
         broken.unlink()
         (rules / "marker.yar").write_text(GOOD_V2)
-        swapped = await peer.call(Reload(id=5), timeout=60)
-        assert isinstance(swapped, ReloadResult), swapped
-        assert swapped.rules_version != v1 and swapped.namespaces == 2
-        hit = await peer.scan(6, marker)
+        await peer.send(Scan(id=50, data=slow_input(0.5)))
+        old_worker = await wait_busy_worker(d)
+        old_worker.suspend()
+        try:
+            swapped = await peer.call(Reload(id=5), timeout=60)
+            assert isinstance(swapped, ReloadResult), swapped
+            assert swapped.rules_version != v1 and swapped.namespaces == 3
+            assert not peer.replies.get(50)  # still scanning
+            hit = await peer.scan(6, marker)  # on a worker of the new set
+        finally:
+            old_worker.resume()
         assert [m.rule for m in hit.matches] == ["Sentinel_Test_Marker_V2"]
         assert hit.rules_version == swapped.rules_version
+        in_flight = await peer.reply(50)
+        assert isinstance(in_flight, ScanResult), in_flight
+        assert [m.rule for m in in_flight.matches] == ["Sentinel_Test_Slow"]
+        assert in_flight.rules_version == v1
+        # Its worker is retired once the scan is done.
+        await wait_for(lambda: not psutil.pid_exists(old_worker.pid))
 
         # 4. SIGHUP after a good change swaps too.
         (rules / "marker.yar").unlink()
