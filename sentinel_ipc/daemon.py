@@ -186,6 +186,12 @@ class Daemon:
                 )
             )
             self.metrics = self.observability.metrics
+            # Every breaker transition and service state change reaches the audit log
+            # (the policy service audits the database's own, with journal details).
+            audit_sub = self.observability.bus.subscribe(
+                0, ["breakers", "services"], self._audit_bus_event
+            )
+            stack.callback(audit_sub.close)
             # --- end: observability
             # --- section: scanning -----------------------------------------------
             from .scanning import open_scanner
@@ -286,6 +292,17 @@ class Daemon:
                     0, ["services", "degraded", "breakers"], self._forward_bus_event
                 )
                 stack.callback(sub.close)
+
+    async def _audit_bus_event(self, event: Event) -> None:
+        if self.audit is None or event.service == "database":
+            return
+        if event.kind == "breaker_transition":
+            self.audit.record("breaker_transition", breaker=event.service,
+                              from_state=event.previous, to_state=event.state,
+                              reason=event.reason)
+        elif event.kind == "service_state":
+            self.audit.record("service_state", service=event.service, state=event.state,
+                              previous=event.previous, reason=event.reason)
 
     async def _forward_bus_event(self, event: Event) -> None:
         if self.forwarder is not None:
