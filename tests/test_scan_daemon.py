@@ -4,8 +4,9 @@ Every test talks the wire protocol to a daemon started as a subprocess
 (``daemon_factory``) and makes real faults: workers are SIGKILLed while they
 scan (found as the daemon's child processes holding a scan buffer), a rule
 that is slow on crafted input runs past a small ``scan_timeout``, rule files
-are broken on disk before a ``reload`` or a SIGHUP. Every daemon is stopped at
-the end and must leave no process behind.
+are broken on disk before a ``reload`` or a SIGHUP, a worker is SIGSTOPped to
+hold a scan in flight across a reload. Every daemon is stopped at the end and
+must leave no process behind.
 
 Timing: workers = 1 or 2, inputs of a few hundred KiB; the slow rule burns
 about one second per 160 KB on an idle core, so the tests that need a scan in
