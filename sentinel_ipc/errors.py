@@ -36,6 +36,7 @@ class ErrorCode:
     POLICY_INVALID = "policy_invalid"
     POLICY_CONFLICT = "policy_conflict"
     SCAN_FAILED = "scan_failed"
+    QUARANTINE_FAILED = "quarantine_failed"  # store/restore/delete refused
     RULES_INVALID = "rules_invalid"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"

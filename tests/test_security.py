@@ -434,7 +434,8 @@ def test_path_like_fields_are_never_opened_or_followed(daemon_factory: Any,
     trap.symlink_to(victim)
     for dest in (trap, victim):
         reply = call(d.socket_path, QuarantineRestore(id=33, quarantine_id=qid, path=str(dest)))
-        assert isinstance(reply, Error), (dest, reply)
+        assert isinstance(reply, Error) and reply.code == "quarantine_failed", (dest, reply)
+        assert not reply.retryable and "cannot create" in reply.message
     assert victim.read_bytes() == b"untouched"
     fresh = tmp_path / "restored.bin"
     reply = call(d.socket_path, QuarantineRestore(id=34, quarantine_id=qid, path=str(fresh)))

@@ -33,7 +33,7 @@ import msgspec
 import trio
 
 from sentinel_ipc.audit import AuditLog
-from sentinel_ipc.errors import NotFoundError, ScanError, SentinelError
+from sentinel_ipc.errors import ErrorCode, NotFoundError, ScanError, SentinelError
 from sentinel_ipc.fsutil import fsync_dir, write_all
 from sentinel_ipc.messages import QuarantineItem
 
@@ -46,7 +46,10 @@ _decoder = msgspec.json.Decoder(QuarantineItem)
 
 
 class QuarantineError(SentinelError):
-    """The quarantine directory refused a store, restore or delete."""
+    """The quarantine directory refused a store, restore or delete (for a restore:
+    the destination exists, is a symlink, or cannot be created)."""
+
+    code = ErrorCode.QUARANTINE_FAILED
 
 
 _List = list  # Quarantine has a method named ``list``
