@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="with --make-corpus")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--concurrency", type=int, default=0,
-                    help="scans in flight for engine/daemon (default: = workers)")
+                    help="scans in flight for engine/daemon (default: 2 x workers, so a "
+                         "worker never idles while the next file is still on the wire)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the modes this many times, interleaved; report each mode's "
                          "best round (a shared machine only ever slows a round down)")
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(len(d) for _, d in corpus)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-scan-"))
     info = load_rules_sync(args.rules, data_dir / "rules-cache")
-    concurrency = args.concurrency or args.workers
+    concurrency = args.concurrency or 2 * args.workers
     print(f"corpus: {len(corpus)} files, {total / 2**20:.1f} MiB; rules: {info.rule_count} "
           f"in {info.namespaces} files (version {info.version}); externals "
           f"{','.join(EXTERNALS)}; workers={args.workers} concurrency={concurrency}; "
