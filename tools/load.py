@@ -81,7 +81,11 @@ from sentinel_ipc.messages import (  # noqa: E402
     MetricsReport,
     Ping,
 )
-from sentinel_ipc.transport import FramedConnection, connect_unix  # noqa: E402
+from sentinel_ipc.transport import (  # noqa: E402
+    FramedConnection,
+    connect_unix,
+    open_framed_connection,
+)
 
 NOBODY = 65534
 
@@ -479,12 +483,29 @@ async def scenario_soak(args: argparse.Namespace) -> dict[str, Any]:
                         for _ in range(args.in_flight):
                             inner.start_soon(loop)
 
+            probe_s: dict[str, list[float]] = {"health": [], "metrics": []}
+
+            async def prober() -> None:
+                """Issue 6's bar: health and metrics answer fast under full scan load."""
+                async with open_framed_connection(d.socket_path) as conn:
+                    n = 0
+                    while not stop.is_set():
+                        probes = (("health", Health(id=n)), ("metrics", Metrics(id=n)))
+                        for kind, request in probes:
+                            t0 = time.perf_counter()
+                            await conn.send(request)
+                            await conn.receive()
+                            probe_s[kind].append(time.perf_counter() - t0)
+                        n += 1
+                        await trio.sleep(0.2)
+
             start = time.monotonic()
             async with trio.open_nursery() as nursery:
                 for i in range(args.clients):
                     nursery.start_soon(scanner, i)
                 warmup = min(5.0, args.soak * 0.1)
                 await trio.sleep(warmup)
+                nursery.start_soon(prober)
                 interval = max(1.0, min(10.0, args.soak / 20))
                 while time.monotonic() - start < args.soak:
                     own, total = d.rss_mb()
@@ -511,6 +532,11 @@ async def scenario_soak(args: argparse.Namespace) -> dict[str, Any]:
         "total_end_mb": samples[-1][2],
         "samples": samples,
         "alive": alive,
+        **{
+            f"{kind}_p{q}_ms": float(pct(values, q)) if values else 0.0
+            for kind, values in probe_s.items()
+            for q in (50, 99)
+        },
     }
 
 
@@ -555,6 +581,10 @@ def print_report(results: dict[str, dict[str, Any]]) -> None:
         print(f"| soak | daemon + workers RSS start / end (MiB) | {s['total_start_mb']:.1f} / "
               f"{s['total_end_mb']:.1f} |")
         print(f"| soak | errors | {json.dumps(s['errors'])} |")
+        print(f"| soak | health p50 / p99 (ms) under full scan load | {s['health_p50_ms']:.1f} / "
+              f"{s['health_p99_ms']:.1f} |")
+        print(f"| soak | metrics p50 / p99 (ms) under full scan load | "
+              f"{s['metrics_p50_ms']:.1f} / {s['metrics_p99_ms']:.1f} |")
     parts = []
     if c:
         parts += [f"health_p99_ms={c['health_p99_ms']:.1f}", f"busy_ok={int(c['busy_ok'])}",
