@@ -14,9 +14,10 @@ same compiled rules (one namespace per file, externals defined):
 * ``engine`` Sentinel's Scanner called in-process (``scan_bytes``: memfd + worker
              pool + breaker/retry + sha256), ``--concurrency`` scans in flight;
 * ``engine_fd`` the Scanner's ``scan_fd`` on the corpus files (no copy at all);
-* ``daemon`` the same bytes through sentineld over its socket (see
-             :func:`scan_via_daemon`; reported as unavailable until the daemon
-             side provides a client).
+* ``daemon`` the same bytes through sentineld over its socket (``scan``
+             frames, or a chunked stream past the frame limit);
+* ``daemon_fd`` the same files through sentineld, each passed as a descriptor
+             (``scan_fd``): no byte crosses the socket.
 
 Prints MB/s, files/s and p50/p99 per-file latency per mode, the ratios to
 ``rawN``, and as its last line (machine-readable):
@@ -249,10 +250,15 @@ def engine_mode(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
 
 
 def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
-                    workers: int, concurrency: int) -> ModeResult | None:
+                    workers: int, concurrency: int,
+                    fd_dir: Path | None = None) -> ModeResult | None:
     """The daemon path: start ``sentineld --rules rules_dir``, scan every corpus file
     through its socket with ``concurrency`` client connections (``Client.scan``:
     one ``scan`` frame, or a chunked stream past the frame limit), stop it.
+
+    With ``fd_dir``, each file is opened there and passed as a descriptor
+    (``scan_fd``, SCM_RIGHTS): what a browser that has the download on disk does;
+    no byte crosses the socket.
 
     Returns None (mode skipped) when there is no client library, or when the
     daemon does not answer a probe scan with a ``scan_result`` yet (the scanner
@@ -319,7 +325,14 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
                     next_index += 1
                     name, data = corpus[i]
                     t = time.perf_counter()
-                    reply = await client.scan(data, filename=name)
+                    if fd_dir is None:
+                        reply = await client.scan(data, filename=name)
+                    else:
+                        fd = os.open(fd_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+                        try:
+                            reply = await client.scan_fd(fd, filename=name)
+                        finally:
+                            os.close(fd)
                     lat.append(time.perf_counter() - t)
                     matched += bool(reply.matches)
                     unscanned += bool(reply.degraded)
@@ -343,7 +356,8 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
     if not available:
         return None
     note = f"{unscanned} degraded" if unscanned else ""
-    return ModeResult("daemon", seconds, sum(len(d) for _, d in corpus), lat, len(corpus),
+    name = "daemon" if fd_dir is None else "daemon_fd"
+    return ModeResult(name, seconds, sum(len(d) for _, d in corpus), lat, len(corpus),
                       matched, note)
 
 
@@ -379,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the modes this many times, interleaved; report each mode's "
                          "best round (a shared machine only ever slows a round down)")
-    ap.add_argument("--modes", default="raw1,rawN,engine,engine_fd,daemon")
+    ap.add_argument("--modes", default="raw1,rawN,engine,engine_fd,daemon,daemon_fd")
     ap.add_argument("--data-dir", type=Path, default=None,
                     help="where compiled rules are cached (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write results as JSON")
@@ -410,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                                          args.workers, concurrency, use_fd=True),
         "daemon": lambda: scan_via_daemon(args.rules, data_dir, corpus, args.workers,
                                           concurrency),
+        "daemon_fd": lambda: scan_via_daemon(args.rules, data_dir, corpus, args.workers,
+                                             concurrency, fd_dir=args.corpus),
     }
     for mode in modes:
         if mode not in runners:
