@@ -110,6 +110,23 @@ def _cpu_self() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def same_externals(name: str, data: bytes) -> dict[str, str]:
+    """The external variables the daemon fills for a file of this name and content
+    (``--raw-externals``): rules conditioned on them then do the same work in both."""
+    from sentinel_ipc.scanning.rules import externals_for
+    from sentinel_ipc.scanning.worker import guess_filetype
+
+    ext = dict(externals_for(None, name))
+    ext["filetype"] = guess_filetype(data[:16])
+    return ext
+
+
+def _raw_match(rules: Any, name: str, data: bytes) -> Any:
+    if _CHILD.get("externals"):
+        return rules.match(data=data, externals=same_externals(name, data))
+    return rules.match(data=data)
+
+
 def raw_one_process(compiled: str, corpus: list[tuple[str, bytes]]) -> ModeResult:
     import yara
 
@@ -118,9 +135,9 @@ def raw_one_process(compiled: str, corpus: list[tuple[str, bytes]]) -> ModeResul
     matched = 0
     cpu0 = _cpu_self()
     start = time.perf_counter()
-    for _name, data in corpus:
+    for name, data in corpus:
         t = time.perf_counter()
-        if rules.match(data=data):
+        if _raw_match(rules, name, data):
             matched += 1
         lat.append(time.perf_counter() - t)
     seconds = time.perf_counter() - start
@@ -146,7 +163,7 @@ def _raw_child(compiled: str, counter: Any, barrier: Any, out: Any) -> None:
         if i >= len(corpus):
             break
         t = time.perf_counter()
-        m = rules.match(data=corpus[i][1])
+        m = _raw_match(rules, corpus[i][0], corpus[i][1])
         lat.append((time.perf_counter() - t, 1 if m else 0))
     out.put((lat, _cpu_self() - cpu0))
 
@@ -393,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the modes this many times, interleaved; report each mode's "
                          "best round (a shared machine only ever slows a round down)")
+    ap.add_argument("--raw-externals", action="store_true",
+                    help="raw modes fill the external variables (filename, extension, "
+                         "filetype...) as the daemon does, so both do the same rule work")
     ap.add_argument("--modes", default="raw1,rawN,engine,engine_fd,daemon,daemon_fd")
     ap.add_argument("--data-dir", type=Path, default=None,
                     help="where compiled rules are cached (default: a temp dir)")
@@ -409,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-scan-"))
     info = load_rules_sync(args.rules, data_dir / "rules-cache")
     concurrency = args.concurrency or 2 * args.workers
+    _CHILD["externals"] = args.raw_externals
     print(f"corpus: {len(corpus)} files, {total / 2**20:.1f} MiB; rules: {info.rule_count} "
           f"in {info.namespaces} files (version {info.version}); externals "
           f"{','.join(EXTERNALS)}; workers={args.workers} concurrency={concurrency}; "
