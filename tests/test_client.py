@@ -23,6 +23,7 @@ import pytest
 import trio
 from client_peer import PeerConn, start_peer
 from daemon_harness import DaemonProcess
+from samples import EICAR
 
 from sentinel_ipc.client import (
     IPC_BREAKER,
@@ -86,7 +87,6 @@ from sentinel_ipc.messages import (
     type_tag,
 )
 
-EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 
 @pytest.fixture(scope="module")
 def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:

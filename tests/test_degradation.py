@@ -41,6 +41,7 @@ import psutil
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from samples import EICAR
 
 from sentinel_ipc.config import Config
 from sentinel_ipc.messages import (
@@ -67,7 +68,6 @@ from sentinel_ipc.messages import (
 )
 from sentinel_ipc.transport import FramedConnection, open_framed_connection
 
-EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 DATABASE_NOTICE = (
     "Sentinel operating in degraded mode. Database connection lost. "
     "Using cached security policies. Some features unavailable."

@@ -35,6 +35,7 @@ import pytest
 from daemon_harness import DaemonProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from samples import EICAR
 
 from sentinel_ipc.codec import DecodeFailure, decode_reply, decode_request, encode
 from sentinel_ipc.messages import (
@@ -66,10 +67,6 @@ UNSAFE = (Shutdown, BreakerControl, Reload, ServiceRetry)
 SAFE_TAGS = sorted(REQUEST_TAGS - {"shutdown", "breaker_control", "reload", "service_retry"})
 FIELDS = sorted({f.name for t in REQUEST_TYPES for f in msgspec.structs.fields(t)} - {"id"})
 PING = struct.pack(">I", len(encode(Ping(id=1)))) + encode(Ping(id=1))
-EICAR = bytes.fromhex(
-    "58354f2150254041505b345c505a58353428505e2937434329377d2445494341522d5354414e44415244"
-    "2d414e544956495255532d544553542d46494c452124482b482a"
-)
 
 
 def frame(payload: bytes) -> bytes:

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+from samples import EICAR
 
 from sentinel_ipc.messages import (
     Error,
@@ -61,8 +62,6 @@ from sentinel_ipc.transport import FramedConnection, open_framed_connection
 
 BUILTIN_RULES = Path(scanning_engine.__file__).parent / "builtin_rules"
 
-#: The EICAR test file (built from pieces so this file is not itself a test file).
-EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 #: EICAR inside a larger file: rule ``EICAR_Embedded`` (severity medium), not ``EICAR_Test_File``.
 EMBEDDED = b"MZ-not-really " * 20 + EICAR + b" trailer"
 #: Matches only the custom low-severity rule.

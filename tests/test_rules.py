@@ -3,12 +3,12 @@ and the built-in rules themselves (real yara-python, in-process)."""
 
 from __future__ import annotations
 
-import base64
 import os
 from pathlib import Path
 
 import pytest
 import yara
+from samples import EICAR
 
 from sentinel_ipc.errors import RulesError
 from sentinel_ipc.scanning.rules import (
@@ -25,10 +25,6 @@ from sentinel_ipc.scanning.rules import (
     sources_digest,
 )
 from sentinel_ipc.scanning.worker import guess_filetype
-
-EICAR = base64.b64decode(
-    "WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo="
-)
 
 
 def write(root: Path, rel: str, text: str) -> Path:

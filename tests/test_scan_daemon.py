@@ -15,7 +15,6 @@ progress give it a second or more and never wait on the exact figure.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import os
@@ -31,6 +30,7 @@ import psutil
 import pytest
 import trio
 from daemon_harness import DaemonProcess
+from samples import EICAR, EICAR_SHA256
 
 from sentinel_ipc.messages import (
     Breakers,
@@ -53,10 +53,6 @@ from sentinel_ipc.messages import (
 from sentinel_ipc.scanning import BUILTIN_RULES_DIR
 from sentinel_ipc.transport import FramedConnection, open_framed_connection
 
-EICAR = base64.b64decode(
-    "WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo="
-)
-EICAR_SHA256 = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
 CLEAN = b"An ordinary download: nothing to see here.\n" * 200
 
 SLOW_RULE = """

@@ -4,7 +4,6 @@ timeouts, hot reload, bounds and bad descriptors, and a clean shutdown."""
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import os
@@ -19,6 +18,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+from samples import EICAR, EICAR_SHA256, SLOW_RULE
 
 from sentinel_ipc.errors import (
     BadFileDescriptorError,
@@ -39,21 +39,6 @@ from sentinel_ipc.scanning import (
 )
 from sentinel_ipc.scanning.rules import BUILTIN_RULES_DIR
 
-EICAR = base64.b64decode(
-    "WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo="
-)
-EICAR_SHA256 = "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
-SLOW_RULE = """
-rule Sentinel_Test_Slow
-{
-    meta:
-        description = "test only: slow on crafted input"
-        severity = "low"
-    condition:
-        uint32(0) == 0x574F4C53 and
-        for all i in (4..filesize - 1) : ( for all j in (0..99) : ( uint8(i) == 0x41 ) )
-}
-"""
 EXT_RULE = """
 rule Sentinel_Test_Extension
 {

@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 from daemon_harness import DaemonProcess
+from samples import EICAR
 
 from sentinel_ipc.codec import decode_reply, encode_framed
 from sentinel_ipc.messages import (
@@ -66,10 +67,6 @@ from sentinel_ipc.messages import (
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
-EICAR = bytes.fromhex(
-    "58354f2150254041505b345c505a58353428505e2937434329377d2445494341522d5354414e44415244"
-    "2d414e544956495255532d544553542d46494c452124482b482a"
-)
 can_be_nobody = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
     reason="needs root and setpriv to run a client as nobody",

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from daemon_harness import DaemonProcess
 from rich.console import Console
+from samples import EICAR
 
 from sentinel_ipc.cli import sentinelctl
 from sentinel_ipc.cli.sentinelctl import Watch, main, render_breakers
@@ -29,7 +30,6 @@ from sentinel_ipc.messages import BreakerInfo, BreakersReport, Event
 
 Capture = pytest.CaptureFixture[str]
 GOLDEN = Path(__file__).parent / "golden" / "sentinelctl_breakers.txt"
-EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 
 
 def run(capsys: Capture, sock: Path, *args: str) -> tuple[int, str, str]:

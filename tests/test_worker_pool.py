@@ -4,7 +4,6 @@ and no leaked process or descriptor afterwards."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import signal
@@ -18,27 +17,13 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+from samples import EICAR, SLOW_RULE
 
 from sentinel_ipc.errors import BusyError, ScanError, ScanTimeoutError, WorkerCrashedError
 from sentinel_ipc.scanning.pool import NoWorkerAvailable, PoolConfig, WorkerPool
 from sentinel_ipc.scanning.rules import BUILTIN_RULES_DIR, RulesInfo, load_rules_sync
 from sentinel_ipc.scanning.worker import Result
 
-EICAR = base64.b64decode(
-    "WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo="
-)
-#: Slow only on input starting with "SLOW": about 100 VM steps per byte.
-SLOW_RULE = """
-rule Sentinel_Test_Slow
-{
-    meta:
-        description = "test only: slow on crafted input"
-        severity = "low"
-    condition:
-        uint32(0) == 0x574F4C53 and
-        for all i in (4..filesize - 1) : ( for all j in (0..99) : ( uint8(i) == 0x41 ) )
-}
-"""
 NEW_RULE = 'rule Sentinel_Test_New { strings: $a = "NEWRULE-MARKER" condition: $a }'
 BIG = 1 << 40
 
