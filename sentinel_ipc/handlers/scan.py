@@ -19,8 +19,6 @@ a failing scanner never stops hash policies from applying.
 from __future__ import annotations
 
 import contextlib
-import os
-import stat
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -183,8 +181,7 @@ def register(
             raise BadFileDescriptorError(
                 "scan_fd needs a file descriptor passed with SCM_RIGHTS in the same sendmsg()"
             )
-        fd = ctx.fds[0]
-        check_regular_file(fd)
+        fd = ctx.fds[0]  # the scanner checks it is a readable regular file (bad_fd)
         meta = meta_of(req)
         with admission.admit(ctx):
             outcome = await scanner.scan_fd(fd, meta)
@@ -198,32 +195,4 @@ def register(
     return admission
 
 
-def check_regular_file(fd: int) -> os.stat_result:
-    """The daemon scans only regular files (or memfds) through a passed descriptor."""
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        raise BadFileDescriptorError(
-            f"the passed descriptor is not usable: {exc.strerror}"
-        ) from exc
-    if not stat.S_ISREG(st.st_mode):
-        kind = _kind(st.st_mode)
-        raise BadFileDescriptorError(f"the passed descriptor is a {kind}, not a regular file")
-    return st
-
-
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "directory"),
-        (stat.S_ISFIFO, "pipe"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISLNK, "symlink"),
-    ):
-        if test(mode):
-            return name
-    return "special file"
-
-
-__all__ = ["ScanAdmission", "check_regular_file", "register"]
+__all__ = ["ScanAdmission", "register"]
