@@ -171,10 +171,13 @@ class VerdictMaker:
             self.forwarder.emit(kind, "high", fields)
 
     def _without_policy(self, outcome: ScanOutcome) -> tuple[Action, str]:
-        if not outcome.scanned:
-            if self.fail_closed:
-                return "block", "scanner unavailable; fail-closed"
-            return "allow", "scanner unavailable; fail-open"
+        """No policy store: the scanner's own default decides; only the reason is ours."""
+        action = outcome.default_action(self.fail_closed)
         if outcome.matches:
-            return "block", "matched " + ", ".join(sorted({m.rule for m in outcome.matches}))
-        return "allow", "no rule matched"
+            reason = "matched " + ", ".join(sorted({m.rule for m in outcome.matches}))
+        elif not outcome.scanned:
+            mode = "fail-closed" if self.fail_closed else "fail-open"
+            reason = f"scanner unavailable; {mode}"
+        else:
+            reason = "no rule matched"
+        return action, reason
