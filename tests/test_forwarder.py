@@ -6,6 +6,7 @@ event, an auth failure, health and metrics, and a real daemon forwarding."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -133,6 +134,29 @@ async def test_outage_of_several_minutes_loses_no_event(
     # Recovery waits at most the breaker's open time (60 s) plus its jitter.
     assert recovery <= 60 * 1.1 + 1, recovery
     assert time.monotonic() - started_real < 20  # mock time, not real sleeps
+
+
+async def test_round_backoff_never_waits_longer_than_backoff_max(
+    receiver: HttpFixture, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The retry formula jitters *above* its capped ceiling (SPEC section 3);
+    between rounds the forwarder clamps again, so ``backoff_max`` is the
+    longest wait an operator ever sees. The breaker is disabled here so the
+    round backoff alone decides."""
+    receiver.go_away()
+    cfg = config(receiver, timeouts=NO_TIMEOUTS, backoff_initial=1.0, backoff_max=4.0)
+    waits: list[float] = []
+    async with open_event_forwarder(cfg, tmp_path, rng=random.Random(7)) as fwd:
+        fwd.breaker.disable(trio.current_time())
+        fwd.emit("detection", "high", {})
+        for _ in range(40):
+            await wait_until(lambda: fwd.statistics().next_attempt_in is not None)
+            next_in = fwd.statistics().next_attempt_in
+            assert next_in is not None
+            waits.append(next_in)
+            await trio.sleep(next_in + 0.01)
+    assert len(waits) == 40 and max(waits) <= 4.0, waits
+    assert max(waits) > 3.0  # the backoff did grow up to the cap
 
 
 async def test_retry_connection_cuts_the_backoff_short(

@@ -336,7 +336,9 @@ class EventForwarder:
     def _failed(self, error: str, *, minimum: float = 0.0) -> float:
         self._failures += 1
         self._last_error = error
-        delay = self._round_backoff.delay(self._failures, self._rng)
+        # The policy's jitter multiplies its capped ceiling; clamp again so
+        # ``backoff_max`` stays the longest wait the operator configured.
+        delay = min(self._round_backoff.delay(self._failures, self._rng), self.config.backoff_max)
         if minimum > delay:
             delay = minimum * (1.0 + 0.1 * self._rng.random())
         if self._failures == 1 or self._failures % 10 == 0:
