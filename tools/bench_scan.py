@@ -266,6 +266,16 @@ def engine_mode(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
 # ---------------------------------------------------------------------------
 
 
+def tree_cpu(process: Any) -> tuple[float, float]:
+    """CPU seconds (user + system) of ``process`` itself and of its live children."""
+    own = process.cpu_times()
+    children = 0.0
+    for p in process.children(recursive=True):
+        t = p.cpu_times()
+        children += t.user + t.system
+    return own.user + own.system, children
+
+
 def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
                     workers: int, concurrency: int,
                     fd_dir: Path | None = None) -> ModeResult | None:
@@ -288,6 +298,7 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
         client_mod = importlib.import_module("sentinel_ipc.client")
     except ImportError:
         return None
+    import psutil
     import trio
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
@@ -308,10 +319,12 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
     matched = 0
     unscanned = 0
     seconds = math.nan
+    cpu = math.nan
+    cpu_note = ""
     available = False
 
     async def main() -> None:
-        nonlocal matched, unscanned, seconds, available
+        nonlocal matched, unscanned, seconds, cpu, cpu_note, available
         config = client_mod.ClientConfig(scan_timeout=600.0, timeout=30.0)
         async with client_mod.open_client(socket_path, config=config) as probe:
             with trio.move_on_after(120):
@@ -354,11 +367,20 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
                     matched += bool(reply.matches)
                     unscanned += bool(reply.degraded)
 
+        daemon = psutil.Process(proc.pid)
+        workers_before = {c.pid for c in daemon.children()}
+        client0, (daemon0, workers0) = _cpu_self(), tree_cpu(daemon)
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for _ in range(concurrency):
                 nursery.start_soon(one_client)
         seconds = time.perf_counter() - start
+        # A replaced worker takes its CPU time with it: then no figure.
+        if {c.pid for c in daemon.children()} == workers_before:
+            daemon1, workers1 = tree_cpu(daemon)
+            split = (_cpu_self() - client0, daemon1 - daemon0, workers1 - workers0)
+            cpu = sum(split)
+            cpu_note = "cpu s: client {:.2f} daemon {:.2f} workers {:.2f}".format(*split)
 
     try:
         trio.run(main)
@@ -372,10 +394,10 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
         log.close()
     if not available:
         return None
-    note = f"{unscanned} degraded" if unscanned else ""
+    note = "; ".join(x for x in (f"{unscanned} degraded" if unscanned else "", cpu_note) if x)
     name = "daemon" if fd_dir is None else "daemon_fd"
     return ModeResult(name, seconds, sum(len(d) for _, d in corpus), lat, len(corpus),
-                      matched, note)
+                      matched, note, cpu_seconds=cpu)
 
 
 # ---------------------------------------------------------------------------
