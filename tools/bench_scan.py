@@ -326,6 +326,15 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
     async def main() -> None:
         nonlocal matched, unscanned, seconds, cpu, cpu_note, available
         config = client_mod.ClientConfig(scan_timeout=600.0, timeout=30.0)
+        # Wait for the socket with plain connects: the client's ipc breaker would
+        # open after ten refusals and hold the probe off for its 10 s open time.
+        with trio.move_on_after(120):
+            while proc.poll() is None:
+                try:
+                    await (await trio.open_unix_socket(str(socket_path))).aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
         async with client_mod.open_client(socket_path, config=config) as probe:
             with trio.move_on_after(120):
                 while proc.poll() is None:
