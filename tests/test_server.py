@@ -191,6 +191,37 @@ async def test_200_pipelined_pings_are_all_answered_by_id(daemon_factory: Any) -
     assert sorted(r.id for r in replies) == ids
 
 
+def test_replies_larger_than_the_socket_buffer_arrive_whole_and_in_order(
+    daemon_factory: Any,
+) -> None:
+    """A peer that pipelines far more than it reads: replies fill the socket
+    buffer, so the daemon's one-shot non-blocking write takes part of a batch
+    and the rest goes through the locked send_all, while handler tasks (health)
+    write too. Every frame must arrive whole, and the inline pings in order."""
+    import threading
+
+    d = daemon_factory()
+    n = 60_000  # ~700 KB of pongs: several times a Unix socket's buffer
+    health_every = 3_000
+    with Raw(d.socket_path, timeout=30.0) as c:
+        requests: list[msgspec.Struct] = []
+        for i in range(1, n + 1):
+            requests.append(Ping(id=i))
+            if i % health_every == 0:
+                requests.append(Health(id=-i, probe="live"))
+        payload = b"".join(encode_framed(r) for r in requests)
+        sender = threading.Thread(target=c.sock.sendall, args=(payload,))
+        sender.start()
+        time.sleep(0.5)  # read nothing yet: the daemon's writes back up
+        replies = [c.recv() for _ in requests]
+        sender.join(10)
+    pongs = [r.id for r in replies if isinstance(r, Pong)]
+    assert pongs == list(range(1, n + 1))
+    others = [r for r in replies if not isinstance(r, Pong)]
+    assert len(others) == n // health_every
+    assert all(isinstance(r, (HealthReport, Error)) and r.id < 0 for r in others)
+
+
 async def test_pipelined_requests_from_concurrent_connections(daemon_factory: Any) -> None:
     d = daemon_factory()
     results: dict[int, list[int]] = {}
