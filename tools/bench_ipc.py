@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Ping round trips through the daemon, beside two echo baselines, in one run.
 
-    python tools/bench_ipc.py [--seconds S] [--connections N] [--window W]
+    python tools/bench_ipc.py [--seconds S] [--rounds R] [--connections N] [--window W]
 
 Three servers, each a real subprocess on its own Unix socket, all driven by
 the same client code in this process:
@@ -13,7 +13,9 @@ the same client code in this process:
   the least.
 * ``daemon`` the real ``sentineld`` (default config) answering ``ping``.
 
-Three loads, each measured for ``--seconds`` after a short warm-up:
+Three loads, each measured for ``--seconds`` after a short warm-up, the
+servers taking turns for ``--rounds`` rounds (medians reported; each ratio is
+taken within a round, so machine noise hits both sides alike):
 
 * ``seq``    one connection, one request at a time;
 * ``pipe``   one connection, ``--window`` (64) requests in flight;
@@ -37,6 +39,7 @@ import os
 import selectors
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -307,6 +310,11 @@ def _cpu(proc: psutil.Process) -> float:
     return total
 
 
+def median_result(results: list[Result]) -> Result:
+    """The round with the median throughput (its latencies and CPU go with it)."""
+    return sorted(results, key=lambda r: r.rps)[len(results) // 2]
+
+
 def run_loads(
     path: Path, proc: subprocess.Popen[bytes], args: argparse.Namespace
 ) -> dict[str, Result]:
@@ -328,8 +336,11 @@ def run_loads(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="per load and server")
+    parser.add_argument("--seconds", type=float, default=1.0,
+                        help="per load, server and round")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="servers take turns this many times; medians are reported")
     parser.add_argument("--window", type=int, default=64, help="requests in flight (pipe)")
     parser.add_argument("--only", choices=SERVERS, action="append", help="servers to run")
     parser.add_argument("--serve", choices=("raw", "trio"), help=argparse.SUPPRESS)
@@ -342,17 +353,27 @@ def main(argv: list[str] | None = None) -> int:
 
     servers = args.only or list(SERVERS)
     base = Path(tempfile.mkdtemp(prefix="bench-ipc-"))
-    results: dict[str, dict[str, Result]] = {}
+    rounds: list[dict[str, dict[str, Result]]] = []
     try:
-        for kind in servers:
-            with started(kind, base) as proc:
-                results[kind] = run_loads(base / kind / "s.sock", proc, args)
+        with contextlib.ExitStack() as stack:
+            procs = {kind: stack.enter_context(started(kind, base)) for kind in servers}
+            # Servers take turns, round after round: on a shared machine the
+            # noise then hits every server alike, and the medians compare.
+            for _ in range(args.rounds):
+                rounds.append(
+                    {kind: run_loads(base / kind / "s.sock", procs[kind], args)
+                     for kind in servers}
+                )
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    results = {
+        kind: {load: median_result([r[kind][load] for r in rounds]) for load in LOADS}
+        for kind in servers
+    }
 
     print(
         f"cpus={os.cpu_count()} seconds={args.seconds:g} window={args.window} "
-        f"connections={args.connections}"
+        f"connections={args.connections} rounds={args.rounds} (medians)"
     )
     header = f"{'load':6} {'server':7} {'rt/s':>10} {'p50 us':>9} {'p99 us':>9} {'cpu us/rt':>10}"
     print(header)
@@ -368,13 +389,16 @@ def main(argv: list[str] | None = None) -> int:
             fields[f"{kind}_{load}_p50_us"] = r.p50
             fields[f"{kind}_{load}_p99_us"] = r.p99
             fields[f"{kind}_{load}_cpu_us"] = r.cpu_us
+        # Ratios are taken within each round (same machine state), then the median.
         for a, b in (("trio", "raw"), ("daemon", "raw"), ("daemon", "trio")):
             if a in results and b in results:
-                fields[f"{a}_vs_{b}_{load}"] = results[a][load].rps / results[b][load].rps
+                fields[f"{a}_vs_{b}_{load}"] = statistics.median(
+                    r[a][load].rps / r[b][load].rps for r in rounds
+                )
         if "trio" in results and "daemon" in results:
             # Server CPU per round trip, trio echo over daemon: 1.0 = as cheap.
-            fields[f"daemon_vs_trio_{load}_cpu"] = (
-                results["trio"][load].cpu_us / results["daemon"][load].cpu_us
+            fields[f"daemon_vs_trio_{load}_cpu"] = statistics.median(
+                r["trio"][load].cpu_us / r["daemon"][load].cpu_us for r in rounds
             )
     if {"trio", "raw", "daemon"} <= set(results):
         print("ratios (rt/s):")
