@@ -38,6 +38,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -435,6 +436,42 @@ async def test_hanging_database_call_is_bounded_and_applied_once(tmp_path: Path)
     policies, threats = db_state(db)
     assert sum(t[0] == H_OUTAGE for t in threats) == 1
     assert sum(p[1] == H_NEW for p in policies) == 1
+
+
+async def test_clean_files_are_not_queued_behind_a_stuck_database_write(tmp_path: Path) -> None:
+    """A clean file that no policy decides records nothing, so while the
+    database is healthy it is decided from the snapshot (which mirrors it):
+    a write stuck behind another program's lock does not delay it. What a
+    policy decides still goes through the database and counts its hit."""
+    db = tmp_path / "policy_graph.db"
+    config = fast_config(busy_timeout_ms=1500, op_timeout=3.0)
+    async with service(tmp_path, config) as svc:
+        ids = await seed(svc)
+        _, threats_before = db_state(db)
+        with held_lock(db):
+            async with trio.open_nursery() as nursery:
+                # Blocks the store thread for busy_timeout (1.5 s) on the lock.
+                nursery.start_soon(
+                    partial(svc.add, action="warn", rule_name="Stuck", created_by="t")
+                )
+                await trio.sleep(0.1)
+                start = trio.current_time()
+                d = await svc.decide(sha256=H_UNSEEN, url="https://fine.example/x", matches=[])
+                assert trio.current_time() - start < 0.5
+                assert (d.action, d.policy_id, d.degraded) == ("allow", None, False)
+        await wait_for(lambda: not svc.degraded and svc.journal_depth == 0, what="recovery")
+        d = await svc.decide(sha256=H_ALLOW, url=None, matches=[])
+        assert (d.action, d.policy_id, d.degraded) == ("allow", ids["allow"], False)
+        d = await svc.decide(sha256=H_UNSEEN, url="https://bad.example/y", matches=[])
+        assert (d.action, d.policy_id) == ("quarantine", ids["url"])
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        hits = conn.execute("SELECT hit_count FROM policies WHERE id = ?", (ids["allow"],))
+        assert hits.fetchone()[0] == 1
+    finally:
+        conn.close()
+    _, threats = db_state(db)
+    assert threats == [*threats_before, (H_UNSEEN, "quarantine")]  # none for the clean file
 
 
 async def test_many_concurrent_verdicts_during_an_outage(tmp_path: Path) -> None:

@@ -8,7 +8,11 @@ Healthy: every call goes to the database on the store's dedicated thread
 (:class:`~sentinel_ipc.policy.store.StoreThread`), each attempt bounded by
 ``op_timeout``, under the database retry policy and the ``"database"``
 circuit breaker (:func:`~sentinel_ipc.resilience.guarded_call`). The
-in-memory snapshot follows every successful read and write.
+in-memory snapshot follows every successful read and write. One exception:
+a clean file (scanned, no match, no reputation hit) that no policy decides
+records nothing, so with the journal empty it is decided from the snapshot,
+which mirrors the database then. Most downloads are such files: they cost no
+thread hop and never wait behind a database write stuck on a lock.
 
 The first call that fails for a reason of the database (not of the caller:
 conflicts, unknown ids and invalid input pass straight through) turns the
@@ -376,6 +380,19 @@ class PolicyService:
         kwargs["known_bad"] = known_bad
         # One key for the record, whichever way it goes: a database attempt that
         # timed out may still commit later, and its journaled copy must not land too.
+        if not self._degraded and scanned and not matches and known_bad is None \
+                and not self.journal_depth:
+            # A clean file. While the database is healthy and nothing waits in
+            # the journal, the snapshot mirrors it exactly; a decision that no
+            # policy takes part in records nothing (no hit, no threat row, no
+            # audit line), so it is answered from memory. Everything a policy
+            # decides, or that must be written, still goes to the database.
+            clean = decide(
+                self._snapshot.index, sha256=sha256, url=url, matches=matches, now=now,
+                mime_type=mime_type, **kwargs,
+            )
+            if clean.policy_id is None and clean.action == "allow" and not clean.degraded:
+                return clean
         record_key = new_key("r")
         if not self._degraded:
             try:
