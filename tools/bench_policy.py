@@ -224,13 +224,24 @@ async def run(args: argparse.Namespace) -> list[dict[str, float | str | int]]:
         )
 
         # --- through the service ---------------------------------------------
+        # A clean file that no policy decides is answered from memory even while
+        # the database is healthy; the "service-db" row keeps the queries that
+        # reach the database, the "mixed" row shows the whole mix.
+        def in_memory(q: Query) -> bool:
+            d = decide(index, sha256=q[0], url=q[1], matches=q[2], now=now, **KW)
+            return not q[2] and d.policy_id is None and d.action == "allow"
+
+        db_queries = [q for q in svc_queries if not in_memory(q)]
         async with open_policy_service(PolicyConfig(), data) as svc:
 
             async def db_decide(q: Query) -> object:
                 return await svc.decide(sha256=q[0], url=q[1], matches=q[2], record=False)
 
             results.append(
-                summarize("service-db (healthy)", await timed_async(db_decide, svc_queries))
+                summarize("service-db (healthy)", await timed_async(db_decide, db_queries))
+            )
+            results.append(
+                summarize("service (healthy, mixed)", await timed_async(db_decide, svc_queries))
             )
             detections = [
                 (q[0], q[1], [RuleMatch(rule="Bench")]) for q in svc_queries[: args.record_queries]
@@ -245,7 +256,9 @@ async def run(args: argparse.Namespace) -> list[dict[str, float | str | int]]:
                 )
             )
             svc.breaker.trip(reason="benchmark: force the snapshot path")
-            await svc.decide(sha256="0" * 64, url=None, matches=[], record=False)
+            await svc.decide(
+                sha256="0" * 64, url=None, matches=[RuleMatch(rule="Bench")], record=False
+            )
             assert svc.degraded
 
             async def snap_decide(q: Query) -> object:
