@@ -143,14 +143,14 @@ class Connection:
         machinery (about a quarter of a ping's CPU) are skipped. Nothing awaits
         between the check and the write, so no other task can write in between.
         What the socket does not take is finished with send_all under the lock,
-        which a later writer then waits for. The uncontended lock is taken with
-        ``acquire_nowait``: ``Lock.acquire`` would add a scheduler pass.
+        which a later writer then waits for.
         """
         lock = self._send_lock
-        if not lock.locked():
-            if self._corked:  # earlier inline replies go first, in the same write
-                frame = bytes(self._corked) + frame
-                self._corked.clear()
+        if lock.locked():  # another task is mid-write: our turn comes after it
+            await lock.acquire()
+            frame = self._after_corked(frame)
+        else:
+            frame = self._after_corked(frame)
             if not frame:
                 return
             sent = self._write_nowait(frame)
@@ -161,18 +161,20 @@ class Connection:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
             frame = frame[sent:]  # the socket buffer is full: finish under the lock
+            lock.acquire_nowait()  # free: nothing awaited since locked() said so
         try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            if self._corked:
-                frame = bytes(self._corked) + frame
-                self._corked.clear()
             if frame:
                 await self._stream.send_all(frame)
         finally:
             lock.release()
+
+    def _after_corked(self, frame: bytes) -> bytes:
+        """``frame`` behind the corked inline replies, which go first (and are taken)."""
+        if not self._corked:
+            return frame
+        frame = bytes(self._corked) + frame
+        self._corked.clear()
+        return frame
 
     def _write_nowait(self, data: bytes) -> int:
         """Bytes of ``data`` the socket took at once (0 when its buffer is full).
