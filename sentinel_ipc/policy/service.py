@@ -378,21 +378,18 @@ class PolicyService:
         kwargs = self._decide_kwargs(fail_closed)
         kwargs["scanned"] = scanned
         kwargs["known_bad"] = known_bad
-        # One key for the record, whichever way it goes: a database attempt that
-        # timed out may still commit later, and its journaled copy must not land too.
         if not self._degraded and scanned and not matches and known_bad is None \
                 and not self.journal_depth:
             # A clean file. While the database is healthy and nothing waits in
             # the journal, the snapshot mirrors it exactly; a decision that no
-            # policy takes part in records nothing (no hit, no threat row, no
-            # audit line), so it is answered from memory. Everything a policy
-            # decides, or that must be written, still goes to the database.
-            clean = decide(
-                self._snapshot.index, sha256=sha256, url=url, matches=matches, now=now,
-                mime_type=mime_type, **kwargs,
-            )
-            if clean.policy_id is None and clean.action == "allow" and not clean.degraded:
+            # policy takes part in (then: allow, nothing matched) records
+            # nothing (no hit, no threat row, no audit line), so it is answered
+            # from memory. What a policy decides still goes to the database.
+            clean = self._snapshot_decision(sha256, url, matches, now, mime_type, kwargs)
+            if clean.policy_id is None:
                 return clean
+        # One key for the record, whichever way it goes: a database attempt that
+        # timed out may still commit later, and its journaled copy must not land too.
         record_key = new_key("r")
         if not self._degraded:
             try:
@@ -434,6 +431,26 @@ class PolicyService:
                 self._audit_decision(decision, sha256, url, matches, filename)
         return decision
 
+    def _snapshot_decision(
+        self,
+        sha256: str,
+        url: str | None,
+        matches: Sequence[RuleMatch],
+        now: float,
+        mime_type: str | None,
+        kwargs: dict[str, Any],
+    ) -> Decision:
+        """The pure decision over the in-memory policies, as the database would make it."""
+        return decide(
+            self._snapshot.index,
+            sha256=sha256,
+            url=url,
+            matches=matches,
+            now=now,
+            mime_type=mime_type,
+            **kwargs,
+        )
+
     def _decide_from_snapshot(
         self,
         sha256: str,
@@ -444,15 +461,7 @@ class PolicyService:
         kwargs: dict[str, Any],
     ) -> tuple[Decision, str | None]:
         """The decision, and the key of the queued add that decided (if one did)."""
-        d = decide(
-            self._snapshot.index,
-            sha256=sha256,
-            url=url,
-            matches=matches,
-            now=now,
-            mime_type=mime_type,
-            **kwargs,
-        )
+        d = self._snapshot_decision(sha256, url, matches, now, mime_type, kwargs)
         reason = self._reason or "database unavailable"
         hit_key = None
         if d.policy_id is not None and d.policy_id < 0:
