@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from .errors import BadFrameError, InvalidMessageError, ProtocolError, UnknownMessageTypeError
-from .framing import HEADER
+from .framing import HEADER, NEED_DATA, FrameDecoder
 from .messages import REPLY_TAGS, REQUEST_TAGS, Reply, Request
 
 
@@ -121,3 +121,19 @@ def decode_reply(payload: bytes) -> Reply:
     except (RecursionError, UnicodeDecodeError) as exc:
         raise _undecodable(exc) from exc
     return reply
+
+
+def next_reply(decoder: FrameDecoder) -> Reply | None:
+    """The next complete reply buffered in ``decoder``, or None until more bytes come.
+
+    Raises the typed :class:`~sentinel_ipc.errors.ProtocolError` for a frame
+    that is too large, truncated or undecodable: a client's stream is then lost.
+    """
+    frame = decoder.next_frame()
+    if frame is NEED_DATA:
+        return None
+    assert isinstance(frame, bytes)
+    try:
+        return decode_reply(frame)
+    except DecodeFailure as failure:
+        raise failure.error from failure

@@ -18,9 +18,9 @@ from pathlib import Path
 import msgspec
 import trio
 
-from .codec import DecodeFailure, decode_reply, encode_framed
+from .codec import encode_framed, next_reply
 from .errors import TransportError
-from .framing import NEED_DATA, FrameDecoder
+from .framing import FrameDecoder
 from .messages import DEFAULT_MAX_FRAME_BYTES, Reply
 
 _RECV = 256 * 1024
@@ -54,13 +54,9 @@ class FramedConnection:
     async def receive(self) -> Reply:
         """The next reply; :class:`TransportError` if the daemon hung up."""
         while True:
-            frame = self._decoder.next_frame()
-            if frame is not NEED_DATA:
-                assert isinstance(frame, bytes)
-                try:
-                    return decode_reply(frame)
-                except DecodeFailure as failure:
-                    raise failure.error from failure
+            reply = next_reply(self._decoder)
+            if reply is not None:
+                return reply
             try:
                 data = await self.sock.recv(_RECV)
             except OSError as exc:

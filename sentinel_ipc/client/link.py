@@ -47,14 +47,14 @@ from collections.abc import Callable, Sequence
 import msgspec
 import trio
 
-from ..codec import DecodeFailure, decode_reply, encode_framed
+from ..codec import encode_framed, next_reply
 from ..errors import (
     LocalProtocolError,
     RequestTimeoutError,
     SentinelError,
     TransportError,
 )
-from ..framing import HEADER_SIZE, NEED_DATA, FrameDecoder
+from ..framing import HEADER_SIZE, FrameDecoder
 from ..logs import log_event
 from ..messages import DEFAULT_MAX_FRAME_BYTES, Error, Event, Reply, Welcome
 from .errors import error_from_reply
@@ -216,17 +216,11 @@ class Link:
         decoder = self._decoder
         while True:
             try:
-                frame = decoder.next_frame()
+                reply = next_reply(decoder)
             except SentinelError as exc:
                 self.fail(exc)
                 return
-            if frame is not NEED_DATA:
-                assert isinstance(frame, bytes)
-                try:
-                    reply = decode_reply(frame)
-                except DecodeFailure as failure:
-                    self.fail(failure.error)
-                    return
+            if reply is not None:
                 self._dispatch(reply)
                 continue
             try:
@@ -406,13 +400,9 @@ class Link:
     async def _receive(self) -> Reply:
         decoder = self._decoder
         while True:
-            frame = decoder.next_frame()
-            if frame is not NEED_DATA:
-                assert isinstance(frame, bytes)
-                try:
-                    return decode_reply(frame)
-                except DecodeFailure as failure:
-                    raise failure.error from failure
+            reply = next_reply(decoder)
+            if reply is not None:
+                return reply
             try:
                 data = await self.sock.recv(_RECV)
             except trio.ClosedResourceError:
