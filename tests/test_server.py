@@ -26,6 +26,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -198,8 +199,6 @@ def test_replies_larger_than_the_socket_buffer_arrive_whole_and_in_order(
     buffer, so the daemon's one-shot non-blocking write takes part of a batch
     and the rest goes through the locked send_all, while handler tasks (health)
     write too. Every frame must arrive whole, and the inline pings in order."""
-    import threading
-
     d = daemon_factory()
     n = 60_000  # ~700 KB of pongs: several times a Unix socket's buffer
     health_every = 3_000
