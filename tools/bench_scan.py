@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,16 @@ def ensure_corpus(corpus: Path, total_mib: float, files: int, seed: int) -> None
 # ---------------------------------------------------------------------------
 # raw yara-python baselines
 # ---------------------------------------------------------------------------
+
+
+def cpu_seconds(processes: Iterable[Any]) -> float:
+    """CPU seconds (user + system) of some psutil processes, summed."""
+    return sum(t.user + t.system for t in (p.cpu_times() for p in processes))
+
+
+def tree_cpu(process: Any) -> tuple[float, float]:
+    """CPU seconds of ``process`` itself, and of its live children."""
+    return cpu_seconds([process]), cpu_seconds(process.children(recursive=True))
 
 
 def _cpu_self() -> float:
@@ -211,11 +221,7 @@ def engine_mode(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
     cpu = 0.0
 
     def cpu_of(pids: list[int]) -> float:
-        total = _cpu_self()
-        for pid in pids:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        return total
+        return _cpu_self() + cpu_seconds(psutil.Process(pid) for pid in pids)
 
     async def main() -> None:
         nonlocal matched, unscanned, seconds, cpu
@@ -265,16 +271,6 @@ def engine_mode(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
 # ---------------------------------------------------------------------------
 # The daemon (filled in by the daemon-side step)
 # ---------------------------------------------------------------------------
-
-
-def tree_cpu(process: Any) -> tuple[float, float]:
-    """CPU seconds (user + system) of ``process`` itself and of its live children."""
-    own = process.cpu_times()
-    children = 0.0
-    for p in process.children(recursive=True):
-        t = p.cpu_times()
-        children += t.user + t.system
-    return own.user + own.system, children
 
 
 def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
@@ -337,13 +333,6 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
                 except OSError:
                     await trio.sleep(0.05)
         async with client_mod.open_client(socket_path, config=config) as probe:
-            with trio.move_on_after(120):
-                while proc.poll() is None:
-                    try:
-                        await probe.ping(timeout=1.0)
-                        break
-                    except Exception:
-                        await trio.sleep(0.1)
             try:
                 result = await probe.scan(b"bench probe", filename="probe.txt", timeout=60.0)
             except Exception as exc:
