@@ -229,7 +229,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, float | str | int]]:
         # reach the database, the "mixed" row shows the whole mix.
         def in_memory(q: Query) -> bool:
             d = decide(index, sha256=q[0], url=q[1], matches=q[2], now=now, **KW)
-            return not q[2] and d.policy_id is None and d.action == "allow"
+            return not q[2] and d.policy_id is None
 
         db_queries = [q for q in svc_queries if not in_memory(q)]
         async with open_policy_service(PolicyConfig(), data) as svc:
