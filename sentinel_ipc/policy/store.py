@@ -390,13 +390,7 @@ class PolicyStore:
                 StoreEvent(kind="corrupt_moved_aside", detail=exc.message, path=str(aside))
             )
             events.extend(self._open(seed, seed_max_id, allow_rebuild=False))
-            events.append(
-                StoreEvent(
-                    kind="rebuilt",
-                    detail=f"new database built from the snapshot ({len(seed)} policies)",
-                    path=str(self.path),
-                )
-            )
+            events.append(self._rebuilt_event(len(seed)))
             return events
         except BaseException:
             conn.close()
@@ -685,14 +679,15 @@ class PolicyStore:
             _unlink_db_files(salvage)
         events.extend(self._open(seed, seed_max_id, allow_rebuild=True))
         if not salvaged:
-            events.append(
-                StoreEvent(
-                    kind="rebuilt",
-                    detail=f"new database built from the snapshot ({len(seed)} policies)",
-                    path=str(self.path),
-                )
-            )
+            events.append(self._rebuilt_event(len(seed)))
         return events
+
+    def _rebuilt_event(self, policies: int) -> StoreEvent:
+        return StoreEvent(
+            kind="rebuilt",
+            detail=f"new database built from the snapshot ({policies} policies)",
+            path=str(self.path),
+        )
 
     def _move_aside(self, why: str) -> Path:
         base = f"{self.path.name}.{why}-{_utc_stamp(self._wall())}"
