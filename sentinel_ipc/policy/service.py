@@ -385,7 +385,8 @@ class PolicyService:
             # policy takes part in (then: allow, nothing matched) records
             # nothing (no hit, no threat row, no audit line), so it is answered
             # from memory. What a policy decides still goes to the database.
-            clean = self._snapshot_decision(sha256, url, matches, now, mime_type, kwargs)
+            clean = decide(self._snapshot.index, sha256=sha256, url=url, matches=matches,
+                           now=now, mime_type=mime_type, **kwargs)
             if clean.policy_id is None:
                 return clean
         # One key for the record, whichever way it goes: a database attempt that
@@ -431,26 +432,6 @@ class PolicyService:
                 self._audit_decision(decision, sha256, url, matches, filename)
         return decision
 
-    def _snapshot_decision(
-        self,
-        sha256: str,
-        url: str | None,
-        matches: Sequence[RuleMatch],
-        now: float,
-        mime_type: str | None,
-        kwargs: dict[str, Any],
-    ) -> Decision:
-        """The pure decision over the in-memory policies, as the database would make it."""
-        return decide(
-            self._snapshot.index,
-            sha256=sha256,
-            url=url,
-            matches=matches,
-            now=now,
-            mime_type=mime_type,
-            **kwargs,
-        )
-
     def _decide_from_snapshot(
         self,
         sha256: str,
@@ -461,7 +442,8 @@ class PolicyService:
         kwargs: dict[str, Any],
     ) -> tuple[Decision, str | None]:
         """The decision, and the key of the queued add that decided (if one did)."""
-        d = self._snapshot_decision(sha256, url, matches, now, mime_type, kwargs)
+        d = decide(self._snapshot.index, sha256=sha256, url=url, matches=matches, now=now,
+                   mime_type=mime_type, **kwargs)
         reason = self._reason or "database unavailable"
         hit_key = None
         if d.policy_id is not None and d.policy_id < 0:
