@@ -11,7 +11,9 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import os
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -19,9 +21,9 @@ import msgspec
 import trio
 
 from .codec import encode_framed, next_reply
-from .errors import TransportError
+from .errors import SentinelError, TransportError
 from .framing import FrameDecoder
-from .messages import DEFAULT_MAX_FRAME_BYTES, Reply
+from .messages import DEFAULT_MAX_FRAME_BYTES, Error, Reply
 
 _RECV = 256 * 1024
 
@@ -31,12 +33,20 @@ class FramedConnection:
         self.sock = sock
         self._decoder = FrameDecoder(max_frame_bytes)
         self._send_lock = trio.Lock()
+        self._ready: deque[Reply] = deque()  # decoded while a failed send looked for a refusal
 
     async def send(self, message: msgspec.Struct, fds: Sequence[int] = ()) -> None:
         await self.send_raw(encode_framed(message), fds)
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """Send bytes as they are (tests use this for malformed frames)."""
+        """Send bytes as they are (tests use this for malformed frames).
+
+        A daemon that refuses a connection (over ``max_connections``, draining,
+        another user) writes an ``error`` with id 0 and closes at once, so a
+        send that comes after gets EPIPE. That send does not raise: the refusal
+        is what the next :meth:`receive` returns, as if the race had gone the
+        other way.
+        """
         async with self._send_lock:
             view = memoryview(data)
             try:
@@ -49,10 +59,21 @@ class FramedConnection:
                     sent = await self.sock.send(view)
                     view = view[sent:]
             except OSError as exc:
+                if self._refusal_waiting():
+                    return
                 raise TransportError(f"send failed: {exc.strerror or exc}") from exc
+
+    def _refusal_waiting(self) -> bool:
+        read_nowait(self.sock.fileno(), self._decoder)
+        with contextlib.suppress(SentinelError):
+            while (reply := next_reply(self._decoder)) is not None:
+                self._ready.append(reply)
+        return any(type(r) is Error and r.id == 0 for r in self._ready)
 
     async def receive(self) -> Reply:
         """The next reply; :class:`TransportError` if the daemon hung up."""
+        if self._ready:
+            return self._ready.popleft()
         while True:
             reply = next_reply(self._decoder)
             if reply is not None:
@@ -69,6 +90,19 @@ class FramedConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def read_nowait(fd: int, decoder: FrameDecoder) -> None:
+    """Feed ``decoder`` what has already arrived on the non-blocking socket
+    ``fd``, up to EOF or an error, without waiting.
+
+    For a send that failed because the daemon hung up: its last words (a
+    refusal, an ``error`` with id 0) may be waiting unread, and they say more
+    than EPIPE does.
+    """
+    with contextlib.suppress(OSError):
+        while data := os.read(fd, _RECV):
+            decoder.receive_data(data)
 
 
 def _fd_array(fds: Sequence[int]) -> bytes:

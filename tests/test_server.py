@@ -40,13 +40,15 @@ import trio.testing
 from daemon_harness import ping_once
 
 from sentinel_ipc import schema
+from sentinel_ipc.client.link import Link
 from sentinel_ipc.codec import decode_reply, encode_framed
 from sentinel_ipc.config import ServerConfig
-from sentinel_ipc.errors import ErrorCode, TransportError
+from sentinel_ipc.errors import BusyError, ErrorCode, TransportError
 from sentinel_ipc.framing import NEED_DATA, FrameDecoder
 from sentinel_ipc.handlers import core
 from sentinel_ipc.messages import (
     ADMIN_REQUESTS,
+    PROTOCOL_VERSION,
     REQUEST_TYPES,
     Ack,
     Error,
@@ -67,7 +69,7 @@ from sentinel_ipc.messages import (
 from sentinel_ipc.server.dispatch import Dispatcher, RequestContext
 from sentinel_ipc.server.listener import open_unix_listener, prepare_socket_dir
 from sentinel_ipc.server.server import Server
-from sentinel_ipc.transport import open_framed_connection
+from sentinel_ipc.transport import FramedConnection, connect_unix, open_framed_connection
 
 NOBODY = 65534
 
@@ -403,6 +405,57 @@ def test_over_max_connections_a_peer_gets_busy_then_close(daemon_factory: Any) -
     finally:
         for c in clients:
             c.close()
+
+
+def _wait_for_hangup(fd: int) -> None:
+    """Block until the daemon has closed its end of ``fd``."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    assert poller.poll(5000), "the daemon never closed the refused connection"
+
+
+def test_a_refused_peer_that_sends_after_the_close_still_learns_it_is_busy(
+    daemon_factory: Any,
+) -> None:
+    """The daemon writes its refusal and closes at once, so a request sent after
+    that meets EPIPE. Both client layers still report the refusal (a retryable
+    ``busy`` naming the limit), not a broken pipe; ``tools/load.py`` once lost
+    this race in CI and reported "send failed: Broken pipe"."""
+    d = daemon_factory(config={"server": {"max_connections": 1}})
+
+    async def refused_twice() -> None:
+        sock = await connect_unix(d.socket_path)
+        _wait_for_hangup(sock.fileno())
+        conn = FramedConnection(sock, 2**20)
+        try:
+            await conn.send(Ping(id=2))  # EPIPE underneath
+            refused = await conn.receive()
+            assert isinstance(refused, Error) and refused.id == 0, refused
+            assert refused.code == ErrorCode.BUSY and "limit 1" in refused.message
+            with pytest.raises(TransportError):  # then the daemon's close
+                await conn.receive()
+        finally:
+            conn.close()
+
+        sock = await connect_unix(d.socket_path)
+        _wait_for_hangup(sock.fileno())
+        link = Link(sock, 1)
+        with pytest.raises(BusyError) as info:
+            await link.handshake(Hello(id=3, client="test", protocol_version=PROTOCOL_VERSION))
+        assert info.value.retryable and info.value.retry_after, info.value
+        assert "limit 1" in info.value.message
+        assert link.closed
+
+    deadline = time.monotonic() + 5
+    while True:  # the harness's readiness probe may still hold the one slot
+        holder = Raw(d.socket_path)
+        if holder.call(Ping(id=1)) == Pong(id=1):
+            break
+        holder.close()
+        assert time.monotonic() < deadline, "the one connection slot never freed"
+        time.sleep(0.02)
+    with holder:
+        trio.run(refused_twice)
 
 
 def test_over_max_in_flight_a_request_gets_busy(daemon_factory: Any) -> None:

@@ -57,6 +57,7 @@ from ..errors import (
 from ..framing import HEADER_SIZE, FrameDecoder
 from ..logs import log_event
 from ..messages import DEFAULT_MAX_FRAME_BYTES, Error, Event, Reply, Welcome
+from ..transport import read_nowait
 from .errors import error_from_reply
 
 EventSink = Callable[[Event], None]
@@ -277,8 +278,10 @@ class Link:
         except (OSError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             if self.cause is not None:
                 raise self.cause from exc
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            error = TransportError(f"send failed: {detail or type(exc).__name__}")
+            error = self._refusal()
+            if error is None:
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                error = TransportError(f"send failed: {detail or type(exc).__name__}")
             error.__cause__ = exc
             self.fail(error)
             raise error from exc
@@ -290,6 +293,23 @@ class Link:
             self._sending = False
             if self._send_waiters:
                 self._send_waiters.unpark()
+
+    def _refusal(self) -> SentinelError | None:
+        """After a failed send: the daemon's reason, if it gave one before it
+        hung up.
+
+        A daemon refusing a connection (over ``max_connections``, draining,
+        another user) writes an ``error`` with id 0 and closes at once; a hello
+        sent after that gets EPIPE. The refusal, still unread, is the useful
+        answer: a retryable ``busy`` with its ``retry_after``, not a broken pipe.
+        Replies that arrived with it reach their callers.
+        """
+        read_nowait(self.sock.fileno(), self._decoder)
+        with contextlib.suppress(SentinelError):
+            while (reply := next_reply(self._decoder)) is not None:
+                self._dispatch(reply)
+        hint = self._server_error
+        return None if hint is None else error_from_reply(hint)
 
     async def wait(self, pending: Pending) -> Reply:
         """The reply for ``pending`` (leading the reads if nobody does).
