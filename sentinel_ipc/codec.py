@@ -77,7 +77,9 @@ def _undecodable(exc: RecursionError | UnicodeDecodeError) -> DecodeFailure:
     return DecodeFailure(BadFrameError(f"undecodable frame: a string is not UTF-8 ({exc})"), 0)
 
 
-def _classify(payload: bytes, exc: msgspec.ValidationError, tags: frozenset[str]) -> DecodeFailure:
+def _classify(
+    payload: bytes | bytearray, exc: msgspec.ValidationError, tags: frozenset[str]
+) -> DecodeFailure:
     try:
         env = _envelope_decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -97,7 +99,7 @@ def _classify(payload: bytes, exc: msgspec.ValidationError, tags: frozenset[str]
     return DecodeFailure(error, request_id)
 
 
-def decode_request(payload: bytes) -> Request:
+def decode_request(payload: bytes | bytearray) -> Request:
     """Decode a client's payload. Raises :class:`DecodeFailure` (never anything else)."""
     try:
         request: Request = _request_decoder.decode(payload)
@@ -110,7 +112,7 @@ def decode_request(payload: bytes) -> Request:
     return request
 
 
-def decode_reply(payload: bytes) -> Reply:
+def decode_reply(payload: bytes | bytearray) -> Reply:
     """Decode a server's payload. Raises :class:`DecodeFailure` (never anything else)."""
     try:
         reply: Reply = _reply_decoder.decode(payload)
@@ -132,7 +134,7 @@ def next_reply(decoder: FrameDecoder) -> Reply | None:
     frame = decoder.next_frame()
     if frame is NEED_DATA:
         return None
-    assert isinstance(frame, bytes)
+    assert isinstance(frame, (bytes, bytearray))
     try:
         return decode_reply(frame)
     except DecodeFailure as failure:

@@ -21,8 +21,8 @@ LIMIT = 1024
 def drain(decoder: FrameDecoder) -> list[bytes]:
     frames = []
     while (frame := decoder.next_frame()) is not NEED_DATA:
-        assert isinstance(frame, bytes)
-        frames.append(frame)
+        assert isinstance(frame, (bytes, bytearray))
+        frames.append(bytes(frame))
     return frames
 
 
@@ -75,6 +75,102 @@ def test_any_frames_split_at_any_boundaries_decode_to_the_same_payloads(
 ) -> None:
     stream = b"".join(encode_frame(p) for p in payloads)
     assert feed_in_pieces(stream, [c for c in cuts if c < len(stream)]) == payloads
+
+
+def feed_like_the_server(stream: bytes, cuts: list[int], threshold: int) -> list[bytes]:
+    """Feed ``stream`` as the server does with ``hold_large``: allocate a large
+    frame's body when asked, receive into it directly while it is offered, and
+    hand anything else to ``receive_data``."""
+    decoder = FrameDecoder(LIMIT, direct_threshold=threshold, hold_large=True)
+    frames: list[bytes] = []
+    bounds = [0, *sorted(set(cuts)), len(stream)]
+    for start, end in itertools.pairwise(bounds):
+        piece = memoryview(stream)[start:end]
+        while piece:
+            frames += drain(decoder)
+            if decoder.body_needed is not None:
+                decoder.allocate_body()
+            view = decoder.body_view()
+            if view is None:
+                decoder.receive_data(piece)
+                break
+            n = min(len(view), len(piece))
+            view[:n] = piece[:n]
+            decoder.body_received(n)
+            piece = piece[n:]
+        frames += drain(decoder)
+        while decoder.body_needed is not None:  # whole frames already buffered
+            decoder.allocate_body()
+            frames += drain(decoder)
+    decoder.receive_data(b"")
+    frames += drain(decoder)
+    assert decoder.eof and not decoder.in_frame and decoder.buffered == 0
+    return frames
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payloads=st.lists(st.binary(max_size=300), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=30),
+    threshold=st.integers(min_value=1, max_value=400),
+)
+def test_large_frames_in_their_own_buffers_decode_to_the_same_payloads(
+    payloads: list[bytes], cuts: list[int], threshold: int
+) -> None:
+    """Whatever the threshold, and whether the body is received directly or
+    through receive_data, the frames are the same as with one shared buffer."""
+    stream = b"".join(encode_frame(p) for p in payloads)
+    cuts = [c for c in cuts if c < len(stream)]
+    decoder = FrameDecoder(LIMIT, direct_threshold=threshold)
+    frames: list[bytes] = []
+    bounds = [0, *sorted(set(cuts)), len(stream)]
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            decoder.receive_data(stream[start:end])
+            frames += drain(decoder)
+    assert frames == payloads
+    assert feed_like_the_server(stream, cuts, threshold) == payloads
+
+
+def test_a_large_frame_is_returned_in_its_own_buffer_without_a_copy() -> None:
+    decoder = FrameDecoder(LIMIT, direct_threshold=100)
+    decoder.receive_data(encode_frame(b"a" * 300)[:50])
+    assert decoder.next_frame() is NEED_DATA
+    view = decoder.body_view()
+    assert view is not None and len(view) == 254  # 300 - (50 - 4 header bytes)
+    view[:254] = b"a" * 254
+    decoder.body_received(254)
+    frame = decoder.next_frame()
+    assert isinstance(frame, bytearray) and frame == b"a" * 300
+    assert decoder.body_view() is None and not decoder.in_frame
+
+
+def test_with_hold_large_a_header_alone_allocates_nothing() -> None:
+    """The length in a header is only a claim: the server reserves memory for
+    it before the decoder allocates (allocate_body)."""
+    decoder = FrameDecoder(LIMIT, direct_threshold=100, hold_large=True)
+    decoder.receive_data(encode_frame(b"b" * 1000)[:10])
+    assert decoder.next_frame() is NEED_DATA
+    assert decoder.body_needed == 1000 and decoder.body_view() is None
+    assert decoder.buffered == 6 and decoder.in_frame
+    decoder.allocate_body()
+    assert decoder.body_needed is None
+    view = decoder.body_view()
+    assert view is not None and len(view) == 994
+    with pytest.raises(LocalProtocolError):
+        decoder.body_received(995)  # more than the frame holds
+    with pytest.raises(LocalProtocolError):
+        decoder.allocate_body()  # twice
+    decoder.receive_data(b"")  # the peer hangs up inside the frame
+    with pytest.raises(BadFrameError, match="closed inside a frame"):
+        decoder.next_frame()
+
+
+def test_small_frames_are_unaffected_by_the_threshold() -> None:
+    decoder = FrameDecoder(LIMIT, direct_threshold=100, hold_large=True)
+    decoder.receive_data(encode_frame(b"small") + encode_frame(b"x" * 99))
+    assert decoder.body_needed is None
+    assert drain(decoder) == [b"small", b"x" * 99]
 
 
 def test_one_byte_at_a_time(rng: random.Random) -> None:
