@@ -32,6 +32,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: int = 1000
     max_in_flight_per_connection: int = 64
     max_in_flight_total: int = 4096
+    #: Bytes all connections together may hold in partially received large frames
+    #: (see server/receive_budget.py); at least ``max_frame_bytes``.
+    max_receive_buffer_bytes: int = 4 * DEFAULT_MAX_FRAME_BYTES
     #: A frame that has started must finish within this many seconds (slowloris).
     frame_read_timeout: float = 10.0
     #: Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
@@ -44,6 +47,13 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: When false, peers of another uid (and not in admin_uids/allowed_uids) are refused.
     allow_other_users: bool = True
     allowed_uids: list[int] = []
+
+    def __post_init__(self) -> None:
+        if self.max_receive_buffer_bytes < self.max_frame_bytes:
+            raise ValueError(
+                f"max_receive_buffer_bytes ({self.max_receive_buffer_bytes}) must be at least "
+                f"max_frame_bytes ({self.max_frame_bytes}): a largest frame could never fit"
+            )
 
 
 class RateLimitConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -23,6 +23,8 @@ REQUIRED_FAMILIES = {
     "sentinel_database_query_duration_seconds": "histogram",
     "sentinel_yara_scan_duration_seconds": "histogram",
     "sentinel_ipc_connections_active": "gauge",
+    "sentinel_ipc_receive_buffer_bytes": "gauge",
+    "sentinel_ipc_receive_buffer_waiting": "gauge",
     "sentinel_disk_free_bytes": "gauge",
     "sentinel_memory_rss_bytes": "gauge",
     "sentinel_circuit_breaker_state": "gauge",
@@ -70,6 +72,7 @@ def fed_metrics() -> tuple[SentinelMetrics, CircuitBreaker]:
     yara.record_success(yara.acquire())
     metrics.breakers = lambda: [db, yara]
     metrics.connections = lambda: 3
+    metrics.receive_buffer = lambda: (3 << 20, 2)
     metrics.disk_free = lambda: {"/": 5_000_000_000, "/tmp": 2_000_000_000}
     metrics.rss = lambda: 123_456_789
     metrics.service_states = lambda: {"database": "failed", "yara": "healthy"}
@@ -108,6 +111,8 @@ def test_values_are_what_the_sources_say() -> None:
     assert s[("sentinel_yara_scan_duration_seconds_count", ())] == 1
     assert s[("sentinel_database_query_duration_seconds_count", ())] == 1
     assert s[("sentinel_ipc_connections_active", ())] == 3
+    assert s[("sentinel_ipc_receive_buffer_bytes", ())] == 3 << 20
+    assert s[("sentinel_ipc_receive_buffer_waiting", ())] == 2
     assert s[("sentinel_disk_free_bytes", (("mount", "/tmp"),))] == 2_000_000_000
     assert s[("sentinel_memory_rss_bytes", ())] == 123_456_789
     state = lambda name: s[(  # noqa: E731

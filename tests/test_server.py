@@ -56,6 +56,8 @@ from sentinel_ipc.messages import (
     HealthReport,
     Hello,
     Limits,
+    Metrics,
+    MetricsReport,
     Ping,
     Pong,
     Reply,
@@ -458,6 +460,57 @@ def test_a_refused_peer_that_sends_after_the_close_still_learns_it_is_busy(
         trio.run(refused_twice)
 
 
+def test_large_frames_share_one_receive_budget_and_small_ones_never_wait(
+    daemon_factory: Any,
+) -> None:
+    """A header's length is only a claim: memory for a large frame is reserved
+    from one budget shared by all connections before its buffer exists. With
+    room for one 600 KB frame, a second waits (its sender held back by the
+    socket) until the first is complete; pings on a third connection do not."""
+    d = daemon_factory(config={"server": {
+        "max_frame_bytes": 1 << 20, "max_receive_buffer_bytes": 1 << 20,
+        "frame_read_timeout": 20.0,
+    }})
+
+    def big(request_id: int) -> bytes:  # a ping padded past the direct-receive size
+        payload = msgspec.msgpack.encode({"type": "ping", "id": request_id, "pad": b"x" * 600_000})
+        return len(payload).to_bytes(4, "big") + payload
+
+    first, second = big(1), big(2)
+    with Raw(d.socket_path) as a, Raw(d.socket_path) as b, Raw(d.socket_path) as c:
+        a.send(first[:-1000])  # the daemon reserves for it and waits for the rest
+        time.sleep(0.3)
+        sender = threading.Thread(target=b.send, args=(second,))  # blocks: not read
+        sender.start()
+        time.sleep(0.3)
+        assert c.call(Ping(id=3)) == Pong(id=3)  # small frames never wait
+        reserved, waiting = receive_buffer_gauges(c)
+        assert reserved == len(first) - 4 and waiting == 1, (reserved, waiting)
+        b.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            b.sock.recv(1)  # no room: the second frame is not being read
+        b.sock.settimeout(10)
+        a.send(first[-1000:])
+        assert a.recv() == Pong(id=1)
+        assert b.recv() == Pong(id=2)  # read and answered once the first was done
+        sender.join(10)
+        assert receive_buffer_gauges(c) == (0, 0)
+
+
+def receive_buffer_gauges(raw: Raw) -> tuple[float, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reply = raw.call(Metrics(id=99))
+    assert isinstance(reply, MetricsReport), reply
+    values = {
+        s.name: s.value
+        for f in text_string_to_metric_families(reply.text)
+        for s in f.samples
+    }
+    return (values["sentinel_ipc_receive_buffer_bytes"],
+            values["sentinel_ipc_receive_buffer_waiting"])
+
+
 def test_over_max_in_flight_a_request_gets_busy(daemon_factory: Any) -> None:
     """Two concurrent (non-inline) requests in one write with a limit of 1.
 
@@ -768,8 +821,13 @@ async def test_max_in_flight_refuses_the_request_over_the_limit(tmp_path: Path) 
         ("[server\nmax_connections = 5\n", ["not valid TOML"]),
         ("surprise = true\n", ["surprise"]),
         (None, ["cannot read config file"]),
+        (
+            "[server]\nmax_frame_bytes = 2000\nmax_receive_buffer_bytes = 1000\n",
+            ["max_receive_buffer_bytes (1000) must be at least max_frame_bytes (2000)"],
+        ),
     ],
-    ids=["unknown-key", "wrong-type", "not-toml", "unknown-top-level-key", "unreadable"],
+    ids=["unknown-key", "wrong-type", "not-toml", "unknown-top-level-key", "unreadable",
+         "receive-budget-under-one-frame"],
 )
 def test_a_bad_config_file_stops_start_up_with_exit_2_naming_the_key(
     tmp_path: Path, content: str | None, expected: list[str]

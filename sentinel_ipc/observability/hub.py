@@ -177,6 +177,9 @@ class Observability:
     def _wire_metrics(self) -> None:
         m = self.metrics
         m.connections = lambda: self.server.active_connections
+        m.receive_buffer = lambda: (
+            self.server.receive_budget.used, self.server.receive_budget.waiting
+        )
         m.errors = lambda: dict(self.server.errors_by_code)
         m.disk_free = lambda: dict(self.disk.free_by_mount)
         m.rss = lambda: self.memory.last_rss or None

@@ -92,6 +92,8 @@ class SentinelMetrics:
             self.scans.labels(action)
         self._transitions: dict[tuple[str, str, str], int] = {}
         self.connections: Callable[[], int] | None = None
+        #: (bytes reserved, frames waiting) of the server's receive budget.
+        self.receive_buffer: Callable[[], tuple[int, int]] | None = None
         self.disk_free: Callable[[], Mapping[str, int]] | None = None
         self.rss: Callable[[], int | None] | None = None
         self.breakers: Callable[[], Iterable[CircuitBreaker]] | None = None
@@ -161,6 +163,14 @@ class _ScrapeCollector:
         connections = GaugeMetricFamily(
             "sentinel_ipc_connections_active", "Client connections open on the Unix socket."
         )
+        receive_reserved = GaugeMetricFamily(
+            "sentinel_ipc_receive_buffer_bytes",
+            "Bytes reserved for large frames being received, all connections together.",
+        )
+        receive_waiting = GaugeMetricFamily(
+            "sentinel_ipc_receive_buffer_waiting",
+            "Large frames waiting for room in the receive budget (their senders held back).",
+        )
         disk = GaugeMetricFamily(
             "sentinel_disk_free_bytes",
             "Free bytes on the file systems of the data dir and the temp dir.",
@@ -201,6 +211,10 @@ class _ScrapeCollector:
             uptime.add_metric([], m.uptime())
             if m.connections is not None:
                 connections.add_metric([], float(m.connections()))
+            if m.receive_buffer is not None:
+                reserved, waiting = m.receive_buffer()
+                receive_reserved.add_metric([], float(reserved))
+                receive_waiting.add_metric([], float(waiting))
             if m.disk_free is not None:
                 for mount, free in sorted(m.disk_free().items()):
                     disk.add_metric([mount], float(free))
@@ -227,5 +241,5 @@ class _ScrapeCollector:
             if m.errors is not None:
                 for code, count in sorted(m.errors().items()):
                     errors.add_metric([code], count)
-        yield from (uptime, connections, disk, rss, state, transitions, calls, retries,
-                    services, errors)
+        yield from (uptime, connections, receive_reserved, receive_waiting, disk, rss, state,
+                    transitions, calls, retries, services, errors)

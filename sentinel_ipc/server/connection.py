@@ -70,6 +70,9 @@ if TYPE_CHECKING:
 
 _MAX_PENDING_FDS = 16
 _RECV_MIN = 64 * 1024
+#: Frames at least this long are received into a buffer of their own (no copies)
+#: whose memory is first reserved from the server's receive budget.
+_DIRECT_FRAME = 256 * 1024
 _RECV_MAX = 1024 * 1024
 _ANCBUF = socket.CMSG_SPACE(_MAX_PENDING_FDS * 4)
 _CORK_LIMIT = 64 * 1024
@@ -109,7 +112,12 @@ class Connection:
         self._closers: list[Callable[[], None]] = []
         self._send_lock = trio.Lock()
         self._stream = trio.SocketStream(sock)
-        self._decoder = FrameDecoder(server.config.max_frame_bytes)
+        # Large frames: a body buffer of their own, received into directly,
+        # allocated only once the server's receive budget has room for it.
+        self._decoder = FrameDecoder(
+            server.config.max_frame_bytes, direct_threshold=_DIRECT_FRAME, hold_large=True
+        )
+        self._reserved = 0  # bytes of the receive budget held by the frame in progress
         self._received = 0  # stream offset of the next byte to arrive
         self._frame_start = 0  # stream offset where the next frame starts
         self._fds: deque[tuple[int, int]] = deque()  # (stream offset, fd)
@@ -239,6 +247,7 @@ class Connection:
             )
         finally:
             self._closed = True
+            self._give_back_budget()
             self._close_fds()
             for callback in reversed(self._closers):
                 try:
@@ -266,9 +275,13 @@ class Connection:
                 await self._flush_quietly()
                 return
             if frame is not NEED_DATA:
-                assert isinstance(frame, bytes)
                 self._frame_deadline = None
-                if not await self._handle_frame(frame, nursery):
+                try:
+                    keep = await self._handle_frame(frame, nursery)
+                finally:
+                    del frame  # decoded: the request holds its own copy
+                    self._give_back_budget()
+                if not keep:
                     return
                 continue
             if self._corked:  # no complete frame left: write the gathered replies
@@ -308,12 +321,42 @@ class Connection:
                 raise
 
     async def _receive(self) -> None:
-        size = min(max(self._decoder.wanted(), _RECV_MIN), _RECV_MAX)
+        decoder = self._decoder
+        needed = decoder.body_needed
+        if needed is not None:
+            # Under the frame's read deadline: a frame that cannot get memory
+            # in time ends like any frame not completed in time.
+            await self.server.receive_budget.take(needed)
+            self._reserved = needed
+            decoder.allocate_body()
+        view = decoder.body_view()
+        if view is not None:
+            count, ancdata, _flags, _addr = await self.sock.recvmsg_into([view], _ANCBUF)
+            view.release()
+            self._take_fds(ancdata, count)
+            if count:
+                decoder.body_received(count)
+            else:
+                decoder.receive_data(b"")
+            return
+        if needed is not None:
+            return  # the body was already buffered: the frame is complete
+        size = min(max(decoder.wanted(), _RECV_MIN), _RECV_MAX)
         data, ancdata, _flags, _addr = await self.sock.recvmsg(size, _ANCBUF)
+        self._take_fds(ancdata, len(data))
+        decoder.receive_data(data)
+
+    def _give_back_budget(self) -> None:
+        if self._reserved:
+            self.server.receive_budget.give(self._reserved)
+            self._reserved = 0
+
+    def _take_fds(self, ancdata: list[tuple[int, int, bytes]], count: int) -> None:
+        """Keep descriptors that came with ``count`` bytes just read."""
         # The kernel may return bytes of earlier writes before the write that
         # carried the descriptors, but stops right after that write: so the
         # descriptors belong to the frame holding the *last* byte read.
-        fd_offset = self._received + len(data) - 1
+        fd_offset = self._received + count - 1
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -323,10 +366,9 @@ class Connection:
                         os.close(fd)
                     else:
                         self._fds.append((fd_offset, fd))
-        self._received += len(data)
-        self._decoder.receive_data(data)
+        self._received += count
 
-    async def _handle_frame(self, payload: bytes, nursery: trio.Nursery) -> bool:
+    async def _handle_frame(self, payload: bytes | bytearray, nursery: trio.Nursery) -> bool:
         """Decode and start one request; False when the connection must close."""
         start = self._frame_start
         self._frame_start = end = start + HEADER_SIZE + len(payload)

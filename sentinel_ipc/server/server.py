@@ -29,6 +29,7 @@ from ..logs import log_event
 from .connection import Connection, error_reply
 from .dispatch import Dispatcher
 from .peer import PeerCredentials, peer_credentials
+from .receive_budget import ReceiveBudget
 
 
 class Server:
@@ -37,6 +38,8 @@ class Server:
         self.dispatcher = dispatcher
         self.connections: dict[int, Connection] = {}
         self.in_flight = 0
+        #: Memory for large frames being received, shared by all connections.
+        self.receive_budget = ReceiveBudget(config.max_receive_buffer_bytes)
         self.draining = False
         self.errors_by_code: Counter[str] = Counter()
         self.connections_total = 0
