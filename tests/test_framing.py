@@ -26,9 +26,11 @@ def drain(decoder: FrameDecoder) -> list[bytes]:
     return frames
 
 
-def feed_in_pieces(stream: bytes, cuts: list[int], limit: int = LIMIT) -> list[bytes]:
+def feed_in_pieces(
+    stream: bytes, cuts: list[int], limit: int = LIMIT, decoder: FrameDecoder | None = None
+) -> list[bytes]:
     """Feed ``stream`` split at ``cuts``, collecting frames after every piece."""
-    decoder = FrameDecoder(limit)
+    decoder = decoder or FrameDecoder(limit)
     frames: list[bytes] = []
     bounds = [0, *sorted(set(cuts)), len(stream)]
     for start, end in itertools.pairwise(bounds):
@@ -121,14 +123,8 @@ def test_large_frames_in_their_own_buffers_decode_to_the_same_payloads(
     through receive_data, the frames are the same as with one shared buffer."""
     stream = b"".join(encode_frame(p) for p in payloads)
     cuts = [c for c in cuts if c < len(stream)]
-    decoder = FrameDecoder(LIMIT, direct_threshold=threshold)
-    frames: list[bytes] = []
-    bounds = [0, *sorted(set(cuts)), len(stream)]
-    for start, end in itertools.pairwise(bounds):
-        if end > start:
-            decoder.receive_data(stream[start:end])
-            frames += drain(decoder)
-    assert frames == payloads
+    direct = FrameDecoder(LIMIT, direct_threshold=threshold)
+    assert feed_in_pieces(stream, cuts, decoder=direct) == payloads
     assert feed_like_the_server(stream, cuts, threshold) == payloads
 
 
