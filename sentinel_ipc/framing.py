@@ -124,8 +124,9 @@ class FrameDecoder:
     def body_needed(self) -> int | None:
         """With ``hold_large``: the length of the current large frame while its
         body buffer waits for :meth:`allocate_body`; else None."""
-        if self._body is None and self._is_large(self._expected) and self.hold_large:
-            return self._expected
+        length = self._expected  # None between frames: the common case, checked first
+        if length is not None and self._body is None and self.hold_large and self._is_large(length):
+            return length
         return None
 
     def allocate_body(self) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import errno
 import os
 import socket
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -21,9 +20,9 @@ import msgspec
 import trio
 
 from .codec import encode_framed, next_reply
-from .errors import SentinelError, TransportError
+from .errors import TransportError
 from .framing import FrameDecoder
-from .messages import DEFAULT_MAX_FRAME_BYTES, Error, Reply
+from .messages import DEFAULT_MAX_FRAME_BYTES, Reply
 
 _RECV = 256 * 1024
 
@@ -33,7 +32,6 @@ class FramedConnection:
         self.sock = sock
         self._decoder = FrameDecoder(max_frame_bytes)
         self._send_lock = trio.Lock()
-        self._ready: deque[Reply] = deque()  # decoded while a failed send looked for a refusal
 
     async def send(self, message: msgspec.Struct, fds: Sequence[int] = ()) -> None:
         await self.send_raw(encode_framed(message), fds)
@@ -43,9 +41,10 @@ class FramedConnection:
 
         A daemon that refuses a connection (over ``max_connections``, draining,
         another user) writes an ``error`` with id 0 and closes at once, so a
-        send that comes after gets EPIPE. That send does not raise: the refusal
-        is what the next :meth:`receive` returns, as if the race had gone the
-        other way.
+        send that comes after gets EPIPE. When the daemon said something before
+        it hung up, that send does not raise: the next :meth:`receive` returns
+        what it said (the refusal), then reports the close, as if the race had
+        gone the other way.
         """
         async with self._send_lock:
             view = memoryview(data)
@@ -59,21 +58,13 @@ class FramedConnection:
                     sent = await self.sock.send(view)
                     view = view[sent:]
             except OSError as exc:
-                if self._refusal_waiting():
-                    return
+                read_nowait(self.sock.fileno(), self._decoder)
+                if self._decoder.buffered:
+                    return  # the daemon's last words say more than EPIPE
                 raise TransportError(f"send failed: {exc.strerror or exc}") from exc
-
-    def _refusal_waiting(self) -> bool:
-        read_nowait(self.sock.fileno(), self._decoder)
-        with contextlib.suppress(SentinelError):
-            while (reply := next_reply(self._decoder)) is not None:
-                self._ready.append(reply)
-        return any(type(r) is Error and r.id == 0 for r in self._ready)
 
     async def receive(self) -> Reply:
         """The next reply; :class:`TransportError` if the daemon hung up."""
-        if self._ready:
-            return self._ready.popleft()
         while True:
             reply = next_reply(self._decoder)
             if reply is not None:

@@ -30,7 +30,7 @@ import psutil
 import pytest
 import trio
 from daemon_harness import DaemonProcess
-from samples import EICAR, EICAR_SHA256
+from samples import EICAR, EICAR_SHA256, slow_rule
 
 from sentinel_ipc.messages import (
     Breakers,
@@ -55,17 +55,7 @@ from sentinel_ipc.transport import FramedConnection, open_framed_connection
 
 CLEAN = b"An ordinary download: nothing to see here.\n" * 200
 
-SLOW_RULE = """
-rule Sentinel_Test_Slow
-{
-    meta:
-        description = "test only: slow on crafted input"
-        severity = "high"
-    condition:
-        uint32(0) == 0x574F4C53 and
-        for all i in (4..filesize - 1) : ( for all j in (0..99) : ( uint8(i) == 0x41 ) )
-}
-"""
+SLOW_RULE = slow_rule("high")  # a match blocks
 EXTERNALS_RULE = """
 rule Sentinel_Test_Extension : external
 {

@@ -214,16 +214,11 @@ class Link:
         """
         if self.leader is not None or self.closed:
             return
-        decoder = self._decoder
         while True:
-            try:
-                reply = next_reply(decoder)
-            except SentinelError as exc:
-                self.fail(exc)
+            broken = self._dispatch_buffered()
+            if broken is not None:
+                self.fail(broken)
                 return
-            if reply is not None:
-                self._dispatch(reply)
-                continue
             try:
                 data = self._raw.recv(_RECV, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -234,7 +229,19 @@ class Link:
             if not data:
                 self.fail(TransportError("the daemon closed the connection"))
                 return
-            decoder.receive_data(data)
+            self._decoder.receive_data(data)
+
+    def _dispatch_buffered(self) -> SentinelError | None:
+        """Hand every complete reply already buffered to its caller; the
+        protocol error that ends the stream, if one comes instead."""
+        while True:
+            try:
+                reply = next_reply(self._decoder)
+            except SentinelError as exc:
+                return exc
+            if reply is None:
+                return None
+            self._dispatch(reply)
 
     async def send(
         self, frame: bytes, fds: Sequence[int] = (), pending: Pending | None = None
@@ -305,9 +312,7 @@ class Link:
         Replies that arrived with it reach their callers.
         """
         read_nowait(self.sock.fileno(), self._decoder)
-        with contextlib.suppress(SentinelError):
-            while (reply := next_reply(self._decoder)) is not None:
-                self._dispatch(reply)
+        self._dispatch_buffered()  # the link dies next anyway: a broken frame is moot
         hint = self._server_error
         return None if hint is None else error_from_reply(hint)
 

@@ -333,7 +333,7 @@ class Connection:
         if view is not None:
             count, ancdata, _flags, _addr = await self.sock.recvmsg_into([view], _ANCBUF)
             view.release()
-            self._take_fds(ancdata, count)
+            self._note_received(ancdata, count)
             if count:
                 decoder.body_received(count)
             else:
@@ -343,7 +343,7 @@ class Connection:
             return  # the body was already buffered: the frame is complete
         size = min(max(decoder.wanted(), _RECV_MIN), _RECV_MAX)
         data, ancdata, _flags, _addr = await self.sock.recvmsg(size, _ANCBUF)
-        self._take_fds(ancdata, len(data))
+        self._note_received(ancdata, len(data))
         decoder.receive_data(data)
 
     def _give_back_budget(self) -> None:
@@ -351,8 +351,9 @@ class Connection:
             self.server.receive_budget.give(self._reserved)
             self._reserved = 0
 
-    def _take_fds(self, ancdata: list[tuple[int, int, bytes]], count: int) -> None:
-        """Keep descriptors that came with ``count`` bytes just read."""
+    def _note_received(self, ancdata: list[tuple[int, int, bytes]], count: int) -> None:
+        """Advance the stream offset by ``count`` bytes just read, keeping the
+        descriptors that came with them."""
         # The kernel may return bytes of earlier writes before the write that
         # carried the descriptors, but stops right after that write: so the
         # descriptors belong to the frame holding the *last* byte read.
