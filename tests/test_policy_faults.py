@@ -100,6 +100,15 @@ def db_state(path: Path) -> tuple[list[tuple], list[tuple]]:
     return policies, threats
 
 
+def page_count(path: Path) -> int:
+    """The database's size in pages, as a fresh reader sees it (page 1)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("PRAGMA page_count").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def audit_kinds(path: Path) -> list[str]:
     return [json.loads(x)["kind"] for x in path.read_text().splitlines()]
 
@@ -293,6 +302,44 @@ async def test_file_overwritten_in_place(tmp_path: Path) -> None:
     assert {p[1] for p in policies if p[1]} == {H_ALLOW, H_BLOCK, H_NEW}
     assert ids["rule"] not in [p[0] for p in policies]
     assert (H_OUTAGE, "block") in threats
+    kinds = audit_kinds(tmp_path / "audit.jsonl")
+    assert "database_corrupt_moved_aside" in kinds and "database_rebuilt" in kinds
+
+
+async def test_file_overwritten_in_place_while_page_one_is_in_the_wal(tmp_path: Path) -> None:
+    """The chaos run's case: writes after the checkpoint grew the file, so page 1
+    (size, schema) lives in the WAL. A fresh open then reads a valid schema from
+    the WAL, so verification passes, while the pages only the file held are
+    garbage. The operation that hits them reports corruption; recovery must then
+    read every page and rebuild, not find the schema fine and retry forever."""
+    db = tmp_path / "policy_graph.db"
+    config = fast_config(verify_interval=3600.0)
+    async with (
+        open_audit_log(tmp_path / "audit.jsonl") as audit,
+        service(tmp_path, config, audit) as svc,
+    ):
+        ids = await seed(svc)
+        ck = sqlite3.connect(db)
+        ck.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        ck.close()
+        pages = page_count(db)
+        for n in range(150):  # threat rows until the file grows: page 1 changes
+            await svc.decide(sha256=f"{n:064x}", url=None, matches=EVIL)
+            if page_count(db) > pages:
+                break
+        with open(db, "r+b") as f:  # noqa: ASYNC230 - the fault itself, done synchronously
+            f.write(os.urandom(db.stat().st_size))
+        # The precondition: a fresh open still sees the grown size and a valid schema.
+        assert page_count(db) > pages
+        await svc.check_health()  # blind to it, as the precondition says
+        listing, degraded = await svc.list()  # the policies' pages: only in the file
+        assert degraded and svc.degraded_reason == "database corrupt"
+        assert {p.id for p in listing} == set(ids.values())  # from the snapshot
+        await wait_for(lambda: not svc.degraded, what="rebuild")
+        await outage_writes_or_direct(svc, ids)
+    assert len(list(tmp_path.glob("policy_graph.db.corrupt-*"))) == 1
+    policies, _ = db_state(db)
+    assert {p[1] for p in policies if p[1]} == {H_ALLOW, H_BLOCK, H_NEW}
     kinds = audit_kinds(tmp_path / "audit.jsonl")
     assert "database_corrupt_moved_aside" in kinds and "database_rebuilt" in kinds
 

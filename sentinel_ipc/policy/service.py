@@ -27,7 +27,9 @@ service degraded. Then, without touching the database at all:
 
 A background task recovers. It attempts :meth:`PolicyStore.ensure_open`
 (which repairs a deleted, replaced or corrupt file) and a write-lock probe as
-breaker trial calls, as soon as the breaker admits one: at once after a
+breaker trial calls (after any failure that reported corruption, also a
+``quick_check`` of every page: see :meth:`PolicyStore.recover`), as soon as
+the breaker admits one: at once after a
 failure that recovery itself can fix (file deleted/replaced/corrupt), after
 ``open_timeout`` when the breaker opened, or immediately on
 :meth:`PolicyService.retry_now` (which half-opens the breaker). On success it
@@ -183,6 +185,17 @@ StateListener = Callable[[bool, str | None], object]
 _CALLER_ERRORS = (PolicyConflictError, NotFoundError, PolicyValidationError)
 
 
+def reports_corruption(error: BaseException) -> bool:
+    """Whether SQLite reported corruption anywhere in ``error``'s chain of causes
+    (a retry that gave up, a breaker opened by this very call)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, DatabaseCorruptError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def outage_reason(error: BaseException) -> str:
     """A short human reason for a database failure (shown in verdicts and notices)."""
     cause: BaseException = error
@@ -253,6 +266,8 @@ class PolicyService:
         #: Provisional (negative) snapshot id of a queued add -> the add's key.
         self._provisional_keys: dict[int, str] = {}
         self._replayed_seq = 0
+        #: A failure reported corruption: the next recovery reads every page.
+        self._check_integrity = False
         self._next_verify = 0.0
         self._next_refresh = 0.0
         self.records_dropped = 0
@@ -302,7 +317,12 @@ class PolicyService:
             except Exception:
                 log.exception("policy state listener failed")
 
+    def _note_failure(self, error: BaseException) -> None:
+        if reports_corruption(error):
+            self._check_integrity = True
+
     def _enter_degraded(self, error: BaseException) -> None:
+        self._note_failure(error)
         reason = outage_reason(error)
         if not self._degraded or isinstance(error, (DatabaseMovedError, DatabaseCorruptError)):
             self._set_state(True, reason)
@@ -774,9 +794,11 @@ class PolicyService:
                                 self._store.recover,
                                 self._snapshot.real_policies(),
                                 self._snapshot.max_policy_id,
+                                check_integrity=self._check_integrity,
                             ),
                             "recover",
                         )
+                        self._check_integrity = False
                     finally:
                         self._report_events(self._store.drain_events())
                 await self._replay()
@@ -789,6 +811,7 @@ class PolicyService:
                         self._replace_snapshot(policies, max_id)
                         self._set_state(False, None)
             except (SentinelError, trio.TooSlowError) as exc:
+                self._note_failure(exc)
                 reason = outage_reason(exc)
                 log.info("policy database recovery attempt failed: %s", reason)
                 if self._degraded and not isinstance(exc, CircuitOpenError):
@@ -999,6 +1022,7 @@ class PolicyService:
                 )
             )
         except (SentinelError, trio.TooSlowError) as exc:
+            self._note_failure(exc)
             self._set_state(True, outage_reason(exc))
             return
         finally:
@@ -1007,6 +1031,7 @@ class PolicyService:
             await self._replay()
             policies, max_id = await self._thread_call(partial(self._store.load_active, now))
         except (SentinelError, trio.TooSlowError) as exc:
+            self._note_failure(exc)
             self._set_state(True, outage_reason(exc))
             return
         self._replace_snapshot(policies, max_id)

@@ -51,7 +51,9 @@ Recovery (:meth:`PolicyStore.ensure_open`)
   the salvaged copy beside it, or else install the salvaged copy;
 * corrupt (fails ``quick_check``, or "file is not a database"): moved aside as
   ``policy_graph.db.corrupt-<UTC timestamp>`` (with its ``-wal``/``-shm``), and
-  a new database is built;
+  a new database is built. The open connection is judged by :meth:`verify`,
+  and, once an operation has reported corruption, by a ``quick_check`` (see
+  :meth:`PolicyStore.recover` for why verify alone can miss it);
 * a new or empty database is seeded from the snapshot the caller passes in
   (with the policies' original ids, and the id sequence advanced past every
   id ever handed out), so a deleted database comes back with its policies.
@@ -350,11 +352,37 @@ class PolicyStore:
         events.extend(self._open(seed, seed_max_id, allow_rebuild=True))
         return events
 
-    def recover(self, seed: Sequence[PolicyRecord] = (), seed_max_id: int = 0) -> list[StoreEvent]:
+    def recover(
+        self,
+        seed: Sequence[PolicyRecord] = (),
+        seed_max_id: int = 0,
+        *,
+        check_integrity: bool = False,
+    ) -> list[StoreEvent]:
         """:meth:`ensure_open`, then :meth:`probe`: one call, so that a database
         that opens but cannot be written counts as one failure, not a success
-        and a failure (which would never let the breaker open)."""
-        events = self.ensure_open(seed, seed_max_id)
+        and a failure (which would never let the breaker open).
+
+        ``check_integrity``: an operation reported corruption, so read every
+        page (``quick_check``) and rebuild if it fails. :meth:`verify` cannot be
+        trusted with that: it reads page 1 and the schema, and when the last
+        write after a checkpoint changed page 1, SQLite takes page 1 from the
+        WAL, so a file overwritten under it still shows a valid schema while
+        the pages only the file holds are garbage.
+        """
+        events = _EventList(self)
+        events.extend(self.ensure_open(seed, seed_max_id))
+        if check_integrity and not any(e.kind == "rebuilt" for e in events):
+            try:
+                problems = self.quick_check()
+                if problems != ["ok"]:
+                    raise DatabaseCorruptError(
+                        f"policy database {self.path} failed quick_check: "
+                        f"{'; '.join(problems[:5])}"
+                    )
+            except DatabaseCorruptError as exc:
+                self.close()
+                events.extend(self._rebuild_corrupt(exc, seed, seed_max_id))
         self.probe()
         return events
 
@@ -385,12 +413,7 @@ class PolicyStore:
             conn.close()
             if not allow_rebuild:
                 raise
-            aside = self._move_aside("corrupt")
-            events.append(
-                StoreEvent(kind="corrupt_moved_aside", detail=exc.message, path=str(aside))
-            )
-            events.extend(self._open(seed, seed_max_id, allow_rebuild=False))
-            events.append(self._rebuilt_event(len(seed)))
+            events.extend(self._rebuild_corrupt(exc, seed, seed_max_id))
             return events
         except BaseException:
             conn.close()
@@ -680,6 +703,17 @@ class PolicyStore:
         events.extend(self._open(seed, seed_max_id, allow_rebuild=True))
         if not salvaged:
             events.append(self._rebuilt_event(len(seed)))
+        return events
+
+    def _rebuild_corrupt(
+        self, exc: DatabaseCorruptError, seed: Sequence[PolicyRecord], seed_max_id: int
+    ) -> list[StoreEvent]:
+        """The file at the path (closed) is corrupt: move it aside, build anew."""
+        events = _EventList(self)
+        aside = self._move_aside("corrupt")
+        events.append(StoreEvent(kind="corrupt_moved_aside", detail=exc.message, path=str(aside)))
+        events.extend(self._open(seed, seed_max_id, allow_rebuild=False))
+        events.append(self._rebuilt_event(len(seed)))
         return events
 
     def _rebuilt_event(self, policies: int) -> StoreEvent:
