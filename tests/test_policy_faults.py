@@ -275,7 +275,7 @@ async def outage_writes_or_direct(svc: PolicyService, ids: dict[str, int]) -> No
 
 async def test_file_overwritten_in_place(tmp_path: Path) -> None:
     """Same inode, random bytes: the open connection serves its cache and notices
-    nothing; the periodic verification (a fresh open) does. The file is moved
+    nothing; the periodic verification (the file's header) does. The file is moved
     aside and rebuilt from the snapshot and the journal."""
     db = tmp_path / "policy_graph.db"
     config = fast_config(verify_interval=3600.0)  # no help from the timer: writes come first
@@ -290,7 +290,7 @@ async def test_file_overwritten_in_place(tmp_path: Path) -> None:
         size = db.stat().st_size
         with open(db, "r+b") as f:  # noqa: ASYNC230 - the fault itself, done synchronously
             f.write(os.urandom(size))
-        with pytest.raises(Exception, match="not a database"):
+        with pytest.raises(Exception, match="does not start with SQLite's header"):
             await svc.check_health()
         assert svc.degraded and svc.degraded_reason == "database corrupt"
         await wait_for(lambda: not svc.degraded, what="rebuild")
@@ -308,10 +308,9 @@ async def test_file_overwritten_in_place(tmp_path: Path) -> None:
 
 async def test_file_overwritten_in_place_while_page_one_is_in_the_wal(tmp_path: Path) -> None:
     """The chaos run's case: writes after the checkpoint grew the file, so page 1
-    (size, schema) lives in the WAL. A fresh open then reads a valid schema from
-    the WAL, so verification passes, while the pages only the file held are
-    garbage. The operation that hits them reports corruption; recovery must then
-    read every page and rebuild, not find the schema fine and retry forever."""
+    (size, schema) lives in the WAL, and a fresh open reads a valid schema from
+    there although the whole file is garbage. Verification reads the file's own
+    header through SQLite's descriptor, so it notices at once."""
     db = tmp_path / "policy_graph.db"
     config = fast_config(verify_interval=3600.0)
     async with (
@@ -331,8 +330,41 @@ async def test_file_overwritten_in_place_while_page_one_is_in_the_wal(tmp_path: 
             f.write(os.urandom(db.stat().st_size))
         # The precondition: a fresh open still sees the grown size and a valid schema.
         assert page_count(db) > pages
-        await svc.check_health()  # blind to it, as the precondition says
-        listing, degraded = await svc.list()  # the policies' pages: only in the file
+        with pytest.raises(Exception, match="does not start with SQLite's header"):
+            await svc.check_health()
+        assert svc.degraded and svc.degraded_reason == "database corrupt"
+        await wait_for(lambda: not svc.degraded, what="rebuild")
+        await outage_writes_or_direct(svc, ids)
+    assert len(list(tmp_path.glob("policy_graph.db.corrupt-*"))) == 1
+    policies, _ = db_state(db)
+    assert {p[1] for p in policies if p[1]} == {H_ALLOW, H_BLOCK, H_NEW}
+    kinds = audit_kinds(tmp_path / "audit.jsonl")
+    assert "database_corrupt_moved_aside" in kinds and "database_rebuilt" in kinds
+
+
+async def test_garbage_past_page_one_is_found_by_the_operation_and_rebuilt(
+    tmp_path: Path,
+) -> None:
+    """A disk that garbles the middle of the file: header and schema (page 1)
+    intact, so verification passes and only the operation that reads a garbled
+    page reports corruption. Recovery must then read every page (quick_check)
+    and rebuild, not find the schema fine and fail its probe forever."""
+    db = tmp_path / "policy_graph.db"
+    config = fast_config(verify_interval=3600.0)
+    async with (
+        open_audit_log(tmp_path / "audit.jsonl") as audit,
+        service(tmp_path, config, audit) as svc,
+    ):
+        ids = await seed(svc)
+        ck = sqlite3.connect(db)
+        ck.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file
+        page_size = ck.execute("PRAGMA page_size").fetchone()[0]
+        ck.close()
+        with open(db, "r+b") as f:  # noqa: ASYNC230 - the fault itself, done synchronously
+            f.seek(page_size)
+            f.write(b"\xa5" * (db.stat().st_size - page_size))  # no valid b-tree page type
+        await svc.check_health()  # blind to it: page 1 is fine
+        listing, degraded = await svc.list()  # the policies' pages are garbled
         assert degraded and svc.degraded_reason == "database corrupt"
         assert {p.id for p in listing} == set(ids.values())  # from the snapshot
         await wait_for(lambda: not svc.degraded, what="rebuild")

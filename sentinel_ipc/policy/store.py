@@ -37,9 +37,11 @@ descriptor drops every POSIX lock the process holds on the file, SQLite's
 included.)
 
 Likewise a connection whose pages are cached does not notice the file being
-overwritten in place, or made unreadable. :meth:`PolicyStore.verify` opens the
-path afresh, read-only, and reads the schema: the health check and the
-service's periodic verification use it.
+overwritten in place, or made unreadable. :meth:`PolicyStore.verify` checks
+the file's header and opens the path afresh, read-only, and reads the schema:
+the health check and the service's periodic verification use it. Garbage past
+page 1 shows only when an operation reads it; the recovery after such an
+operation reads every page (:meth:`PolicyStore.recover`).
 
 Recovery (:meth:`PolicyStore.ensure_open`)
 ------------------------------------------
@@ -138,6 +140,8 @@ _IO = (
     "SQLITE_AUTH",
 )
 _CORRUPT = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+#: The first 16 bytes of every SQLite 3 database file.
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Errors of a backup that come from the side being *written* (the salvage copy).
 _SALVAGE_TARGET = (
     "SQLITE_FULL",
@@ -305,6 +309,8 @@ class PolicyStore:
         self._wall = wall_clock
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
+        #: A descriptor SQLite holds on the database file (see ``_check_header``).
+        self._sqlite_fd: int | None = None
         #: The identity whose move was already reported (recovery may need several tries).
         self._moved_reported: tuple[int, int] | None = None
         self._events: list[StoreEvent] = []
@@ -318,6 +324,7 @@ class PolicyStore:
 
     def close(self) -> None:
         conn, self._conn, self._identity = self._conn, None, None
+        self._sqlite_fd = None
         if conn is not None:
             try:
                 conn.close()
@@ -364,11 +371,9 @@ class PolicyStore:
         and a failure (which would never let the breaker open).
 
         ``check_integrity``: an operation reported corruption, so read every
-        page (``quick_check``) and rebuild if it fails. :meth:`verify` cannot be
-        trusted with that: it reads page 1 and the schema, and when the last
-        write after a checkpoint changed page 1, SQLite takes page 1 from the
-        WAL, so a file overwritten under it still shows a valid schema while
-        the pages only the file holds are garbage.
+        page (``quick_check``) and rebuild if it fails. :meth:`verify` cannot
+        tell: it reads the header, page 1 and the schema, which may be intact
+        (or served from the WAL) while pages only the file holds are garbage.
         """
         events = _EventList(self)
         events.extend(self.ensure_open(seed, seed_max_id))
@@ -419,7 +424,7 @@ class PolicyStore:
             conn.close()
             raise
         self._conn = conn
-        self._identity = self._find_identity(conn)
+        self._identity, self._sqlite_fd = self._find_identity(conn)
         return events
 
     def _connect(self, path: Path, mode: str) -> sqlite3.Connection:
@@ -587,16 +592,17 @@ class PolicyStore:
 
     # --- identity -----------------------------------------------------------
 
-    def _find_identity(self, conn: sqlite3.Connection) -> tuple[int, int]:
-        """(st_dev, st_ino) of the file SQLite actually has open for this path."""
+    def _find_identity(self, conn: sqlite3.Connection) -> tuple[tuple[int, int], int | None]:
+        """(st_dev, st_ino) of the file SQLite actually has open for this path,
+        and one of SQLite's descriptors on it (None if /proc cannot tell)."""
         target = os.path.realpath(self.path)
-        found: set[tuple[int, int]] = set()
+        found: dict[tuple[int, int], int] = {}
         try:
             for name in os.listdir("/proc/self/fd"):
                 try:
                     if os.readlink(f"/proc/self/fd/{name}") == target:
                         st = os.fstat(int(name))
-                        found.add((st.st_dev, st.st_ino))
+                        found.setdefault((st.st_dev, st.st_ino), int(name))
                 except OSError:
                     continue
         except OSError:
@@ -605,8 +611,35 @@ class PolicyStore:
         here = (st.st_dev, st.st_ino)
         if found and here not in found:
             # Replaced between connect and now: the connection holds the old file.
-            return next(iter(found))
-        return here
+            return next(iter(found.items()))
+        return here, found.get(here)
+
+    def _check_header(self) -> None:
+        """The file's first 16 bytes must be SQLite's magic string.
+
+        A fresh connection cannot see this when the last write after a
+        checkpoint changed page 1: SQLite then reads page 1 from the WAL, so a
+        file overwritten in place still shows a valid schema. The header is read
+        through SQLite's own descriptor with ``pread`` (opening and closing one of
+        our own would drop every POSIX lock the process holds on the file); the
+        store thread is the only one that makes SQLite close it, and ``fstat``
+        confirms the number still names this file.
+        """
+        fd = self._sqlite_fd
+        if fd is None or self._identity is None:
+            return
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._identity:
+                return
+            head = os.pread(fd, len(_SQLITE_MAGIC), 0)
+        except OSError:
+            return  # the fresh open below judges the file
+        if len(head) == len(_SQLITE_MAGIC) and head != _SQLITE_MAGIC:
+            raise DatabaseCorruptError(
+                f"policy database {self.path}: the file does not start with SQLite's "
+                f"header ({head[:16]!r}): overwritten"
+            )
 
     def _check_identity(self) -> None:
         if self._identity is None:
@@ -805,6 +838,7 @@ class PolicyStore:
             raise DatabaseIOError(
                 f"policy database {self.path}: permission denied (cannot read and write it)"
             )
+        self._check_header()
         fresh = self._connect(self.path, "ro")
         try:
             try:
