@@ -273,20 +273,48 @@ async def outage_writes_or_direct(svc: PolicyService, ids: dict[str, int]) -> No
     await svc.remove(ids["rule"])
 
 
+@asynccontextmanager
+async def seeded_without_timer(
+    data: Path,
+) -> AsyncIterator[tuple[PolicyService, dict[str, int]]]:
+    """A seeded service with its audit log, and no periodic verification: only
+    the test's own calls look at the file."""
+    async with (
+        open_audit_log(data / "audit.jsonl") as audit,
+        service(data, fast_config(verify_interval=3600.0), audit) as svc,
+    ):
+        yield svc, await seed(svc)
+
+
+def checkpoint(db: Path) -> int:
+    """Another program checkpoints the WAL into the file (TRUNCATE), as a backup
+    tool would; returns the page size."""
+    ck = sqlite3.connect(db)
+    try:
+        ck.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return int(ck.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        ck.close()
+
+
+def check_rebuilt(data: Path) -> tuple[list[tuple], list[tuple]]:
+    """The corrupt file was moved aside once, and the rebuilt database holds the
+    policies (from the snapshot and the journal); returns (policies, threats)."""
+    assert len(list(data.glob("policy_graph.db.corrupt-*"))) == 1
+    policies, threats = db_state(data / "policy_graph.db")
+    assert {p[1] for p in policies if p[1]} == {H_ALLOW, H_BLOCK, H_NEW}
+    kinds = audit_kinds(data / "audit.jsonl")
+    assert "database_corrupt_moved_aside" in kinds and "database_rebuilt" in kinds
+    return policies, threats
+
+
 async def test_file_overwritten_in_place(tmp_path: Path) -> None:
     """Same inode, random bytes: the open connection serves its cache and notices
     nothing; the periodic verification (the file's header) does. The file is moved
     aside and rebuilt from the snapshot and the journal."""
     db = tmp_path / "policy_graph.db"
-    config = fast_config(verify_interval=3600.0)  # no help from the timer: writes come first
-    async with (
-        open_audit_log(tmp_path / "audit.jsonl") as audit,
-        service(tmp_path, config, audit) as svc,
-    ):
-        ids = await seed(svc)
-        ck = sqlite3.connect(db)
-        ck.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        ck.close()
+    async with seeded_without_timer(tmp_path) as (svc, ids):
+        checkpoint(db)
         size = db.stat().st_size
         with open(db, "r+b") as f:  # noqa: ASYNC230 - the fault itself, done synchronously
             f.write(os.urandom(size))
@@ -297,13 +325,9 @@ async def test_file_overwritten_in_place(tmp_path: Path) -> None:
         await outage_writes_or_direct(svc, ids)
         d = await svc.decide(sha256=H_OUTAGE, url=None, matches=EVIL)
         assert not d.degraded
-    assert len(list(tmp_path.glob("policy_graph.db.corrupt-*"))) == 1
-    policies, threats = db_state(db)
-    assert {p[1] for p in policies if p[1]} == {H_ALLOW, H_BLOCK, H_NEW}
+    policies, threats = check_rebuilt(tmp_path)
     assert ids["rule"] not in [p[0] for p in policies]
     assert (H_OUTAGE, "block") in threats
-    kinds = audit_kinds(tmp_path / "audit.jsonl")
-    assert "database_corrupt_moved_aside" in kinds and "database_rebuilt" in kinds
 
 
 async def test_file_overwritten_in_place_while_page_one_is_in_the_wal(tmp_path: Path) -> None:
@@ -312,15 +336,8 @@ async def test_file_overwritten_in_place_while_page_one_is_in_the_wal(tmp_path: 
     there although the whole file is garbage. Verification reads the file's own
     header through SQLite's descriptor, so it notices at once."""
     db = tmp_path / "policy_graph.db"
-    config = fast_config(verify_interval=3600.0)
-    async with (
-        open_audit_log(tmp_path / "audit.jsonl") as audit,
-        service(tmp_path, config, audit) as svc,
-    ):
-        ids = await seed(svc)
-        ck = sqlite3.connect(db)
-        ck.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        ck.close()
+    async with seeded_without_timer(tmp_path) as (svc, ids):
+        checkpoint(db)
         pages = page_count(db)
         for n in range(150):  # threat rows until the file grows: page 1 changes
             await svc.decide(sha256=f"{n:064x}", url=None, matches=EVIL)
@@ -335,11 +352,7 @@ async def test_file_overwritten_in_place_while_page_one_is_in_the_wal(tmp_path: 
         assert svc.degraded and svc.degraded_reason == "database corrupt"
         await wait_for(lambda: not svc.degraded, what="rebuild")
         await outage_writes_or_direct(svc, ids)
-    assert len(list(tmp_path.glob("policy_graph.db.corrupt-*"))) == 1
-    policies, _ = db_state(db)
-    assert {p[1] for p in policies if p[1]} == {H_ALLOW, H_BLOCK, H_NEW}
-    kinds = audit_kinds(tmp_path / "audit.jsonl")
-    assert "database_corrupt_moved_aside" in kinds and "database_rebuilt" in kinds
+    check_rebuilt(tmp_path)
 
 
 async def test_garbage_past_page_one_is_found_by_the_operation_and_rebuilt(
@@ -350,16 +363,8 @@ async def test_garbage_past_page_one_is_found_by_the_operation_and_rebuilt(
     page reports corruption. Recovery must then read every page (quick_check)
     and rebuild, not find the schema fine and fail its probe forever."""
     db = tmp_path / "policy_graph.db"
-    config = fast_config(verify_interval=3600.0)
-    async with (
-        open_audit_log(tmp_path / "audit.jsonl") as audit,
-        service(tmp_path, config, audit) as svc,
-    ):
-        ids = await seed(svc)
-        ck = sqlite3.connect(db)
-        ck.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file
-        page_size = ck.execute("PRAGMA page_size").fetchone()[0]
-        ck.close()
+    async with seeded_without_timer(tmp_path) as (svc, ids):
+        page_size = checkpoint(db)  # every page in the file
         with open(db, "r+b") as f:  # noqa: ASYNC230 - the fault itself, done synchronously
             f.seek(page_size)
             f.write(b"\xa5" * (db.stat().st_size - page_size))  # no valid b-tree page type
@@ -369,11 +374,7 @@ async def test_garbage_past_page_one_is_found_by_the_operation_and_rebuilt(
         assert {p.id for p in listing} == set(ids.values())  # from the snapshot
         await wait_for(lambda: not svc.degraded, what="rebuild")
         await outage_writes_or_direct(svc, ids)
-    assert len(list(tmp_path.glob("policy_graph.db.corrupt-*"))) == 1
-    policies, _ = db_state(db)
-    assert {p[1] for p in policies if p[1]} == {H_ALLOW, H_BLOCK, H_NEW}
-    kinds = audit_kinds(tmp_path / "audit.jsonl")
-    assert "database_corrupt_moved_aside" in kinds and "database_rebuilt" in kinds
+    check_rebuilt(tmp_path)
 
 
 @pytest.mark.parametrize("with_wal", [False, True], ids=["db-only", "db-wal-shm"])
