@@ -1024,14 +1024,13 @@ class Chaos:
         startup = await self.d.start()
         r.recovery = await self.wait_normal(killed_at)
         await self.pause()
-        self.measure("start")
+        self.measure_start()
         self.unpause()
         r.note = f"(pid {old} -> {self.d.pid}, restart {startup:.2f}s, orphans {len(orphans)})"
         return killed_at
 
-    def measure(self, which: str) -> None:
-        inc = self.d.incarnations[-1]
-        setattr(inc, which, self.d.profile())
+    def measure_start(self) -> None:
+        self.d.incarnations[-1].start = self.d.profile()
 
     async def measure_end(self) -> None:
         """The end profile, looked at a few times while quiet: a descriptor that
@@ -1094,7 +1093,7 @@ class Chaos:
         health = await raw_call(d.socket_path, Health(id=0))
         assert isinstance(health, HealthReport)
         self.baseline_health = health.status
-        self.measure("start")
+        self.measure_start()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.run_load)
             await trio.sleep(1.0)

@@ -405,8 +405,7 @@ class PolicyService:
             # policy takes part in (then: allow, nothing matched) records
             # nothing (no hit, no threat row, no audit line), so it is answered
             # from memory. What a policy decides still goes to the database.
-            clean = decide(self._snapshot.index, sha256=sha256, url=url, matches=matches,
-                           now=now, mime_type=mime_type, **kwargs)
+            clean = self._snapshot_decision(sha256, url, matches, now, mime_type, kwargs)
             if clean.policy_id is None:
                 return clean
         # One key for the record, whichever way it goes: a database attempt that
@@ -452,6 +451,19 @@ class PolicyService:
                 self._audit_decision(decision, sha256, url, matches, filename)
         return decision
 
+    def _snapshot_decision(
+        self,
+        sha256: str,
+        url: str | None,
+        matches: Sequence[RuleMatch],
+        now: float,
+        mime_type: str | None,
+        kwargs: dict[str, Any],
+    ) -> Decision:
+        """The decision the cached policies give, as it is (no degraded marks)."""
+        return decide(self._snapshot.index, sha256=sha256, url=url, matches=matches, now=now,
+                      mime_type=mime_type, **kwargs)
+
     def _decide_from_snapshot(
         self,
         sha256: str,
@@ -461,9 +473,8 @@ class PolicyService:
         mime_type: str | None,
         kwargs: dict[str, Any],
     ) -> tuple[Decision, str | None]:
-        """The decision, and the key of the queued add that decided (if one did)."""
-        d = decide(self._snapshot.index, sha256=sha256, url=url, matches=matches, now=now,
-                   mime_type=mime_type, **kwargs)
+        """The degraded decision, and the key of the queued add that decided (if one did)."""
+        d = self._snapshot_decision(sha256, url, matches, now, mime_type, kwargs)
         reason = self._reason or "database unavailable"
         hit_key = None
         if d.policy_id is not None and d.policy_id < 0:
@@ -1022,8 +1033,7 @@ class PolicyService:
                 )
             )
         except (SentinelError, trio.TooSlowError) as exc:
-            self._note_failure(exc)
-            self._set_state(True, outage_reason(exc))
+            self._enter_degraded(exc)
             return
         finally:
             self._report_events(self._store.drain_events())
@@ -1031,8 +1041,7 @@ class PolicyService:
             await self._replay()
             policies, max_id = await self._thread_call(partial(self._store.load_active, now))
         except (SentinelError, trio.TooSlowError) as exc:
-            self._note_failure(exc)
-            self._set_state(True, outage_reason(exc))
+            self._enter_degraded(exc)
             return
         self._replace_snapshot(policies, max_id)
         self._degraded, self._reason = False, None

@@ -155,6 +155,16 @@ _SALVAGE_TARGET = (
 )
 
 
+def _check_pages(conn: sqlite3.Connection, path: Path) -> None:
+    """Read every page (``PRAGMA quick_check``): DatabaseCorruptError if one is
+    bad. sqlite3 errors pass through, for the caller to map."""
+    problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
+    if problems != ["ok"]:
+        raise DatabaseCorruptError(
+            f"policy database {path} failed quick_check: {'; '.join(problems[:5])}"
+        )
+
+
 def map_sqlite_error(exc: sqlite3.Error, what: str) -> SentinelError:
     """The Sentinel error for a sqlite3 exception (the caller raises it ``from exc``)."""
     name = getattr(exc, "sqlite_errorname", "") or ""
@@ -379,12 +389,7 @@ class PolicyStore:
         events.extend(self.ensure_open(seed, seed_max_id))
         if check_integrity and not any(e.kind == "rebuilt" for e in events):
             try:
-                problems = self.quick_check()
-                if problems != ["ok"]:
-                    raise DatabaseCorruptError(
-                        f"policy database {self.path} failed quick_check: "
-                        f"{'; '.join(problems[:5])}"
-                    )
+                self._call("quick_check", lambda c: _check_pages(c, self.path))
             except DatabaseCorruptError as exc:
                 self.close()
                 events.extend(self._rebuild_corrupt(exc, seed, seed_max_id))
@@ -469,11 +474,7 @@ class PolicyStore:
                     "Sentinel schema version: not a PolicyGraph database"
                 )
             if version > 0:
-                check = [r[0] for r in conn.execute("PRAGMA quick_check")]
-                if check != ["ok"]:
-                    raise DatabaseCorruptError(
-                        f"policy database {self.path} failed quick_check: {'; '.join(check[:5])}"
-                    )
+                _check_pages(conn, self.path)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 log.warning("policy database: journal_mode is %s, not wal", mode)
@@ -856,10 +857,6 @@ class PolicyStore:
                 f"{sorted(tables)}: not the expected schema {SCHEMA_VERSION}"
             )
         return time.perf_counter() - start
-
-    def quick_check(self) -> list[str]:
-        self._require()
-        return self._call("quick_check", lambda c: [r[0] for r in c.execute("PRAGMA quick_check")])
 
     def probe(self) -> None:
         """Can we read and take the write lock? (The half-open trial call.)"""
