@@ -439,8 +439,8 @@ class PolicyService:
                 if record and audit:
                     self._audit_decision(result.decision, sha256, url, matches, filename)
                 return result.decision
-        decision, hit_key = self._decide_from_snapshot(
-            sha256, url, matches, now, mime_type, kwargs
+        decision, hit_key = self._as_degraded(
+            self._snapshot_decision(sha256, url, matches, now, mime_type, kwargs)
         )
         if record:
             await self._journal_record(
@@ -464,17 +464,9 @@ class PolicyService:
         return decide(self._snapshot.index, sha256=sha256, url=url, matches=matches, now=now,
                       mime_type=mime_type, **kwargs)
 
-    def _decide_from_snapshot(
-        self,
-        sha256: str,
-        url: str | None,
-        matches: Sequence[RuleMatch],
-        now: float,
-        mime_type: str | None,
-        kwargs: dict[str, Any],
-    ) -> tuple[Decision, str | None]:
-        """The degraded decision, and the key of the queued add that decided (if one did)."""
-        d = self._snapshot_decision(sha256, url, matches, now, mime_type, kwargs)
+    def _as_degraded(self, d: Decision) -> tuple[Decision, str | None]:
+        """A snapshot decision marked degraded, and the key of the queued add that
+        decided (if one did)."""
         reason = self._reason or "database unavailable"
         hit_key = None
         if d.policy_id is not None and d.policy_id < 0:
