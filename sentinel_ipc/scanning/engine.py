@@ -79,7 +79,7 @@ from ..errors import (
     ShuttingDownError,
     WorkerCrashedError,
 )
-from ..fsutil import pwrite_all
+from ..fsutil import new_memfd, pwrite_all, sealed_memfd
 from ..logs import log_event
 from ..messages import Action, RuleMatch
 from ..resilience import (
@@ -99,8 +99,6 @@ MIB = 1024 * 1024
 _INLINE_WRITE = 1 * MIB
 #: A small buffer every rule set can scan (the health check).
 SELF_TEST_DATA = b"Sentinel scanner self-test.\n" * 8
-
-_MEMFD_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
 class ScanMeta(msgspec.Struct, frozen=True, kw_only=True):
@@ -314,15 +312,6 @@ def _check_scan_fd(fd: int, max_bytes: int) -> int:
     return st.st_size
 
 
-def _new_memfd() -> int:
-    return os.memfd_create("sentinel-scan", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-
-
-def _seal(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _MEMFD_SEALS)
-
-
 class _BufferPool:
     """memfds kept for reuse, bounded in count of bytes (see the module doc)."""
 
@@ -339,7 +328,7 @@ class _BufferPool:
             fd, size = self._free.pop()
             self.retained -= size
             return fd, size
-        return _new_memfd(), 0
+        return new_memfd(), 0
 
     def give(self, fd: int, size: int) -> None:
         """Back for reuse, only after a scan that ended normally; else use ``discard``."""
@@ -518,10 +507,8 @@ class Scanner:
         Raises ScanError when no worker answers correctly within ``timeout``.
         """
         started = time.perf_counter()
-        fd = _new_memfd()
+        fd = sealed_memfd(SELF_TEST_DATA)
         try:
-            pwrite_all(fd, SELF_TEST_DATA, 0)
-            _seal(fd)
             with trio.move_on_after(timeout) as scope:
                 handle = await self._pool.acquire()
                 try:
