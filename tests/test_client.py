@@ -8,6 +8,7 @@ order, a stream cut after its third chunk).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -244,6 +245,26 @@ async def test_real_scans_when_served(shared_daemon: DaemonProcess, tmp_path: Pa
         assert by_fd.action == by_bytes.action == by_stream.action
 
 
+async def test_large_scans_pass_a_memfd_and_each_verdict_is_its_own(
+    shared_daemon: DaemonProcess,
+) -> None:
+    """From 64 KiB on, scan() hands the bytes over in a memfd (scan_fd); every
+    verdict must be of that call's bytes: EICAR found where it is embedded and
+    nowhere else, with each buffer's own digest and size."""
+    rng = random.Random(7)
+    big = rng.randbytes(300 * 1024)
+    embedded = rng.randbytes(100 * 1024) + EICAR + rng.randbytes(50 * 1024)
+    shorter = rng.randbytes(80 * 1024)
+    buffers = [big, embedded, shorter, big]
+    async with open_client(shared_daemon.socket_path) as client:
+        results = [await client.scan(data, filename="download.bin") for data in buffers]
+    for data, result in zip(buffers, results, strict=True):
+        assert (result.sha256, result.size) == (hashlib.sha256(data).hexdigest(), len(data))
+        assert not result.degraded, result
+    assert [bool(r.matches) for r in results] == [False, True, False, False]
+    assert results[1].action == "block"
+
+
 # --- reply matching, framing, descriptors (scripted peer) ----------------------------------
 
 
@@ -404,6 +425,85 @@ async def test_scan_fd_sends_the_descriptor_with_the_frame(tmp_path: Path) -> No
         assert seen == [sample.read_bytes()]
         assert result.size == len(seen[0])
         nursery.cancel_scope.cancel()
+
+
+def _memfd_name(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+async def test_large_scan_bytes_travel_as_a_sealed_memfd_small_ones_in_a_frame(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "peer.sock"
+    seen: list[tuple[str, bytes]] = []
+    seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        while True:
+            request, fds = await conn.recv()
+            if request is None:
+                return
+            if isinstance(request, Scan):
+                seen.append(("scan", request.data))
+                data = request.data
+            else:
+                assert isinstance(request, ScanFd) and len(fds) == 1, (request, fds)
+                assert _memfd_name(fds[0]).startswith("/memfd:sentinel-scan")
+                # Sealed: the content cannot change under the scan, nor shrink under a mapping.
+                assert fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & seals == seals
+                data = os.pread(fds[0], os.fstat(fds[0]).st_size + 1, 0)
+                seen.append(("scan_fd", data))
+                for fd in fds:
+                    os.close(fd)
+            await conn.send(ScanResult(id=request.id, action="allow",  # type: ignore[attr-defined]
+                                       sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+
+    large = os.urandom(64 * 1024)  # the default threshold, exactly
+    small = os.urandom(64 * 1024 - 1)
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            results = [await client.scan(large), await client.scan(small)]
+        async with open_client(path, config=ClientConfig(memfd_min_bytes=None)) as client:
+            results.append(await client.scan(large))
+        nursery.cancel_scope.cancel()
+    assert seen == [("scan_fd", large), ("scan", small), ("scan", large)]
+    assert [r.size for r in results] == [len(large), len(small), len(large)]
+
+
+async def test_large_scan_bytes_fall_back_to_frames_when_scan_fd_is_not_served(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "peer.sock"
+    received: list[str] = []
+    data = os.urandom(100 * 1024)
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        while True:
+            request, fds = await conn.recv()
+            for fd in fds:
+                os.close(fd)
+            if request is None:
+                return
+            received.append(type_tag(type(request)))
+            if isinstance(request, ScanFd):
+                await conn.send(Error(id=request.id, code=ErrorCode.UNKNOWN_TYPE,
+                                      message="unknown message type 'scan_fd'"))
+            else:
+                assert isinstance(request, Scan) and request.data == data
+                await conn.send(ScanResult(id=request.id, action="allow",
+                                           sha256=hashlib.sha256(data).hexdigest(),
+                                           size=len(data)))
+
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, script)
+        async with open_client(path) as client:
+            result = await client.scan(data)
+        nursery.cancel_scope.cancel()
+    assert received == ["scan_fd", "scan"]
+    assert result.size == len(data)
 
 
 def _stream_script(

@@ -45,6 +45,8 @@ class ClientConfig:
         restarted client still delivers them; None keeps them in memory.
     outbox_max_items: bound of the outbox; a full outbox refuses new writes.
     chunk_size: bytes per ``scan_chunk`` (capped by the daemon's frame limit).
+    memfd_min_bytes: ``scan()`` hands data of at least this size to the daemon
+        as a sealed memfd (``scan_fd``) instead of in frames; None: never.
     event_buffer: events buffered per subscription before the oldest are dropped.
     """
 
@@ -57,6 +59,7 @@ class ClientConfig:
     outbox_path: Path | None = None
     outbox_max_items: int = 1000
     chunk_size: int = 1024 * 1024
+    memfd_min_bytes: int | None = 64 * 1024
     event_buffer: int = 256
     capabilities: tuple[str, ...] = field(default_factory=_default_capabilities)
 
@@ -71,6 +74,8 @@ class ClientConfig:
             raise ValueError("ClientConfig.outbox_max_items must be >= 1")
         if self.chunk_size < 1024:
             raise ValueError("ClientConfig.chunk_size must be >= 1024")
+        if self.memfd_min_bytes is not None and self.memfd_min_bytes < 0:
+            raise ValueError("ClientConfig.memfd_min_bytes must be >= 0 or None")
         if self.event_buffer < 1:
             raise ValueError("ClientConfig.event_buffer must be >= 1")
 

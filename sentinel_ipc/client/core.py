@@ -35,11 +35,13 @@ import trio
 
 from ..config import default_socket_path
 from ..errors import (
+    BadFileDescriptorError,
     LocalProtocolError,
     ProtocolError,
     SentinelError,
     UnknownMessageTypeError,
 )
+from ..fsutil import sealed_memfd
 from ..messages import (
     IDEMPOTENT_REQUESTS,
     Ack,
@@ -95,6 +97,8 @@ R = TypeVar("R", bound=msgspec.Struct)
 
 #: Headroom for the scan_chunk envelope (type, id, bin header) inside one frame.
 _CHUNK_OVERHEAD = 256
+#: Bytes copied into a memfd on the event loop; larger copies go to a thread.
+_INLINE_MEMFD_WRITE = 1024 * 1024
 #: What a stream scan reads from: a path, a binary file, or chunks.
 ScanSource = (
     bytes | str | os.PathLike[str] | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes]
@@ -108,6 +112,20 @@ def _expect(reply: Reply, cls: type[R]) -> R:
             f"expected a {type_tag(cls)} reply, got {type_tag(type(reply))} (id {reply.id})"
         )
     return reply
+
+
+async def _sealed_memfd_or_none(data: bytes) -> int | None:
+    """A sealed memfd holding ``data``, or None where there is none to be had
+    (not Linux, or out of memory): the caller then sends the bytes.
+    Large copies run in a thread, off the event loop."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        if len(data) > _INLINE_MEMFD_WRITE:
+            return await trio.to_thread.run_sync(sealed_memfd, data)
+        return sealed_memfd(data)
+    except OSError:
+        return None
 
 
 class Client:
@@ -233,8 +251,31 @@ class Client:
         mime_type: str | None = None,
         timeout: float | None = None,
     ) -> ScanResult:
-        """Scan ``data``. Bytes over the daemon's frame limit are streamed."""
+        """Scan ``data``.
+
+        From ``config.memfd_min_bytes`` on, the bytes go to the daemon in a
+        sealed memfd (``scan_fd``): one copy into the memfd, which the scan
+        worker maps, instead of a copy into the socket, out of it, into the
+        daemon's buffer and on into the daemon's own memfd; and the daemon's
+        event loop never carries the bytes. A daemon that does not serve
+        ``scan_fd`` or refuses the descriptor gets the bytes themselves.
+        Otherwise one ``scan`` frame carries them; bytes over the daemon's
+        frame limit are streamed.
+        """
         timeout = self.config.scan_timeout if timeout is None else timeout
+        threshold = self.config.memfd_min_bytes
+        fd = None
+        if threshold is not None and len(data) >= threshold:
+            fd = await _sealed_memfd_or_none(data)
+        if fd is not None:
+            try:
+                return await self.scan_fd(
+                    fd, url=url, filename=filename, mime_type=mime_type, timeout=timeout
+                )
+            except (UnknownMessageTypeError, BadFileDescriptorError):
+                pass  # send the bytes themselves, below
+            finally:
+                os.close(fd)
         link = self._connector.link
         limit = link.max_frame_bytes if link is not None else self.config.chunk_size
         if len(data) + _CHUNK_OVERHEAD > limit:
