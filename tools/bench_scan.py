@@ -14,8 +14,12 @@ same compiled rules (one namespace per file, externals defined):
 * ``engine`` Sentinel's Scanner called in-process (``scan_bytes``: memfd + worker
              pool + breaker/retry + sha256), ``--concurrency`` scans in flight;
 * ``engine_fd`` the Scanner's ``scan_fd`` on the corpus files (no copy at all);
-* ``daemon`` the same bytes through sentineld over its socket (``scan``
-             frames, or a chunked stream past the frame limit);
+* ``daemon`` the same bytes through sentineld with ``Client.scan(bytes)``, as
+             an application calls it: from 64 KiB on, the client copies the
+             bytes into a sealed memfd and passes it (``scan_fd``);
+* ``daemon_frames`` the same bytes carried in ``scan`` frames (or a chunked
+             stream past the frame limit), the path of a client that cannot
+             pass descriptors (``memfd_min_bytes=None``);
 * ``daemon_fd`` the same files through sentineld, each passed as a descriptor
              (``scan_fd``): no byte crosses the socket.
 
@@ -275,10 +279,11 @@ def engine_mode(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
 
 def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
                     workers: int, concurrency: int,
-                    fd_dir: Path | None = None) -> ModeResult | None:
+                    fd_dir: Path | None = None, frames: bool = False) -> ModeResult | None:
     """The daemon path: start ``sentineld --rules rules_dir``, scan every corpus file
     through its socket with ``concurrency`` client connections (``Client.scan``:
-    one ``scan`` frame, or a chunked stream past the frame limit), stop it.
+    a sealed memfd from 64 KiB on; with ``frames``, always a ``scan`` frame, or a
+    chunked stream past the frame limit), stop it.
 
     With ``fd_dir``, each file is opened there and passed as a descriptor
     (``scan_fd``, SCM_RIGHTS): what a browser that has the download on disk does;
@@ -322,7 +327,8 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
 
     async def main() -> None:
         nonlocal matched, unscanned, seconds, cpu, cpu_note, available
-        config = client_mod.ClientConfig(scan_timeout=600.0, timeout=30.0)
+        config = client_mod.ClientConfig(scan_timeout=600.0, timeout=30.0,
+                                         memfd_min_bytes=None if frames else 64 * 1024)
         # Wait for the socket with plain connects: the client's ipc breaker would
         # open after ten refusals and hold the probe off for its 10 s open time.
         with trio.move_on_after(120):
@@ -394,7 +400,7 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
     if not available:
         return None
     note = "; ".join(x for x in (f"{unscanned} degraded" if unscanned else "", cpu_note) if x)
-    name = "daemon" if fd_dir is None else "daemon_fd"
+    name = "daemon_fd" if fd_dir is not None else "daemon_frames" if frames else "daemon"
     return ModeResult(name, seconds, sum(len(d) for _, d in corpus), lat, len(corpus),
                       matched, note, cpu_seconds=cpu)
 
@@ -434,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw-externals", action="store_true",
                     help="raw modes fill the external variables (filename, extension, "
                          "filetype...) as the daemon does, so both do the same rule work")
-    ap.add_argument("--modes", default="raw1,rawN,engine,engine_fd,daemon,daemon_fd")
+    ap.add_argument("--modes",
+                    default="raw1,rawN,engine,engine_fd,daemon,daemon_frames,daemon_fd")
     ap.add_argument("--data-dir", type=Path, default=None,
                     help="where compiled rules are cached (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write results as JSON")
@@ -466,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                                          args.workers, concurrency, use_fd=True),
         "daemon": lambda: scan_via_daemon(args.rules, data_dir, corpus, args.workers,
                                           concurrency),
+        "daemon_frames": lambda: scan_via_daemon(args.rules, data_dir, corpus, args.workers,
+                                                 concurrency, frames=True),
         "daemon_fd": lambda: scan_via_daemon(args.rules, data_dir, corpus, args.workers,
                                              concurrency, fd_dir=args.corpus),
     }
@@ -520,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
           f"engine_mbps={engine:.1f} engine_ratio={engine / raw:.3f} "
           f"engine_fd_mbps={mbps('engine_fd'):.1f} raw1_mbps={mbps('raw1'):.1f} "
           f"daemon_round_ratio={round_ratio.get('daemon', math.nan):.3f} "
+          f"daemon_frames_round_ratio={round_ratio.get('daemon_frames', math.nan):.3f} "
           f"daemon_fd_round_ratio={round_ratio.get('daemon_fd', math.nan):.3f}")
     return 0
 
