@@ -168,6 +168,7 @@ class ScanFd(_Msg, tag="scan_fd"):
     url: str | None = None
     filename: str | None = None
     mime_type: str | None = None
+    size: int | None = None
 
 
 class PolicyAdd(_Msg, tag="policy_add"):

@@ -174,6 +174,10 @@ FIELD_NOTES: dict[str, str] = {
     "Scan.data": "the whole file; must fit in one frame",
     "ScanBegin.size": "expected total size if known; over the stream limit -> `too_large`",
     "ScanChunk.data": "the next bytes of the stream",
+    "ScanFd.size": (
+        "scan only the first `size` bytes (a client reusing a larger buffer); "
+        "nil = the whole file; more than the file holds -> `bad_fd`"
+    ),
     "PolicyAdd.sha256": "lower-case hex SHA-256 of the file",
     "PolicyAdd.url_pattern": "glob matched against the download URL",
     "PolicyAdd.expires_at": "Unix time (seconds); nil = never",

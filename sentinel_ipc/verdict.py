@@ -118,6 +118,7 @@ class VerdictMaker:
                     url=meta.url,
                     filename=meta.filename,
                     rules=[m.rule for m in outcome.matches],
+                    size=outcome.size,
                 )
                 quarantine_id = item.quarantine_id
             except Exception as exc:

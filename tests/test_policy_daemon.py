@@ -541,11 +541,25 @@ async def test_quarantine_store_list_restore_delete(daemon_factory: Any, tmp_pat
             os.close(fd)
         assert (rf.action, rf.policy_id, rf.warnings) == ("quarantine", pid_emb, [])
 
+        # a client's reused memfd: only its first ``size`` bytes are this file's,
+        # and only they are kept (the stale tail would not hash to the verdict).
+        mem_bytes = b"memfd " * 50 + EICAR + b" end"
+        reused = os.memfd_create("reused-buffer")
+        try:
+            os.pwrite(reused, mem_bytes + b"stale bytes of an earlier download " * 20, 0)
+            rm = await w.ok(ScanFd, ScanResult, fds=(reused,), filename="mem.bin",
+                            size=len(mem_bytes))
+        finally:
+            os.close(reused)
+        assert (rm.action, rm.policy_id, rm.warnings) == ("quarantine", pid_emb, [])
+        assert (rm.sha256, rm.size) == (sha(mem_bytes), len(mem_bytes))
+
         # Stored: dir 0700, bytes 0400, sidecar with url, filename, sha256, size, rules, time.
         assert _mode(qdir) == 0o700
         listed: QuarantineListResult = await w.ok(QuarantineList, QuarantineListResult)
         items = {i.sha256: i for i in listed.items}
-        assert set(items) == {sha(EICAR), sha(big), sha(fd_bytes)}
+        assert set(items) == {sha(EICAR), sha(big), sha(fd_bytes), sha(mem_bytes)}
+        assert items[sha(mem_bytes)].size == len(mem_bytes)
         item = items[sha(EICAR)]
         assert (item.size, item.url, item.filename, item.rules) == (
             len(EICAR),
@@ -607,7 +621,7 @@ async def test_quarantine_store_list_restore_delete(daemon_factory: Any, tmp_pat
         await w.ok(QuarantineDelete, QuarantineResult, quarantine_id=item.quarantine_id)
         await w.error(QuarantineDelete, "not_found", quarantine_id=item.quarantine_id)
         listed = await w.ok(QuarantineList, QuarantineListResult)
-        assert {i.sha256 for i in listed.items} == {sha(big), sha(fd_bytes)}
+        assert {i.sha256 for i in listed.items} == {sha(big), sha(fd_bytes), sha(mem_bytes)}
         assert not (qdir / f"{item.quarantine_id}.bin").exists()
         assert not (qdir / f"{item.quarantine_id}.json").exists()
 
@@ -617,13 +631,14 @@ async def test_quarantine_store_list_restore_delete(daemon_factory: Any, tmp_pat
             (sha(EICAR), "quarantine"),
             (sha(big), "quarantine"),
             (sha(fd_bytes), "quarantine"),
+            (sha(mem_bytes), "quarantine"),
         }
 
     d.stop()
     kinds = [e["kind"] for e in audit_events(d.data_dir) if e["kind"].startswith("quarantine")]
-    assert sorted(kinds) == ["quarantine"] * 3 + ["quarantine_delete"] + ["quarantine_restore"] * 2
+    assert sorted(kinds) == ["quarantine"] * 4 + ["quarantine_delete"] + ["quarantine_restore"] * 2
     detections = audit_events(d.data_dir, "detection")
-    assert len(detections) == 3
+    assert len(detections) == 4
     assert {e.get("quarantine_id") for e in detections} == {i.quarantine_id for i in items.values()}
 
 

@@ -96,6 +96,23 @@ async def test_store_from_a_descriptor_leaves_its_position_alone(tmp_path: Path)
     assert item.size == len(DATA)
 
 
+async def test_store_from_a_descriptor_keeps_only_the_scanned_size(tmp_path: Path) -> None:
+    """A client's reused memfd holds stale bytes past the scanned size: only the
+    scanned bytes are kept (and must hash right); without the size, the whole
+    file does not hash to the scanned sha256 and nothing is kept."""
+    fd = os.memfd_create("reused-buffer")
+    try:
+        os.pwrite(fd, DATA + b"stale bytes of an earlier download", 0)
+        q = Quarantine(tmp_path / "q")
+        with pytest.raises(ScanError, match="changed after it was scanned"):
+            await q.store(fd, sha256=SHA)
+        item = await q.store(fd, sha256=SHA, size=len(DATA))
+    finally:
+        os.close(fd)
+    assert item.size == len(DATA)
+    assert (tmp_path / "q" / f"{item.quarantine_id}.bin").read_bytes() == DATA
+
+
 async def test_changed_file_is_refused(tmp_path: Path) -> None:
     q = Quarantine(tmp_path / "q")
     with pytest.raises(ScanError, match="changed after it was scanned"):

@@ -406,6 +406,39 @@ async def test_scan_fd_without_a_usable_descriptor_is_bad_fd(
             os.close(fd)
 
 
+async def test_scan_fd_with_a_size_scans_and_hashes_only_that_many_bytes(
+    plain_daemon: DaemonProcess,
+) -> None:
+    """What a client reusing a larger memfd relies on: the bytes past ``size``
+    (here: a whole EICAR file, or clean text) are neither scanned nor hashed,
+    and YARA's ``filesize`` is the size named."""
+    fd = os.memfd_create("reused-buffer")
+    try:
+        async with connect(plain_daemon) as peer:
+            os.pwrite(fd, CLEAN + EICAR, 0)
+            clean = await peer.call(ScanFd(id=50, size=len(CLEAN)), [fd])
+            assert isinstance(clean, ScanResult), clean
+            assert (clean.action, clean.matches) == ("allow", [])
+            assert (clean.sha256, clean.size) == (hashlib.sha256(CLEAN).hexdigest(), len(CLEAN))
+
+            os.pwrite(fd, EICAR, 0)  # now EICAR, then the rest of CLEAN, then EICAR
+            eicar = await peer.call(ScanFd(id=51, size=len(EICAR)), [fd])
+            assert isinstance(eicar, ScanResult), eicar
+            assert_eicar(eicar, 51)  # "$eicar at 0 and filesize <= 128"
+
+            holds = os.fstat(fd).st_size
+            over = await peer.call(ScanFd(id=52, size=holds + 1), [fd])
+            assert isinstance(over, Error), over
+            assert (over.code, over.retryable) == ("bad_fd", False)
+            assert f"holds {holds} bytes" in over.message
+            negative = await peer.call(ScanFd(id=53, size=-1), [fd])
+            assert isinstance(negative, Error), negative
+            assert (negative.code, negative.retryable) == ("scan_failed", False)
+            assert "negative" in negative.message
+    finally:
+        os.close(fd)
+
+
 # --- rules from --rules DIR ----------------------------------------------------------------
 
 

@@ -184,7 +184,7 @@ def register(
         fd = ctx.fds[0]  # the scanner checks it is a readable regular file (bad_fd)
         meta = meta_of(req)
         with admission.admit(ctx):
-            outcome = await scanner.scan_fd(fd, meta)
+            outcome = await scanner.scan_fd(fd, meta, req.size)
             return await verdicts.verdict(req.id, outcome, meta, content_fd=fd)
 
     dispatcher.register(Scan, scan)

@@ -84,16 +84,18 @@ class Quarantine:
         url: str | None = None,
         filename: str | None = None,
         rules: _List[str] | None = None,
+        size: int | None = None,
     ) -> QuarantineItem:
         """Keep ``data`` (bytes, or a readable file descriptor, read from offset 0
         without moving its position) aside. Returns the item (the existing one
-        if this sha256 is already quarantined).
+        if this sha256 is already quarantined). ``size`` bounds what is read
+        from a descriptor: the bytes that were scanned, when the file holds more.
 
         Raises ScanError if the bytes do not hash to ``sha256`` (changed since
         the scan), QuarantineError if the directory refuses.
         """
         item = await trio.to_thread.run_sync(
-            self._store_sync, data, sha256.lower(), url, filename, [*(rules or [])]
+            self._store_sync, data, sha256.lower(), url, filename, [*(rules or [])], size
         )
         self._record("quarantine", item)
         return item
@@ -185,6 +187,7 @@ class Quarantine:
         url: str | None,
         filename: str | None,
         rules: _List[str],
+        size_limit: int | None = None,
     ) -> QuarantineItem:
         for existing in self._list_sync():
             if (
@@ -201,7 +204,7 @@ class Quarantine:
             try:
                 digest = hashlib.sha256()
                 size = 0
-                for chunk in _chunks(data):
+                for chunk in _chunks(data, size_limit):
                     digest.update(chunk)
                     write_all(fd, chunk)
                     size += len(chunk)
@@ -299,16 +302,21 @@ class Quarantine:
             )
 
 
-def _chunks(data: bytes | int) -> Iterator[bytes | memoryview]:
+def _chunks(data: bytes | int, limit: int | None = None) -> Iterator[bytes | memoryview]:
     """Bytes as views (no copies), or a descriptor read from offset 0 with pread
-    (the caller's file position is left alone)."""
+    (the caller's file position is left alone), up to ``limit`` bytes."""
     if isinstance(data, (bytes, bytearray, memoryview)):
-        view = memoryview(data)
+        view = memoryview(data)[:limit]
         for i in range(0, len(view), _CHUNK):
             yield view[i : i + _CHUNK]
         return
     offset = 0
-    while chunk := os.pread(data, _CHUNK, offset):
+    end = limit if limit is not None else -1
+    while end < 0 or offset < end:
+        want = _CHUNK if end < 0 else min(_CHUNK, end - offset)
+        chunk = os.pread(data, want, offset)
+        if not chunk:
+            return
         offset += len(chunk)
         yield chunk
 

@@ -449,15 +449,27 @@ class Scanner:
                 self._buffers.discard(fd)
             self._release(size)
 
-    async def scan_fd(self, fd: int, meta: ScanMeta) -> ScanOutcome:
+    async def scan_fd(self, fd: int, meta: ScanMeta, size: int | None = None) -> ScanOutcome:
         """Scan through a caller-owned descriptor (regular file or memfd); the
         caller keeps ownership (the worker gets its own duplicate).
+
+        With ``size``, only the first ``size`` bytes are scanned (and hashed):
+        a client that reuses a memfd larger than this file's bytes says how
+        many are this file's. The descriptor must hold at least that many.
 
         Raises BadFileDescriptorError, ScanTooLargeError, BusyError,
         ShuttingDownError, ScanError (file unreadable, or shrank during the scan).
         """
-        size = _check_scan_fd(fd, self.config.max_stream_bytes)
-        return await self._scan(fd, size, meta, owned=False, data=None)
+        holds = _check_scan_fd(fd, self.config.max_stream_bytes)
+        if size is None:
+            return await self._scan(fd, holds, meta, owned=False, data=None)
+        if size < 0:
+            raise ScanError("size must not be negative", retryable=False)
+        if size > holds:
+            raise BadFileDescriptorError(
+                f"the descriptor holds {holds} bytes, fewer than the size {size}"
+            )
+        return await self._scan(fd, size, meta, owned=False, data=None, exact=True)
 
     def open_stream(self, meta: ScanMeta, declared_size: int | None = None) -> ScanStream:
         """A chunked scan: ``write()`` chunks, then ``await finish()`` (or ``abort()``).
@@ -571,7 +583,7 @@ class Scanner:
     def _release(self, size: int) -> None:
         self._pending -= size
 
-    async def _attempt(self, fd: int, size: int, externals: dict[str, str],
+    async def _attempt(self, fd: int, size: int, length: int, externals: dict[str, str],
                        owned: bool) -> tuple[Result, RulesInfo]:
         """One try on one worker. Raises what the breaker and retry policy judge."""
         handle = await self._pool.acquire()
@@ -580,7 +592,7 @@ class Scanner:
                 result = await self._pool.run_job(
                     handle, fd, externals,
                     yara_timeout=self._yara_timeout, hard_timeout=self._hard_timeout,
-                    max_bytes=self.config.max_stream_bytes, length=size if owned else -1,
+                    max_bytes=self.config.max_stream_bytes, length=length,
                 )
             except WorkerCrashedError as exc:
                 if not owned and _shrank(fd, size):
@@ -602,7 +614,9 @@ class Scanner:
         return result, handle.rules
 
     async def _scan(self, fd: int, size: int, meta: ScanMeta, *, owned: bool,
-                    data: bytes | memoryview | None) -> ScanOutcome:
+                    data: bytes | memoryview | None, exact: bool = False) -> ScanOutcome:
+        """``owned``: our own memfd. The worker scans ``size`` bytes when the
+        memfd is ours (it may be larger) or ``exact``; else the whole file."""
         if self._closed:
             raise ShuttingDownError("the scanner is shutting down")
         started = time.perf_counter()
@@ -610,7 +624,7 @@ class Scanner:
         externals = externals_for(meta.url, meta.filename)
         try:
             result, rules = await guarded_call(
-                self._attempt, fd, size, externals, owned,
+                self._attempt, fd, size, size if owned or exact else -1, externals, owned,
                 breaker=self.breaker, retry=self._retry, operation="yara",
             )
         except BusyError:
