@@ -8,7 +8,6 @@ order, a stream cut after its third chunk).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -248,9 +247,11 @@ async def test_real_scans_when_served(shared_daemon: DaemonProcess, tmp_path: Pa
 async def test_large_scans_pass_a_memfd_and_each_verdict_is_its_own(
     shared_daemon: DaemonProcess,
 ) -> None:
-    """From 64 KiB on, scan() hands the bytes over in a memfd (scan_fd); every
-    verdict must be of that call's bytes: EICAR found where it is embedded and
-    nowhere else, with each buffer's own digest and size."""
+    """From 64 KiB on, scan() hands the bytes over in a reused memfd (scan_fd
+    with size): every verdict must be of that call's bytes, not of the stale
+    tail a longer buffer left (after ``embedded``, the memfd still holds EICAR
+    past the end of ``shorter``): EICAR found where it is embedded and nowhere
+    else, with each buffer's own digest and size."""
     rng = random.Random(7)
     big = rng.randbytes(300 * 1024)
     embedded = rng.randbytes(100 * 1024) + EICAR + rng.randbytes(50 * 1024)
@@ -431,12 +432,12 @@ def _memfd_name(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-async def test_large_scan_bytes_travel_as_a_sealed_memfd_small_ones_in_a_frame(
+async def test_large_scan_bytes_travel_in_a_memfd_reused_only_after_a_result(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "peer.sock"
-    seen: list[tuple[str, bytes]] = []
-    seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+    # (type, memfd inode, file size, the bytes named by the request)
+    seen: list[tuple[str, int, int, bytes]] = []
 
     async def script(conn: PeerConn) -> None:
         await conn.greet()
@@ -445,65 +446,97 @@ async def test_large_scan_bytes_travel_as_a_sealed_memfd_small_ones_in_a_frame(
             if request is None:
                 return
             if isinstance(request, Scan):
-                seen.append(("scan", request.data))
+                seen.append(("scan", 0, 0, request.data))
                 data = request.data
             else:
                 assert isinstance(request, ScanFd) and len(fds) == 1, (request, fds)
-                assert _memfd_name(fds[0]).startswith("/memfd:sentinel-scan")
-                # Sealed: the content cannot change under the scan, nor shrink under a mapping.
-                assert fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & seals == seals
-                data = os.pread(fds[0], os.fstat(fds[0]).st_size + 1, 0)
-                seen.append(("scan_fd", data))
+                assert request.size is not None
+                assert _memfd_name(fds[0]).startswith("/memfd:sentinel-client-scan")
+                st = os.fstat(fds[0])
+                data = os.pread(fds[0], request.size, 0)
+                seen.append(("scan_fd", st.st_ino, st.st_size, data))
                 for fd in fds:
                     os.close(fd)
+                if len(seen) == 3:
+                    await conn.send(Error(id=request.id, code=ErrorCode.SCAN_FAILED,
+                                          message="scripted failure"))
+                    continue
             await conn.send(ScanResult(id=request.id, action="allow",  # type: ignore[attr-defined]
                                        sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
 
-    large = os.urandom(64 * 1024)  # the default threshold, exactly
-    small = os.urandom(64 * 1024 - 1)
+    kib = 1024
+    buffers = [os.urandom(n * kib) for n in (200, 100, 90, 120)]
+    at_threshold, below = os.urandom(64 * kib), os.urandom(64 * kib - 1)
     async with trio.open_nursery() as nursery:
         await start_peer(nursery, path, script)
         async with open_client(path) as client:
-            results = [await client.scan(large), await client.scan(small)]
+            sizes = [(await client.scan(buffers[0])).size, (await client.scan(buffers[1])).size]
+            with pytest.raises(SentinelError, match="scripted failure"):
+                await client.scan(buffers[2])
+            sizes.append((await client.scan(buffers[3])).size)
+            sizes.append((await client.scan(below)).size)
+            sizes.append((await client.scan(at_threshold)).size)
         async with open_client(path, config=ClientConfig(memfd_min_bytes=None)) as client:
-            results.append(await client.scan(large))
+            sizes.append((await client.scan(at_threshold)).size)
         nursery.cancel_scope.cancel()
-    assert seen == [("scan_fd", large), ("scan", small), ("scan", large)]
-    assert [r.size for r in results] == [len(large), len(small), len(large)]
+    assert [kind for kind, *_ in seen] == ["scan_fd"] * 4 + ["scan", "scan_fd", "scan"]
+    # Exactly the caller's bytes every time: the request names the size.
+    assert [data for *_, data in seen] == [*buffers, below, at_threshold, at_threshold]
+    assert sizes == [len(b) for b in (buffers[0], buffers[1], buffers[3], below, at_threshold,
+                                      at_threshold)]
+    inodes = [ino for _, ino, _, _ in seen[:4]]
+    # Reused after a result, and not cut down; after the error reply it was
+    # closed, not reused: the next call had a new one.
+    assert inodes[0] == inodes[1] == inodes[2] != inodes[3]
+    assert [file_size for _, _, file_size, _ in seen[:4]] == [200 * kib] * 3 + [120 * kib]
 
 
-async def test_large_scan_bytes_fall_back_to_frames_when_scan_fd_is_not_served(
-    tmp_path: Path,
-) -> None:
+@pytest.mark.parametrize("peer_kind", ["without_scan_fd", "ignoring_size"])
+async def test_large_scan_bytes_fall_back_to_frames(tmp_path: Path, peer_kind: str) -> None:
+    """A daemon that does not serve scan_fd, or (older) scans the whole memfd
+    whatever ``size`` says, gets the bytes in a frame instead."""
     path = tmp_path / "peer.sock"
     received: list[str] = []
-    data = os.urandom(100 * 1024)
+    small, large = os.urandom(80 * 1024), os.urandom(100 * 1024)
 
     async def script(conn: PeerConn) -> None:
         await conn.greet()
         while True:
             request, fds = await conn.recv()
-            for fd in fds:
-                os.close(fd)
             if request is None:
                 return
             received.append(type_tag(type(request)))
-            if isinstance(request, ScanFd):
+            if isinstance(request, ScanFd) and peer_kind == "without_scan_fd":
                 await conn.send(Error(id=request.id, code=ErrorCode.UNKNOWN_TYPE,
                                       message="unknown message type 'scan_fd'"))
-            else:
-                assert isinstance(request, Scan) and request.data == data
+            elif isinstance(request, ScanFd):
+                data = os.pread(fds[0], 1 << 20, 0)  # the whole file
                 await conn.send(ScanResult(id=request.id, action="allow",
                                            sha256=hashlib.sha256(data).hexdigest(),
                                            size=len(data)))
+            else:
+                assert isinstance(request, Scan)
+                await conn.send(ScanResult(id=request.id, action="allow",
+                                           sha256=hashlib.sha256(request.data).hexdigest(),
+                                           size=len(request.data)))
+            for fd in fds:
+                os.close(fd)
 
     async with trio.open_nursery() as nursery:
         await start_peer(nursery, path, script)
         async with open_client(path) as client:
-            result = await client.scan(data)
+            # The large buffer's memfd is the one in the pool when the small
+            # one comes: then its tail is stale.
+            results = [await client.scan(large), await client.scan(small)]
         nursery.cancel_scope.cancel()
-    assert received == ["scan_fd", "scan"]
-    assert result.size == len(data)
+    for data, result in zip((large, small), results, strict=True):
+        assert (result.size, result.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    if peer_kind == "without_scan_fd":
+        assert received == ["scan_fd", "scan", "scan_fd", "scan"]
+    else:
+        # The large one's result was right (the file held exactly it), so the
+        # memfd was reused; the small one's was not, so it went again as bytes.
+        assert received == ["scan_fd", "scan_fd", "scan"]
 
 
 def _stream_script(

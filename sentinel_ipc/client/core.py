@@ -41,7 +41,6 @@ from ..errors import (
     SentinelError,
     UnknownMessageTypeError,
 )
-from ..fsutil import sealed_memfd
 from ..messages import (
     IDEMPOTENT_REQUESTS,
     Ack,
@@ -89,6 +88,7 @@ from .config import ClientConfig
 from .errors import ConnectionLostError, DeliveryPendingError
 from .events import EventCallback, Subscription
 from .link import Pending
+from .memfds import MemfdPool
 from .outbox import Outbox, OutboxTicket
 from .reconnect import Connector
 from .tasks import BackgroundTasks
@@ -114,20 +114,6 @@ def _expect(reply: Reply, cls: type[R]) -> R:
     return reply
 
 
-async def _sealed_memfd_or_none(data: bytes) -> int | None:
-    """A sealed memfd holding ``data``, or None where there is none to be had
-    (not Linux, or out of memory): the caller then sends the bytes.
-    Large copies run in a thread, off the event loop."""
-    if not hasattr(os, "memfd_create"):
-        return None
-    try:
-        if len(data) > _INLINE_MEMFD_WRITE:
-            return await trio.to_thread.run_sync(sealed_memfd, data)
-        return sealed_memfd(data)
-    except OSError:
-        return None
-
-
 class Client:
     """A connection to sentineld that survives its restarts. Create it with
     :func:`open_client`; methods are safe to call from many tasks at once."""
@@ -147,6 +133,7 @@ class Client:
         self._rng = random.Random()
         self._outbox_task = False
         self._closed = False
+        self._memfds = MemfdPool()
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -175,6 +162,7 @@ class Client:
         self._closed = True
         self._connector.close()
         self.outbox.close()
+        self._memfds.close()
         self._tasks.cancel_all()
 
     # --- introspection ---------------------------------------------------------------
@@ -254,28 +242,38 @@ class Client:
         """Scan ``data``.
 
         From ``config.memfd_min_bytes`` on, the bytes go to the daemon in a
-        sealed memfd (``scan_fd``): one copy into the memfd, which the scan
-        worker maps, instead of a copy into the socket, out of it, into the
-        daemon's buffer and on into the daemon's own memfd; and the daemon's
-        event loop never carries the bytes. A daemon that does not serve
-        ``scan_fd`` or refuses the descriptor gets the bytes themselves.
+        memfd (``scan_fd`` with ``size``): one copy into the memfd, which the
+        scan worker maps, instead of a copy into the socket, out of it, into
+        the daemon's buffer and on into the daemon's own memfd; and the
+        daemon's event loop never carries the bytes. The memfds are reused
+        (``client/memfds.py``). A daemon that does not serve ``scan_fd``,
+        refuses the descriptor or ignores ``size`` gets the bytes themselves.
         Otherwise one ``scan`` frame carries them; bytes over the daemon's
         frame limit are streamed.
         """
         timeout = self.config.scan_timeout if timeout is None else timeout
         threshold = self.config.memfd_min_bytes
-        fd = None
+        held = None
         if threshold is not None and len(data) >= threshold:
-            fd = await _sealed_memfd_or_none(data)
-        if fd is not None:
+            held = await self._memfd_holding(data)
+        if held is not None:
+            fd, capacity = held
+            answered = False
             try:
-                return await self.scan_fd(
-                    fd, url=url, filename=filename, mime_type=mime_type, timeout=timeout
-                )
+                by_fd = ScanFd(id=0, url=url, filename=filename, mime_type=mime_type,
+                               size=len(data))
+                result = await self._call(by_fd, ScanResult, timeout, fds=(fd,))
+                # A daemon that ignored ``size`` scanned stale bytes past the end.
+                answered = result.size == len(data)
+                if answered:
+                    return result
             except (UnknownMessageTypeError, BadFileDescriptorError):
                 pass  # send the bytes themselves, below
             finally:
-                os.close(fd)
+                if answered:
+                    self._memfds.give(fd, capacity)
+                else:
+                    os.close(fd)
         link = self._connector.link
         limit = link.max_frame_bytes if link is not None else self.config.chunk_size
         if len(data) + _CHUNK_OVERHEAD > limit:
@@ -285,6 +283,28 @@ class Client:
             )
         request = Scan(id=0, data=data, url=url, filename=filename, mime_type=mime_type)
         return await self._call(request, ScanResult, timeout)
+
+    async def _memfd_holding(self, data: bytes) -> tuple[int, int] | None:
+        """A pooled memfd holding ``data`` at offset 0, and its capacity; None
+        where there is none to be had (not Linux, or out of memory): the caller
+        then sends the bytes. Large copies run in a thread, off the event loop."""
+        if not hasattr(os, "memfd_create"):
+            return None
+        try:
+            fd, capacity = self._memfds.take(len(data))
+        except OSError:
+            return None
+        try:
+            if len(data) > _INLINE_MEMFD_WRITE:
+                capacity = await trio.to_thread.run_sync(MemfdPool.fill, fd, capacity, data)
+            else:
+                capacity = MemfdPool.fill(fd, capacity, data)
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, OSError):
+                return None
+            raise
+        return fd, capacity
 
     async def scan_fd(
         self,
