@@ -494,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
             rounds.setdefault(result.name, []).append(result.mbps)
             if result.name not in best or result.mbps > best[result.name].mbps:
                 best[result.name] = result
-            print(f"  round {round_no} {result.name}: {result.mbps:.1f} MB/s", file=sys.stderr)
+            busy = result.cpu_seconds / (result.seconds * (os.cpu_count() or 1))
+            print(f"  round {round_no} {result.name}: {result.mbps:.1f} MB/s, "
+                  f"{result.cpu_seconds:.2f} cpu s ({busy:.0%} of the cores) {result.note}",
+                  file=sys.stderr)
     results = list(best.values())
     for r in results:
         if len(rounds[r.name]) > 1:
