@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from client_peer import PeerConn, start_peer
@@ -432,12 +433,11 @@ def _memfd_name(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-async def test_large_scan_bytes_travel_in_a_memfd_reused_only_after_a_result(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "peer.sock"
-    # (type, memfd inode, file size, the bytes named by the request)
-    seen: list[tuple[str, int, int, bytes]] = []
+def _answer_each(
+    answer: Callable[[msgspec.Struct, list[int]], msgspec.Struct],
+) -> Callable[[PeerConn], Awaitable[None]]:
+    """A peer script: greet, then reply to every request with ``answer(request,
+    fds)``; the descriptors that came with it are closed afterwards."""
 
     async def script(conn: PeerConn) -> None:
         await conn.greet()
@@ -445,30 +445,47 @@ async def test_large_scan_bytes_travel_in_a_memfd_reused_only_after_a_result(
             request, fds = await conn.recv()
             if request is None:
                 return
-            if isinstance(request, Scan):
-                seen.append(("scan", 0, 0, request.data))
-                data = request.data
-            else:
-                assert isinstance(request, ScanFd) and len(fds) == 1, (request, fds)
-                assert request.size is not None
-                assert _memfd_name(fds[0]).startswith("/memfd:sentinel-client-scan")
-                st = os.fstat(fds[0])
-                data = os.pread(fds[0], request.size, 0)
-                seen.append(("scan_fd", st.st_ino, st.st_size, data))
+            try:
+                reply = answer(request, fds)
+            finally:
                 for fd in fds:
                     os.close(fd)
-                if len(seen) == 3:
-                    await conn.send(Error(id=request.id, code=ErrorCode.SCAN_FAILED,
-                                          message="scripted failure"))
-                    continue
-            await conn.send(ScanResult(id=request.id, action="allow",  # type: ignore[attr-defined]
-                                       sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+            await conn.send(reply)
+
+    return script
+
+
+def _scanned(request_id: int, data: bytes) -> ScanResult:
+    return ScanResult(id=request_id, action="allow", sha256=hashlib.sha256(data).hexdigest(),
+                      size=len(data))
+
+
+async def test_large_scan_bytes_travel_in_a_memfd_reused_only_after_a_result(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "peer.sock"
+    # (type, memfd inode, file size, the bytes named by the request)
+    seen: list[tuple[str, int, int, bytes]] = []
+
+    def answer(request: msgspec.Struct, fds: list[int]) -> msgspec.Struct:
+        if isinstance(request, Scan):
+            seen.append(("scan", 0, 0, request.data))
+            return _scanned(request.id, request.data)
+        assert isinstance(request, ScanFd) and len(fds) == 1, (request, fds)
+        assert request.size is not None
+        assert _memfd_name(fds[0]).startswith("/memfd:sentinel-client-scan")
+        st = os.fstat(fds[0])
+        data = os.pread(fds[0], request.size, 0)
+        seen.append(("scan_fd", st.st_ino, st.st_size, data))
+        if len(seen) == 3:
+            return Error(id=request.id, code=ErrorCode.SCAN_FAILED, message="scripted failure")
+        return _scanned(request.id, data)
 
     kib = 1024
     buffers = [os.urandom(n * kib) for n in (200, 100, 90, 120)]
     at_threshold, below = os.urandom(64 * kib), os.urandom(64 * kib - 1)
     async with trio.open_nursery() as nursery:
-        await start_peer(nursery, path, script)
+        await start_peer(nursery, path, _answer_each(answer))
         async with open_client(path) as client:
             sizes = [(await client.scan(buffers[0])).size, (await client.scan(buffers[1])).size]
             with pytest.raises(SentinelError, match="scripted failure"):
@@ -499,31 +516,18 @@ async def test_large_scan_bytes_fall_back_to_frames(tmp_path: Path, peer_kind: s
     received: list[str] = []
     small, large = os.urandom(80 * 1024), os.urandom(100 * 1024)
 
-    async def script(conn: PeerConn) -> None:
-        await conn.greet()
-        while True:
-            request, fds = await conn.recv()
-            if request is None:
-                return
-            received.append(type_tag(type(request)))
-            if isinstance(request, ScanFd) and peer_kind == "without_scan_fd":
-                await conn.send(Error(id=request.id, code=ErrorCode.UNKNOWN_TYPE,
-                                      message="unknown message type 'scan_fd'"))
-            elif isinstance(request, ScanFd):
-                data = os.pread(fds[0], 1 << 20, 0)  # the whole file
-                await conn.send(ScanResult(id=request.id, action="allow",
-                                           sha256=hashlib.sha256(data).hexdigest(),
-                                           size=len(data)))
-            else:
-                assert isinstance(request, Scan)
-                await conn.send(ScanResult(id=request.id, action="allow",
-                                           sha256=hashlib.sha256(request.data).hexdigest(),
-                                           size=len(request.data)))
-            for fd in fds:
-                os.close(fd)
+    def answer(request: msgspec.Struct, fds: list[int]) -> msgspec.Struct:
+        received.append(type_tag(type(request)))
+        if isinstance(request, ScanFd) and peer_kind == "without_scan_fd":
+            return Error(id=request.id, code=ErrorCode.UNKNOWN_TYPE,
+                         message="unknown message type 'scan_fd'")
+        if isinstance(request, ScanFd):
+            return _scanned(request.id, os.pread(fds[0], 1 << 20, 0))  # the whole file
+        assert isinstance(request, Scan)
+        return _scanned(request.id, request.data)
 
     async with trio.open_nursery() as nursery:
-        await start_peer(nursery, path, script)
+        await start_peer(nursery, path, _answer_each(answer))
         async with open_client(path) as client:
             # The large buffer's memfd is the one in the pool when the small
             # one comes: then its tail is stale.
