@@ -5,25 +5,16 @@ and the rules cache all need the same few things done right: write every byte
 (``os.write`` may write fewer), read a whole descriptor, replace a file
 atomically and durably (temp file + fsync + rename + fsync of the directory),
 and fsync a directory so a rename or a new file survives a power cut.
-
-The scanner and the client also share one in-memory file: a sealed memfd,
-which carries bytes to another process as a descriptor instead of through a
-socket.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import tempfile
 from pathlib import Path
 
 _READ_CHUNK = 1 << 20
-
-#: A sealed memfd can no longer change size or content, nor lose its seals: a
-#: process it is passed to may map it without fearing SIGBUS or a moving target.
-MEMFD_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -96,26 +87,3 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600
             os.unlink(tmp_name)
         raise
     fsync_dir(target.parent)
-
-
-def new_memfd(name: str = "sentinel-scan") -> int:
-    """An empty, sealable, close-on-exec memfd (Linux)."""
-    return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-
-
-def seal_memfd(fd: int) -> None:
-    """Apply :data:`MEMFD_SEALS`; a memfd that cannot be sealed stays usable as it is."""
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
-
-
-def sealed_memfd(data: bytes | bytearray | memoryview, name: str = "sentinel-scan") -> int:
-    """A new memfd holding ``data``, sealed; the caller closes it. Raises ``OSError``."""
-    fd = new_memfd(name)
-    try:
-        pwrite_all(fd, data, 0)
-        seal_memfd(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd

@@ -46,7 +46,7 @@ class ClientConfig:
     outbox_max_items: bound of the outbox; a full outbox refuses new writes.
     chunk_size: bytes per ``scan_chunk`` (capped by the daemon's frame limit).
     memfd_min_bytes: ``scan()`` hands data of at least this size to the daemon
-        as a sealed memfd (``scan_fd``) instead of in frames; None: never.
+        in a memfd (``scan_fd``) instead of in frames; None: never.
     event_buffer: events buffered per subscription before the oldest are dropped.
     """
 

@@ -41,6 +41,7 @@ from ..errors import (
     SentinelError,
     UnknownMessageTypeError,
 )
+from ..memfd import MemfdPool
 from ..messages import (
     IDEMPOTENT_REQUESTS,
     Ack,
@@ -88,7 +89,6 @@ from .config import ClientConfig
 from .errors import ConnectionLostError, DeliveryPendingError
 from .events import EventCallback, Subscription
 from .link import Pending
-from .memfds import MemfdPool
 from .outbox import Outbox, OutboxTicket
 from .reconnect import Connector
 from .tasks import BackgroundTasks
@@ -97,8 +97,9 @@ R = TypeVar("R", bound=msgspec.Struct)
 
 #: Headroom for the scan_chunk envelope (type, id, bin header) inside one frame.
 _CHUNK_OVERHEAD = 256
-#: Bytes copied into a memfd on the event loop; larger copies go to a thread.
-_INLINE_MEMFD_WRITE = 1024 * 1024
+#: The memfds ``scan()`` reuses: at most 4, of at most 8 MiB each.
+_MEMFD_COUNT = 4
+_MEMFD_MAX_BYTES = 8 * 1024 * 1024
 #: What a stream scan reads from: a path, a binary file, or chunks.
 ScanSource = (
     bytes | str | os.PathLike[str] | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes]
@@ -133,7 +134,8 @@ class Client:
         self._rng = random.Random()
         self._outbox_task = False
         self._closed = False
-        self._memfds = MemfdPool()
+        self._memfds = MemfdPool(_MEMFD_COUNT * _MEMFD_MAX_BYTES, _MEMFD_MAX_BYTES,
+                                 max_count=_MEMFD_COUNT, name="sentinel-client-scan")
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -246,8 +248,10 @@ class Client:
         scan worker maps, instead of a copy into the socket, out of it, into
         the daemon's buffer and on into the daemon's own memfd; and the
         daemon's event loop never carries the bytes. The memfds are reused
-        (``client/memfds.py``). A daemon that does not serve ``scan_fd``,
-        refuses the descriptor or ignores ``size`` gets the bytes themselves.
+        (:mod:`sentinel_ipc.memfd`), one only after a ``scan_result``: the
+        daemon has read all it reads of a descriptor before it answers. A
+        daemon that does not serve ``scan_fd``, refuses the descriptor or
+        ignores ``size`` gets the bytes themselves.
         Otherwise one ``scan`` frame carries them; bytes over the daemon's
         frame limit are streamed.
         """
@@ -285,26 +289,14 @@ class Client:
         return await self._call(request, ScanResult, timeout)
 
     async def _memfd_holding(self, data: bytes) -> tuple[int, int] | None:
-        """A pooled memfd holding ``data`` at offset 0, and its capacity; None
-        where there is none to be had (not Linux, or out of memory): the caller
-        then sends the bytes. Large copies run in a thread, off the event loop."""
+        """A pooled memfd holding ``data``, and its capacity; None where there is
+        none to be had (not Linux, or out of memory): the caller sends the bytes."""
         if not hasattr(os, "memfd_create"):
             return None
         try:
-            fd, capacity = self._memfds.take(len(data))
+            return await self._memfds.holding(data)
         except OSError:
             return None
-        try:
-            if len(data) > _INLINE_MEMFD_WRITE:
-                capacity = await trio.to_thread.run_sync(MemfdPool.fill, fd, capacity, data)
-            else:
-                capacity = MemfdPool.fill(fd, capacity, data)
-        except BaseException as exc:
-            os.close(fd)
-            if isinstance(exc, OSError):
-                return None
-            raise
-        return fd, capacity
 
     async def scan_fd(
         self,

@@ -14,9 +14,10 @@ Every scan ends as a descriptor handed to a worker (:mod:`.pool`):
 The worker maps the descriptor, matches it and hashes it, so the daemon copies
 the bytes at most once and hashes nothing on the happy path. The daemon keeps a
 few memfds of up to ``buffer_reuse_max_bytes`` for reuse (at most
-``buffer_pool_bytes`` in all): writing into pages that already exist is about
-five times cheaper than into a fresh memfd, whose pages must be allocated and
-zeroed. A memfd goes back to the pool only after a scan that ended normally
+``buffer_pool_bytes`` in all; :class:`~sentinel_ipc.memfd.MemfdPool`): writing
+into pages that already exist is about five times cheaper than into a fresh
+memfd, whose pages must be allocated and zeroed. A memfd goes back to the pool
+only after a scan that ended normally
 (the worker has unmapped and closed it before it answers); after a
 cancellation a draining worker may still read it, so it is closed instead.
 The job carries the length to scan, since a reused memfd may be longer.
@@ -79,8 +80,9 @@ from ..errors import (
     ShuttingDownError,
     WorkerCrashedError,
 )
-from ..fsutil import new_memfd, pwrite_all, sealed_memfd
+from ..fsutil import pwrite_all
 from ..logs import log_event
+from ..memfd import MemfdPool, sealed_memfd
 from ..messages import Action, RuleMatch
 from ..resilience import (
     BREAKER_PRESETS,
@@ -95,8 +97,6 @@ from .rules import CACHE_DIRNAME, RulesInfo, externals_for, load_rules, prune_ca
 from .worker import Result
 
 MIB = 1024 * 1024
-#: Bytes written inline on the event loop; larger writes go to a thread.
-_INLINE_WRITE = 1 * MIB
 #: A small buffer every rule set can scan (the health check).
 SELF_TEST_DATA = b"Sentinel scanner self-test.\n" * 8
 
@@ -312,45 +312,6 @@ def _check_scan_fd(fd: int, max_bytes: int) -> int:
     return st.st_size
 
 
-class _BufferPool:
-    """memfds kept for reuse, bounded in count of bytes (see the module doc)."""
-
-    def __init__(self, max_total: int, max_each: int) -> None:
-        self.max_total = max_total
-        self.max_each = max_each
-        self._free: list[tuple[int, int]] = []  # (fd, size)
-        self.retained = 0
-        self._closed = False
-
-    def take(self) -> tuple[int, int]:
-        """A memfd and its current size (0 for a fresh one)."""
-        if self._free:
-            fd, size = self._free.pop()
-            self.retained -= size
-            return fd, size
-        return new_memfd(), 0
-
-    def give(self, fd: int, size: int) -> None:
-        """Back for reuse, only after a scan that ended normally; else use ``discard``."""
-        if (not self._closed and size <= self.max_each
-                and self.retained + size <= self.max_total):
-            self._free.append((fd, size))
-            self.retained += size
-        else:
-            os.close(fd)
-
-    @staticmethod
-    def discard(fd: int) -> None:
-        os.close(fd)
-
-    def close(self) -> None:
-        for fd, _size in self._free:
-            os.close(fd)
-        self._free.clear()
-        self.retained = 0
-        self._closed = True
-
-
 def _hash_fd(fd: int, size: int) -> str:
     """sha256 of a descriptor's first ``size`` bytes, without moving its offset."""
     h = hashlib.sha256()
@@ -397,7 +358,7 @@ class Scanner:
         self._hard_timeout = config.scan_timeout + config.kill_grace
         self._reload_lock = trio.Lock()
         self._pending = 0
-        self._buffers = _BufferPool(config.buffer_pool_bytes, config.buffer_reuse_max_bytes)
+        self._buffers = MemfdPool(config.buffer_pool_bytes, config.buffer_reuse_max_bytes)
         self._streams: set[ScanStream] = set()
         self._closed = False
         self._scans = 0
@@ -432,19 +393,19 @@ class Scanner:
         if self._closed:
             raise ShuttingDownError("the scanner is shutting down")
         self._reserve(size)
-        fd, capacity = self._buffers.take()
+        try:
+            fd, capacity = await self._buffers.holding(data)
+        except BaseException:
+            self._release(size)
+            raise
         reuse = False
         try:
-            if size > _INLINE_WRITE:
-                await trio.to_thread.run_sync(pwrite_all, fd, data, 0)
-            else:
-                pwrite_all(fd, data, 0)
             outcome = await self._scan(fd, size, meta, owned=True, data=data)
             reuse = True
             return outcome
         finally:
             if reuse:
-                self._buffers.give(fd, max(capacity, size))
+                self._buffers.give(fd, capacity)
             else:
                 self._buffers.discard(fd)
             self._release(size)
@@ -483,7 +444,7 @@ class Scanner:
             raise ScanTooLargeError(f"declared size {declared_size} is over the {limit}-byte limit")
         if declared_size is not None and declared_size < 0:
             raise ScanError("declared size must not be negative", retryable=False)
-        fd, capacity = self._buffers.take()
+        fd, capacity = self._buffers.take(declared_size or 0)
         stream = ScanStream(self, meta, fd, capacity, declared_size)
         self._streams.add(stream)
         return stream
