@@ -508,6 +508,41 @@ async def test_large_scan_bytes_travel_in_a_memfd_reused_only_after_a_result(
     assert [file_size for _, _, file_size, _ in seen[:4]] == [200 * kib] * 3 + [120 * kib]
 
 
+@pytest.mark.parametrize(("pool_kib", "reused"), [(0, False), (150, True)])
+async def test_memfd_pool_bytes_bounds_the_memfds_a_client_keeps(
+    tmp_path: Path, pool_kib: int, reused: bool
+) -> None:
+    """``memfd_pool_bytes`` caps the idle memfds: a memfd larger than the cap
+    is closed after its scan, one within it is used again."""
+    path = tmp_path / "peer.sock"
+    inodes: list[int] = []
+
+    def answer(request: msgspec.Struct, fds: list[int]) -> msgspec.Struct:
+        assert isinstance(request, ScanFd) and request.size is not None
+        inodes.append(os.fstat(fds[0]).st_ino)
+        return _scanned(request.id, os.pread(fds[0], request.size, 0))
+
+    kib = 1024
+    small, large = os.urandom(100 * kib), os.urandom(200 * kib)
+    config = ClientConfig(memfd_pool_bytes=pool_kib * kib)
+    async with trio.open_nursery() as nursery:
+        await start_peer(nursery, path, _answer_each(answer))
+        async with open_client(path, config=config) as client:
+            for data in (small, small, large, small):
+                result = await client.scan(data)
+                assert result.sha256 == hashlib.sha256(data).hexdigest()
+        nursery.cancel_scope.cancel()
+    # The 200 KiB memfd is over both caps, so it is never kept: the scan after
+    # it needs a new one.
+    assert (inodes[0] == inodes[1]) is reused
+    assert inodes[3] not in inodes[:3]
+
+
+def test_memfd_pool_bytes_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="memfd_pool_bytes"):
+        ClientConfig(memfd_pool_bytes=-1)
+
+
 @pytest.mark.parametrize("peer_kind", ["without_scan_fd", "ignoring_size"])
 async def test_large_scan_bytes_fall_back_to_frames(tmp_path: Path, peer_kind: str) -> None:
     """A daemon that does not serve scan_fd, or (older) scans the whole memfd

@@ -47,6 +47,10 @@ class ClientConfig:
     chunk_size: bytes per ``scan_chunk`` (capped by the daemon's frame limit).
     memfd_min_bytes: ``scan()`` hands data of at least this size to the daemon
         in a memfd (``scan_fd``) instead of in frames; None: never.
+    memfd_pool_bytes: idle memfds ``scan()`` keeps for reuse, in bytes (at
+        most 4 of them, of at most 8 MiB each); they hold the last bytes
+        scanned until reused or the client closes. 0: keep none, a new memfd
+        per scan (slower: page allocation and zeroing each time).
     event_buffer: events buffered per subscription before the oldest are dropped.
     """
 
@@ -60,6 +64,7 @@ class ClientConfig:
     outbox_max_items: int = 1000
     chunk_size: int = 1024 * 1024
     memfd_min_bytes: int | None = 64 * 1024
+    memfd_pool_bytes: int = 32 * 1024 * 1024
     event_buffer: int = 256
     capabilities: tuple[str, ...] = field(default_factory=_default_capabilities)
 
@@ -76,6 +81,8 @@ class ClientConfig:
             raise ValueError("ClientConfig.chunk_size must be >= 1024")
         if self.memfd_min_bytes is not None and self.memfd_min_bytes < 0:
             raise ValueError("ClientConfig.memfd_min_bytes must be >= 0 or None")
+        if self.memfd_pool_bytes < 0:
+            raise ValueError("ClientConfig.memfd_pool_bytes must be >= 0")
         if self.event_buffer < 1:
             raise ValueError("ClientConfig.event_buffer must be >= 1")
 

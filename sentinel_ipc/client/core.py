@@ -97,7 +97,8 @@ R = TypeVar("R", bound=msgspec.Struct)
 
 #: Headroom for the scan_chunk envelope (type, id, bin header) inside one frame.
 _CHUNK_OVERHEAD = 256
-#: The memfds ``scan()`` reuses: at most 4, of at most 8 MiB each.
+#: The memfds ``scan()`` reuses: at most 4, of at most 8 MiB each, and at most
+#: ``ClientConfig.memfd_pool_bytes`` in all.
 _MEMFD_COUNT = 4
 _MEMFD_MAX_BYTES = 8 * 1024 * 1024
 #: What a stream scan reads from: a path, a binary file, or chunks.
@@ -134,7 +135,8 @@ class Client:
         self._rng = random.Random()
         self._outbox_task = False
         self._closed = False
-        self._memfds = MemfdPool(_MEMFD_COUNT * _MEMFD_MAX_BYTES, _MEMFD_MAX_BYTES,
+        self._memfds = MemfdPool(config.memfd_pool_bytes,
+                                 min(_MEMFD_MAX_BYTES, config.memfd_pool_bytes),
                                  max_count=_MEMFD_COUNT, name="sentinel-client-scan")
 
     # --- lifecycle ----------------------------------------------------------------
