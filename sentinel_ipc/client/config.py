@@ -46,7 +46,10 @@ class ClientConfig:
     outbox_max_items: bound of the outbox; a full outbox refuses new writes.
     chunk_size: bytes per ``scan_chunk`` (capped by the daemon's frame limit).
     memfd_min_bytes: ``scan()`` hands data of at least this size to the daemon
-        in a memfd (``scan_fd``) instead of in frames; None: never.
+        in a memfd (``scan_fd``) instead of in frames; None: never. Up to
+        32 KiB both ways cost the same; from 48-64 KiB on the memfd saves 7-9 %
+        of the CPU per call, 18 % at 256 KiB (``tools/bench_client.py
+        --scan-sizes``, client + daemon + workers, 2-core machine).
     memfd_pool_bytes: idle memfds ``scan()`` keeps for reuse, in bytes (at
         most 4 of them, of at most 8 MiB each); they hold the last bytes
         scanned until reused or the client closes. 0: keep none, a new memfd
