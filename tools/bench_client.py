@@ -111,15 +111,17 @@ async def bench(sock: Path, batches: int, per_batch: int) -> dict[str, float]:
 
 
 def _tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and its live children (the daemon and its workers)."""
+    """CPU seconds of a process, of its children it has reaped and of its live
+    ones: the daemon and its workers, including the workers recycled meanwhile."""
     import psutil
 
-    total = 0.0
     root = psutil.Process(pid)
-    for proc in [root, *root.children()]:
+    mine = root.cpu_times()
+    total = mine.user + mine.system + mine.children_user + mine.children_system
+    for child in root.children():
         try:
-            times = proc.cpu_times()
-        except psutil.NoSuchProcess:  # a worker recycled meanwhile
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:  # reaped since: counted in children_* next time
             continue
         total += times.user + times.system
     return total

@@ -47,9 +47,10 @@ class ClientConfig:
     chunk_size: bytes per ``scan_chunk`` (capped by the daemon's frame limit).
     memfd_min_bytes: ``scan()`` hands data of at least this size to the daemon
         in a memfd (``scan_fd``) instead of in frames; None: never. Up to
-        32 KiB both ways cost the same; from 48-64 KiB on the memfd saves 7-9 %
-        of the CPU per call, 18 % at 256 KiB (``tools/bench_client.py
-        --scan-sizes``, client + daemon + workers, 2-core machine).
+        32 KiB both ways cost the same; the memfd saves 3-9 % of the CPU per
+        call at 48-64 KiB, about 10 % at 128 KiB and 20 % at 256 KiB
+        (``tools/bench_client.py --scan-sizes``: client, daemon and workers;
+        2-core machine).
     memfd_pool_bytes: idle memfds ``scan()`` keeps for reuse, in bytes (at
         most 4 of them, of at most 8 MiB each); they hold the last bytes
         scanned until reused or the client closes. 0: keep none, a new memfd
