@@ -16,7 +16,7 @@ same compiled rules (one namespace per file, externals defined):
 * ``engine_fd`` the Scanner's ``scan_fd`` on the corpus files (no copy at all);
 * ``daemon`` the same bytes through sentineld with ``Client.scan(bytes)``, as
              an application calls it: from 64 KiB on, the client copies the
-             bytes into a sealed memfd and passes it (``scan_fd``);
+             bytes into one of its pooled memfds and passes it (``scan_fd``);
 * ``daemon_frames`` the same bytes carried in ``scan`` frames (or a chunked
              stream past the frame limit), the path of a client that cannot
              pass descriptors (``memfd_min_bytes=None``);
@@ -31,6 +31,7 @@ Prints MB/s, files/s and p50/p99 per-file latency per mode, the ratios to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -282,7 +283,7 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
                     fd_dir: Path | None = None, frames: bool = False) -> ModeResult | None:
     """The daemon path: start ``sentineld --rules rules_dir``, scan every corpus file
     through its socket with ``concurrency`` client connections (``Client.scan``:
-    a sealed memfd from 64 KiB on; with ``frames``, always a ``scan`` frame, or a
+    a pooled memfd from 64 KiB on; with ``frames``, always a ``scan`` frame, or a
     chunked stream past the frame limit), stop it.
 
     With ``fd_dir``, each file is opened there and passed as a descriptor
@@ -327,8 +328,9 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
 
     async def main() -> None:
         nonlocal matched, unscanned, seconds, cpu, cpu_note, available
-        config = client_mod.ClientConfig(scan_timeout=600.0, timeout=30.0,
-                                         memfd_min_bytes=None if frames else 64 * 1024)
+        config = client_mod.ClientConfig(scan_timeout=600.0, timeout=30.0)
+        if frames:
+            config = dataclasses.replace(config, memfd_min_bytes=None)
         # Wait for the socket with plain connects: the client's ipc breaker would
         # open after ten refusals and hold the probe off for its 10 s open time.
         with trio.move_on_after(120):

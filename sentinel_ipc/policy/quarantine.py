@@ -311,9 +311,8 @@ def _chunks(data: bytes | int, limit: int | None = None) -> Iterator[bytes | mem
             yield view[i : i + _CHUNK]
         return
     offset = 0
-    end = limit if limit is not None else -1
-    while end < 0 or offset < end:
-        want = _CHUNK if end < 0 else min(_CHUNK, end - offset)
+    while limit is None or offset < limit:
+        want = _CHUNK if limit is None else min(_CHUNK, limit - offset)
         chunk = os.pread(data, want, offset)
         if not chunk:
             return
