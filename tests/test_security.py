@@ -64,6 +64,7 @@ from sentinel_ipc.messages import (
     Shutdown,
     type_tag,
 )
+from sentinel_ipc.server.listener import SocketSetupError, prepare_socket_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -242,6 +243,57 @@ def test_another_user_cannot_reach_the_default_socket(daemon_factory: Any) -> No
     (reply,) = as_nobody(d.socket_path, [Ping(id=1)])
     assert reply == {"connect_error": 13}  # EACCES: the 0700 directory and 0600 socket
     d.stop()
+
+
+def test_a_directory_of_the_sockets_own_is_created_private_or_narrowed(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh" / "s.sock"
+    prepare_socket_dir(fresh)
+    assert mode(fresh.parent) == 0o700
+    # Left wide by hand, holding nothing but a stale socket and its lock: narrowed.
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    os.chmod(own, 0o755)
+    (own / "s.sock.lock").touch()
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(own / "s.sock"))
+    prepare_socket_dir(own / "s.sock")
+    assert mode(own) == 0o700
+
+
+@pytest.mark.parametrize("shared", ["sticky", "holds_other_files"])
+def test_a_shared_socket_directory_is_never_narrowed(tmp_path: Path, shared: str) -> None:
+    """``--socket /tmp/s.sock`` or ``/run/s.sock`` must not chmod /tmp or /run."""
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    if shared == "sticky":
+        os.chmod(directory, 0o1777)
+    else:
+        os.chmod(directory, 0o755)
+        (directory / "someone-elses.pid").touch()
+    before = directory.lstat().st_mode
+    with pytest.raises(SocketSetupError, match=r"sentineld would have to narrow it") as info:
+        prepare_socket_dir(directory / "s.sock")
+    assert str(directory / "sentinel" / "s.sock") in str(info.value)
+    assert directory.lstat().st_mode == before
+    # Nothing to narrow (already 0700 or narrower): a directory holding other files is fine.
+    if shared == "holds_other_files":
+        os.chmod(directory, 0o700)
+        prepare_socket_dir(directory / "s.sock")
+        assert mode(directory) == 0o700
+
+
+def test_sentineld_refuses_to_start_in_a_sticky_shared_directory(tmp_path: Path) -> None:
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sentinel_ipc.cli.sentineld", "--socket", str(shared / "s.sock"),
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "is a shared (sticky) directory" in proc.stderr
+    assert mode(shared) == 0o1777 and not (shared / "s.sock").exists()
 
 
 # --- another uid ---------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """Creating the listening socket safely.
 
 * The socket's directory is created private (0700) and must be owned by us:
-  a directory someone else controls could let them swap the socket.
+  a directory someone else controls could let them swap the socket. An
+  existing directory is narrowed only when it is the socket's own (nothing in
+  it but the socket and its lock): ``--socket /tmp/s.sock`` or
+  ``/run/s.sock`` must never chmod ``/tmp`` or ``/run`` -- start-up is
+  refused instead, with a message asking for a directory of its own.
 * A lock file beside the socket (``flock``) is held for the daemon's life, so
   two daemons can never race for one path.
 * An existing socket file on which a live daemon answers means "already
@@ -37,10 +41,15 @@ class SocketSetupError(SentinelError):
 def prepare_socket_dir(path: Path, *, dir_mode: int = 0o700, group: str | None = None) -> None:
     """Create the socket's directory with ``dir_mode`` and make sure it is ours.
 
-    An existing directory wider than ``dir_mode`` is narrowed to it: the
-    directory is what keeps other users away from the socket.
+    An existing directory wider than ``dir_mode`` (or of another group than
+    ``group``) is narrowed to it: the directory is what keeps other users away
+    from the socket. But only a directory of the socket's own: one that is
+    sticky (``/tmp``) or holds anything besides the socket and its lock file
+    (``/run``, a home directory) is shared with others, and changing its mode
+    would break them; that is refused (:class:`SocketSetupError`).
     """
     directory = path.parent
+    existed = directory.exists()
     try:
         directory.mkdir(mode=dir_mode, parents=True, exist_ok=True)
     except OSError as exc:
@@ -53,12 +62,46 @@ def prepare_socket_dir(path: Path, *, dir_mode: int = 0o700, group: str | None =
             f"socket directory {directory} is owned by uid {st.st_uid}, not by us ({os.getuid()})"
         )
     try:
-        if group is not None:
-            os.chown(directory, -1, grp.getgrnam(group).gr_gid)
-        if stat.S_IMODE(st.st_mode) & ~dir_mode:
-            os.chmod(directory, dir_mode)
-    except (OSError, KeyError) as exc:
+        gid = grp.getgrnam(group).gr_gid if group is not None else -1
+    except KeyError as exc:
         raise SocketSetupError(f"cannot secure socket directory {directory}: {exc}") from exc
+    widen = stat.S_IMODE(st.st_mode) & ~dir_mode
+    regroup = gid != -1 and st.st_gid != gid
+    if not (widen or regroup):
+        return
+    if existed:
+        _refuse_shared_directory(path, st)
+    try:
+        if regroup:
+            os.chown(directory, -1, gid)
+        if widen:
+            os.chmod(directory, dir_mode)
+    except OSError as exc:
+        raise SocketSetupError(f"cannot secure socket directory {directory}: {exc}") from exc
+
+
+def _refuse_shared_directory(path: Path, st: os.stat_result) -> None:
+    """Raise :class:`SocketSetupError` when the socket's existing directory is
+    not the socket's own (see :func:`prepare_socket_dir`)."""
+    directory = path.parent
+    ours = {path.name, path.name + ".lock"}
+    try:
+        others = sorted(name for name in os.listdir(directory) if name not in ours)
+    except OSError as exc:
+        raise SocketSetupError(f"cannot list socket directory {directory}: {exc}") from exc
+    if st.st_mode & stat.S_ISVTX:
+        why = "is a shared (sticky) directory"
+    elif others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        why = f"holds other files ({shown})"
+    else:
+        return
+    raise SocketSetupError(
+        f"socket directory {directory} (mode {stat.S_IMODE(st.st_mode):04o}) {why}: "
+        f"sentineld would have to narrow it to keep other users away from the socket, "
+        f"and changes only a directory of its own; put the socket in one, "
+        f"e.g. {directory / 'sentinel' / path.name}"
+    )
 
 
 def acquire_lock(path: Path) -> int:
