@@ -153,8 +153,11 @@ class AuditLog:
     # --- the writer thread -------------------------------------------------
 
     def _open(self) -> None:
-        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives as long as we do
-        os.chmod(self.path, 0o600)
+        # Created 0600 at once (not chmod'ed after): a reader who opened it in
+        # between would keep reading every later line.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._file = os.fdopen(fd, "ab", buffering=0)
+        os.fchmod(fd, 0o600)  # an existing file left wider
         self._size = self._file.tell()
 
     def _run(self) -> None:

@@ -232,6 +232,25 @@ def test_socket_directory_and_state_files_are_private(daemon_factory: Any) -> No
     assert [p.suffix for p in files] == [".bin", ".json"]
     for path in files:
         assert mode(path) == 0o400, (path.name, oct(mode(path)))
+    # Created private, not chmod'ed after: the daemon runs under umask 077, so
+    # no file it creates (and no rotated audit log) is ever wider, even briefly.
+    assert d.proc is not None
+    status = Path(f"/proc/{d.proc.pid}/status").read_text()
+    assert "Umask:\t0077" in status, [line for line in status.splitlines() if "Umask" in line]
+    cache = d.data_dir / "rules-cache"
+    assert mode(cache) == 0o700
+    assert all(mode(p) & 0o077 == 0 for p in cache.iterdir())
+    d.stop()
+
+
+def test_a_shared_group_gets_a_0750_directory_and_a_0660_socket(daemon_factory: Any) -> None:
+    """The umask the daemon runs under must not take the group's bits."""
+    d = daemon_factory({"server": {"socket_group": "nogroup", "socket_mode": 0o660}})
+    directory = d.socket_path.parent
+    assert mode(directory) == 0o750
+    assert directory.stat().st_gid == NOBODY
+    assert mode(d.socket_path) == 0o660
+    assert d.socket_path.stat().st_gid == NOBODY
     d.stop()
 
 

@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sentineld: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(config.logging.level)
+    # Everything the daemon creates (database, journal, audit log, quarantine,
+    # rules cache) is the user's business, and a file created wide and
+    # chmod'ed after is readable to whoever opens it in between. The socket's
+    # group sharing sets its modes explicitly.
+    os.umask(0o077)
     daemon = Daemon(config, socket_path, data_dir)
     try:
         trio.run(daemon.run)

@@ -65,16 +65,20 @@ def prepare_socket_dir(path: Path, *, dir_mode: int = 0o700, group: str | None =
         gid = grp.getgrnam(group).gr_gid if group is not None else -1
     except KeyError as exc:
         raise SocketSetupError(f"cannot secure socket directory {directory}: {exc}") from exc
-    widen = stat.S_IMODE(st.st_mode) & ~dir_mode
+    # A directory we just made gets exactly ``dir_mode``: the umask (sentineld
+    # runs under 077) would have taken the group's bits of 0750.
+    remode = stat.S_IMODE(st.st_mode) != dir_mode if not existed else bool(
+        stat.S_IMODE(st.st_mode) & ~dir_mode
+    )
     regroup = gid != -1 and st.st_gid != gid
-    if not (widen or regroup):
+    if not (remode or regroup):
         return
     if existed:
         _refuse_shared_directory(path, st)
     try:
         if regroup:
             os.chown(directory, -1, gid)
-        if widen:
+        if remode:
             os.chmod(directory, dir_mode)
     except OSError as exc:
         raise SocketSetupError(f"cannot secure socket directory {directory}: {exc}") from exc
