@@ -286,16 +286,21 @@ Request = (
     | Shutdown
 )
 
-#: Requests only the daemon's own uid (or configured admin uids) may send.
+#: Requests only the daemon's own uid (or configured admin uids) may send:
+#: the ones that change what the daemon does, and the ones that read what other
+#: users scanned (the threat history and the quarantine hold their filenames
+#: and URLs). ``degraded_ack`` silences a notice for every subscriber.
 ADMIN_REQUESTS: frozenset[type[Any]] = frozenset(
     {
         PolicyAdd,
         PolicyRemove,
+        Threats,
         QuarantineList,
         QuarantineRestore,
         QuarantineDelete,
         BreakerControl,
         ServiceRetry,
+        DegradedAck,
         Reload,
         Shutdown,
     }

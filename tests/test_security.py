@@ -39,9 +39,11 @@ import pytest
 from daemon_harness import DaemonProcess
 from samples import EICAR
 
+from sentinel_ipc import messages
 from sentinel_ipc.codec import decode_reply, encode_framed
 from sentinel_ipc.messages import (
     BreakerControl,
+    DegradedAck,
     Error,
     Health,
     HealthReport,
@@ -62,6 +64,7 @@ from sentinel_ipc.messages import (
     ScanResult,
     ServiceRetry,
     Shutdown,
+    Threats,
     type_tag,
 )
 from sentinel_ipc.server.listener import SocketSetupError, prepare_socket_dir
@@ -327,7 +330,15 @@ ADMIN_REQUESTS: list[Any] = [
     QuarantineList(id=17),
     QuarantineRestore(id=18, quarantine_id="0" * 32, path="/tmp/x"),
     QuarantineDelete(id=19, quarantine_id="0" * 32),
+    # They read or change what is every user's: the threat history holds the
+    # filenames and URLs others scanned; an ack silences a notice for everyone.
+    Threats(id=20, limit=10),
+    DegradedAck(id=21, service="database"),
 ]
+
+
+def test_the_refusal_test_covers_every_admin_request() -> None:
+    assert {type(r) for r in ADMIN_REQUESTS} == set(messages.ADMIN_REQUESTS)
 
 
 @can_be_nobody

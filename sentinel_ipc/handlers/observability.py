@@ -67,4 +67,4 @@ def register(dispatcher: Dispatcher, hub: Observability) -> None:
     dispatcher.register(BreakerControl, breaker_control, admin=True)
     dispatcher.register(Subscribe, subscribe)
     dispatcher.register(ServiceRetry, service_retry, admin=True)
-    dispatcher.register(DegradedAck, degraded_ack)
+    dispatcher.register(DegradedAck, degraded_ack, admin=True)

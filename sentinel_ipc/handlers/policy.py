@@ -1,9 +1,11 @@
 """Policy, threat-history and quarantine requests.
 
-Writes (``policy_add``, ``policy_remove``) and every quarantine operation are
-admin operations (the dispatcher refuses them to other uids and audits the
-refusal). A write during a database outage is journaled and answered
-``queued: true``; the PolicyService replays it exactly once on recovery.
+Writes (``policy_add``, ``policy_remove``), the threat history and every
+quarantine operation are admin operations (the dispatcher refuses them to
+other uids and audits the refusal): the history and the quarantine hold the
+filenames and URLs of everything anyone scanned. A write during a database
+outage is journaled and answered ``queued: true``; the PolicyService replays
+it exactly once on recovery.
 
 Quarantine restore writes to a descriptor the client passes (SCM_RIGHTS), so
 the daemon never opens a path on another user's behalf. Only the daemon's own
@@ -89,7 +91,7 @@ def register(
     dispatcher.register(PolicyRemove, policy_remove, admin=True)
     dispatcher.register(PolicyList, policy_list)
     dispatcher.register(PolicyQuery, policy_query)
-    dispatcher.register(Threats, threats)
+    dispatcher.register(Threats, threats, admin=True)
     if quarantine is not None:
         register_quarantine(dispatcher, quarantine)
 
