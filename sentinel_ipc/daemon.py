@@ -209,7 +209,11 @@ class Daemon:
             self.policy = await stack.enter_async_context(
                 open_policy_service(policy_cfg, self.data_dir, audit=self.audit)
             )
-            self.quarantine = Quarantine(policy_cfg.resolve(self.data_dir)[3], audit=self.audit)
+            self.quarantine = Quarantine(
+                policy_cfg.resolve(self.data_dir)[3], audit=self.audit,
+                max_bytes=policy_cfg.quarantine_max_bytes,
+                max_items=policy_cfg.quarantine_max_items,
+            )
             # --- end: policy
             # --- section: external integrations ----------------------------------
             if self.config.reputation.enabled or self.config.forward.enabled:

@@ -646,6 +646,40 @@ async def test_quarantine_store_list_restore_delete(daemon_factory: Any, tmp_pat
 # --- reputation and the threat history --------------------------------------------
 
 
+async def test_a_full_quarantine_keeps_the_verdict_and_says_the_copy_was_not_kept(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """``[policy] quarantine_max_bytes`` bounds what clients can make the daemon store."""
+    d = daemon_factory(config=daemon_config(tmp_path, quarantine_max_bytes=4096))
+    qdir = d.data_dir / "quarantine"
+    async with open_framed_connection(d.socket_path) as conn:
+        w = Wire(conn)
+        await w.add("quarantine", url_pattern="https://sketchy.example/*")
+        first = os.urandom(3000)
+        r1 = await w.scan(first, url="https://sketchy.example/a.bin")
+        assert (r1.action, r1.warnings) == ("quarantine", [])
+        second = os.urandom(3000)
+        r2 = await w.scan(second, url="https://sketchy.example/b.bin")
+        assert r2.action == "quarantine" and r2.sha256 == sha(second)
+        (warning,) = r2.warnings
+        assert "quarantine is full" in warning and "not kept" in warning
+        listed: QuarantineListResult = await w.ok(QuarantineList, QuarantineListResult)
+        assert [i.sha256 for i in listed.items] == [sha(first)]
+        assert len(list(qdir.iterdir())) == 2
+        # Room again after a delete.
+        await w.ok(QuarantineDelete, QuarantineResult, quarantine_id=listed.items[0].quarantine_id)
+        r3 = await w.scan(second, url="https://sketchy.example/b.bin")
+        assert (r3.action, r3.warnings) == ("quarantine", [])
+    d.stop()
+
+
+def test_quarantine_bounds_must_not_be_negative(daemon_factory: Any, tmp_path: Path) -> None:
+    d = daemon_factory(config=daemon_config(tmp_path, quarantine_max_items=-1), start=False)
+    d.start(wait=False)
+    assert d.proc is not None and d.proc.wait(60) == 2
+    assert "quarantine_max_items must not be negative" in d.log()
+
+
 async def test_reputation_known_bad_is_part_of_the_decision_and_recorded(
     daemon_factory: Any, tmp_path: Path
 ) -> None:

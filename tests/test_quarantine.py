@@ -13,7 +13,7 @@ import pytest
 
 from sentinel_ipc.audit import open_audit_log
 from sentinel_ipc.errors import NotFoundError, ScanError
-from sentinel_ipc.policy.quarantine import Quarantine, QuarantineError
+from sentinel_ipc.policy.quarantine import Quarantine, QuarantineError, QuarantineFullError
 
 DATA = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*" * 100
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -152,3 +152,79 @@ async def test_leftovers_of_an_interrupted_store_are_cleared(tmp_path: Path) -> 
         [f"{item.quarantine_id}.bin", f"{item.quarantine_id}.json"]
     )
     assert mode(qdir) == 0o700
+
+
+def _sample(n: int, size: int) -> tuple[bytes, str]:
+    data = n.to_bytes(4, "big") * (size // 4)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+async def test_a_store_past_the_byte_bound_is_refused_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    """Which files are quarantined depends on what clients send: the directory
+    must not grow without a bound."""
+    qdir = tmp_path / "quarantine"
+    q = Quarantine(qdir, max_bytes=10_000)
+    first, first_sha = _sample(1, 6_000)
+    kept = await q.store(first, sha256=first_sha)
+    second, second_sha = _sample(2, 6_000)
+    with pytest.raises(QuarantineFullError, match=r"quarantine is full .* 6000 bytes") as info:
+        await q.store(second, sha256=second_sha)
+    assert not info.value.retryable
+    assert sorted(p.name for p in qdir.iterdir()) == sorted(
+        [f"{kept.quarantine_id}.bin", f"{kept.quarantine_id}.json"]
+    )
+    # The same file again needs no room; after a delete the other one fits.
+    assert (await q.store(first, sha256=first_sha)).quarantine_id == kept.quarantine_id
+    await q.delete(kept.quarantine_id)
+    assert (await q.store(second, sha256=second_sha)).size == 6_000
+    # A descriptor counts the bytes that will be read (the scanned size), not the file's.
+    path = tmp_path / "big.bin"
+    third, third_sha = _sample(3, 4_000)
+    path.write_bytes(third + b"\0" * 50_000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert (await q.store(fd, sha256=third_sha, size=4_000)).size == 4_000
+    finally:
+        os.close(fd)
+
+
+async def test_the_item_bound_and_the_totals_of_an_existing_directory(tmp_path: Path) -> None:
+    qdir = tmp_path / "quarantine"
+    q = Quarantine(qdir, max_items=2)
+    for n in (1, 2):
+        data, sha = _sample(n, 100)
+        await q.store(data, sha256=sha)
+    data, sha = _sample(3, 100)
+    with pytest.raises(QuarantineFullError, match="2 items"):
+        await q.store(data, sha256=sha)
+    # A restarted daemon counts what is already there.
+    again = Quarantine(qdir, max_items=3, max_bytes=250)
+    with pytest.raises(QuarantineFullError, match="200 bytes"):
+        await again.store(data, sha256=sha)  # 200 + 100 > 250
+    assert len(await again.list()) == 2
+    with pytest.raises(ValueError, match="negative"):
+        Quarantine(qdir, max_bytes=-1)
+
+
+async def test_concurrent_stores_never_pass_the_bound_together(tmp_path: Path) -> None:
+    """Stores run on worker threads at once: room is reserved before writing."""
+    import trio
+
+    q = Quarantine(tmp_path / "quarantine", max_bytes=5 * 40_000)
+    outcomes: list[str] = []
+
+    async def one(n: int) -> None:
+        data, sha = _sample(n, 40_000)
+        try:
+            await q.store(data, sha256=sha)
+            outcomes.append("kept")
+        except QuarantineFullError:
+            outcomes.append("full")
+
+    async with trio.open_nursery() as nursery:
+        for n in range(12):
+            nursery.start_soon(one, n)
+    assert sorted(outcomes) == ["full"] * 7 + ["kept"] * 5
+    assert sum(i.size for i in await q.list()) == 5 * 40_000

@@ -12,7 +12,17 @@ The bytes are hashed while they are copied, in and out: a file that changed
 after it was scanned is refused, and a quarantined file that was altered on
 disk is never restored silently. The same sha256 is kept once.
 
-Every method is async and does its file I/O on a worker thread.
+The directory is bounded (``max_bytes``, ``max_items``): which files are
+quarantined depends on policies keyed on things a client chooses (a URL
+pattern, a MIME type), so without a bound any peer could fill the disk
+through it. A store that would pass a bound is refused
+(:class:`QuarantineFullError`): the verdict stands, and the scan result says
+the copy was not kept. The totals and a sha256 index live in memory, built
+from the sidecars at the first store, so a store no longer reads every
+sidecar.
+
+Every method is async and does its file I/O on a worker thread; the index is
+shared by those threads under a lock.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,6 +52,9 @@ log = logging.getLogger("sentinel.quarantine")
 
 _ID = re.compile(r"[0-9a-f]{32}")
 _CHUNK: Final = 1 << 20
+#: Bounds of the quarantine directory (``[policy] quarantine_max_bytes`` / ``_items``).
+DEFAULT_MAX_BYTES: Final = 2 << 30
+DEFAULT_MAX_ITEMS: Final = 10_000
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(QuarantineItem)
 
@@ -50,6 +64,10 @@ class QuarantineError(SentinelError):
     the destination exists, is a symlink, or cannot be created)."""
 
     code = ErrorCode.QUARANTINE_FAILED
+
+
+class QuarantineFullError(QuarantineError):
+    """A store would pass the quarantine's size or item bound."""
 
 
 _List = list  # Quarantine has a method named ``list``
@@ -65,10 +83,21 @@ class Quarantine:
         *,
         audit: AuditLog | None = None,
         wall_clock: Callable[[], float] = time.time,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_items: int = DEFAULT_MAX_ITEMS,
     ) -> None:
+        if max_bytes < 0 or max_items < 0:
+            raise ValueError("quarantine bounds must not be negative")
         self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.max_items = max_items
         self._audit = audit
         self._wall = wall_clock
+        self._lock = threading.Lock()
+        #: sha256 -> (id, size) of the complete items; None until the first store.
+        self._index: dict[str, tuple[str, int]] | None = None
+        self._used_bytes = 0  # complete items plus stores in progress
+        self._used_items = 0
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if stat.S_IMODE(self.directory.stat().st_mode) != 0o700:
             os.chmod(self.directory, 0o700)
@@ -149,7 +178,7 @@ class Quarantine:
     async def delete(self, quarantine_id: str) -> None:
         """Remove an item for good. Raises NotFoundError."""
         item = await self.get(quarantine_id)
-        await trio.to_thread.run_sync(self._delete_sync, item.quarantine_id)
+        await trio.to_thread.run_sync(self._delete_sync, item)
         self._record("quarantine_delete", item)
 
     # --- blocking internals ---------------------------------------------------
@@ -189,12 +218,57 @@ class Quarantine:
         rules: _List[str],
         size_limit: int | None = None,
     ) -> QuarantineItem:
-        for existing in self._list_sync():
-            if (
-                existing.sha256 == sha256
-                and (self.directory / f"{existing.quarantine_id}.bin").exists()
-            ):
-                return existing
+        want = _size_of(data, size_limit)
+        with self._lock:
+            index = self._loaded_index()
+            hit = index.get(sha256)
+            if hit is not None and (self.directory / f"{hit[0]}.bin").exists():
+                return self._read_item(hit[0])
+            if hit is not None:  # removed behind our back: count afresh
+                self._index = None
+                index = self._loaded_index()
+            if self._used_items + 1 > self.max_items or self._used_bytes + want > self.max_bytes:
+                raise QuarantineFullError(
+                    f"the quarantine is full ({self._used_items} items, {self._used_bytes} "
+                    f"bytes; bounds {self.max_items} items, {self.max_bytes} bytes): "
+                    f"{want} more bytes not kept",
+                    retryable=False,
+                )
+            self._used_bytes += want
+            self._used_items += 1
+        try:
+            item = self._write_item(data, sha256, url, filename, rules, size_limit)
+        except BaseException:
+            with self._lock:
+                self._used_bytes -= want
+                self._used_items -= 1
+            raise
+        with self._lock:
+            self._used_bytes += item.size - want
+            index[sha256] = (item.quarantine_id, item.size)
+        return item
+
+    def _loaded_index(self) -> dict[str, tuple[str, int]]:
+        """The sha256 index and totals, read from the sidecars once (under the lock)."""
+        if self._index is None:
+            index: dict[str, tuple[str, int]] = {}
+            used = 0
+            items = self._list_sync()
+            for item in items:
+                index.setdefault(item.sha256, (item.quarantine_id, item.size))
+                used += item.size
+            self._index, self._used_bytes, self._used_items = index, used, len(items)
+        return self._index
+
+    def _write_item(
+        self,
+        data: bytes | int,
+        sha256: str,
+        url: str | None,
+        filename: str | None,
+        rules: _List[str],
+        size_limit: int | None,
+    ) -> QuarantineItem:
         qid = uuid.uuid4().hex
         blob, meta = self._paths(qid)
         tmp_blob = self.directory / f".{qid}.bin.tmp"
@@ -272,11 +346,17 @@ class Quarantine:
             )
         return n
 
-    def _delete_sync(self, qid: str) -> None:
-        blob, meta = self._paths(qid)
+    def _delete_sync(self, item: QuarantineItem) -> None:
+        blob, meta = self._paths(item.quarantine_id)
         meta.unlink(missing_ok=True)  # first: the item disappears from list() at once
         blob.unlink(missing_ok=True)
         fsync_dir(self.directory)
+        with self._lock:
+            if self._index is not None:
+                if self._index.get(item.sha256, ("",))[0] == item.quarantine_id:
+                    del self._index[item.sha256]
+                self._used_bytes -= item.size
+                self._used_items -= 1
 
     def _clean_leftovers(self) -> None:
         names = set(os.listdir(self.directory))
@@ -300,6 +380,20 @@ class Quarantine:
                 rules=item.rules,
                 **extra,
             )
+
+
+def _size_of(data: bytes | int, limit: int | None) -> int:
+    """How many bytes a store of ``data`` (bytes or a descriptor) will write, at most."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        size = memoryview(data).nbytes
+    elif limit is not None:
+        return limit
+    else:
+        try:
+            size = os.fstat(data).st_size
+        except OSError as exc:
+            raise QuarantineError(f"cannot quarantine: {exc.strerror or exc}") from exc
+    return size if limit is None else min(size, limit)
 
 
 def _chunks(data: bytes | int, limit: int | None = None) -> Iterator[bytes | memoryview]:

@@ -93,6 +93,8 @@ from sentinel_ipc.policy.journal import (
     RemovePolicy,
     new_key,
 )
+from sentinel_ipc.policy.quarantine import DEFAULT_MAX_BYTES as QUARANTINE_MAX_BYTES
+from sentinel_ipc.policy.quarantine import DEFAULT_MAX_ITEMS as QUARANTINE_MAX_ITEMS
 from sentinel_ipc.policy.snapshot import (
     SNAPSHOT_FILENAME,
     PolicySnapshot,
@@ -150,6 +152,10 @@ class PolicyConfig(msgspec.Struct, kw_only=True):
     snapshot_path: str | None = None  # <data_dir>/policy_snapshot.json
     journal_path: str | None = None  # <data_dir>/policy_journal.jsonl
     quarantine_dir: str | None = None  # <data_dir>/quarantine
+    #: Bounds of the quarantine directory; a copy past them is not kept (the
+    #: verdict stands, with a warning).
+    quarantine_max_bytes: int = QUARANTINE_MAX_BYTES
+    quarantine_max_items: int = QUARANTINE_MAX_ITEMS
     default_match_action: Action = "block"
     #: A matched rule's ``severity`` meta -> action, instead of the default.
     severity_actions: dict[str, Action] = msgspec.field(default_factory=lambda: {"low": "warn"})

@@ -13,6 +13,8 @@ import msgspec
 
 from ..messages import Action
 from .journal import DEFAULT_MAX_BYTES as JOURNAL_MAX_BYTES
+from .quarantine import DEFAULT_MAX_BYTES as QUARANTINE_MAX_BYTES
+from .quarantine import DEFAULT_MAX_ITEMS as QUARANTINE_MAX_ITEMS
 from .service import PolicyConfig
 
 if TYPE_CHECKING:
@@ -38,6 +40,14 @@ class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     probe_interval: float = 1.0
     refresh_interval: float = 300.0
     max_journal_bytes: int = JOURNAL_MAX_BYTES
+    #: Bounds of the quarantine directory (0 keeps no copies).
+    quarantine_max_bytes: int = QUARANTINE_MAX_BYTES
+    quarantine_max_items: int = QUARANTINE_MAX_ITEMS
+
+    def __post_init__(self) -> None:
+        for name in ("quarantine_max_bytes", "quarantine_max_items"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
 
     def to_config(self, resilience: ResilienceConfig, admin_uids: list[int]) -> PolicyConfig:
         retry = resilience.retry_policy("database")
