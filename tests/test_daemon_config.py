@@ -1,6 +1,9 @@
 """The daemon builds each subsystem's config from one source: ``[resilience]``
-holds every breaker/retry threshold and the scanner fail mode."""
+holds every breaker/retry threshold and the scanner fail mode. A value a
+subsystem cannot run with stops start-up at load time (exit 2, naming the key)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,69 @@ def test_the_readme_configuration_example_is_a_valid_config() -> None:
     config = parse_config(example)
     assert config.server.socket_mode == 0o600
     assert config.policy.severity_actions == {"low": "warn"}
+
+
+# --- range checks: a value the daemon cannot run with stops start-up, naming the key ---
+
+BAD_VALUES = [
+    ("audit", "max_bytes", 10),  # AuditLog refused it later, with a traceback (exit 1)
+    ("audit", "backups", -1),
+    ("audit", "backups", 10**9),
+    ("policy", "op_timeout", -1.0),  # trio.fail_after raised at start-up
+    ("policy", "op_timeout", float("nan")),
+    ("policy", "verify_interval", 0.0),  # the maintenance loop would spin
+    ("policy", "probe_interval", -1.0),
+    ("policy", "refresh_interval", float("inf")),
+    ("policy", "busy_timeout_ms", -5),
+    ("policy", "max_journal_bytes", 0),
+]
+
+
+def _toml_number(value: float) -> str:
+    return {"nan": "nan", "inf": "inf"}.get(str(value), repr(value))
+
+
+@pytest.mark.parametrize(("section", "key", "value"), BAD_VALUES)
+def test_an_out_of_range_value_is_a_config_error_naming_the_key(
+    section: str, key: str, value: float
+) -> None:
+    """Checked in the section's ``__post_init__``, so the loader reports the key."""
+    with pytest.raises(ConfigError, match=rf"{section}: {key} must be"):
+        parse_config(f"[{section}]\n{key} = {_toml_number(value)}\n")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [BAD_VALUES[0], ("policy", "op_timeout", -1.0), ("policy", "verify_interval", 0.0)],
+)
+def test_sentineld_exits_2_naming_the_key_for_an_out_of_range_value(
+    tmp_path: Path, section: str, key: str, value: float
+) -> None:
+    """The real daemon: exit 2 and one line naming the key, never a traceback
+    (exit 1) from deep inside a subsystem, and never a daemon that starts and spins."""
+    config = tmp_path / "sentinel.toml"
+    config.write_text(f"[{section}]\n{key} = {_toml_number(value)}\n")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sentinel_ipc.cli.sentineld", "--config", str(config),
+             "--socket", str(tmp_path / "s.sock"), "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=20,
+        )
+    except subprocess.TimeoutExpired:  # run() has killed it
+        pytest.fail(f"sentineld started with {section}.{key} = {value}")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{section}: {key} must be" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_values_on_the_bounds_are_accepted() -> None:
+    """The bounds themselves are accepted (an off-by-one would refuse a valid file)."""
+    config = parse_config(
+        "[audit]\nmax_bytes = 4096\nbackups = 0\n"
+        "[policy]\nbusy_timeout_ms = 0\nmax_journal_bytes = 1\nop_timeout = 0.001\n"
+        "quarantine_max_bytes = 0\nquarantine_max_items = 0\n"
+    )
+    assert (config.audit.max_bytes, config.audit.backups) == (4096, 0)
+    assert (config.policy.busy_timeout_ms, config.policy.max_journal_bytes) == (0, 1)
+    assert parse_config("[audit]\nbackups = 1000\n").audit.backups == 1000

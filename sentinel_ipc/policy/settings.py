@@ -7,7 +7,8 @@ Plain values only: the breaker and retry objects come from ``[resilience]``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
@@ -19,6 +20,20 @@ from .service import PolicyConfig
 
 if TYPE_CHECKING:
     from ..observability.config import ResilienceConfig
+
+
+#: Smallest ``[audit] max_bytes``. One audit line (a detection with its URL,
+#: filename and matches) runs to several hundred bytes: below a few KiB the log
+#: would rotate every line or two and ``backups`` would keep only a handful of
+#: lines, so the trail would be lost to its own rotation.
+AUDIT_MIN_BYTES: Final = 4096
+#: Largest ``[audit] backups``: every rotation renames each kept file in turn,
+#: so a huge count would stall the audit writer on every rotation.
+AUDIT_MAX_BACKUPS: Final = 1000
+#: The ``[policy]`` durations, in seconds. Each bounds or paces a loop of the
+#: policy service: zero or less would spin it (intervals) or fail every
+#: database call at once (``op_timeout``), and nan or inf would remove the bound.
+_POLICY_SECONDS: Final = ("op_timeout", "verify_interval", "probe_interval", "refresh_interval")
 
 
 def _severity_defaults() -> dict[str, Action]:
@@ -45,9 +60,18 @@ class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     quarantine_max_items: int = QUARANTINE_MAX_ITEMS
 
     def __post_init__(self) -> None:
-        for name in ("quarantine_max_bytes", "quarantine_max_items"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
+        """Refuse values the daemon cannot run with, naming the key (the config
+        loader prefixes the section: ``policy: op_timeout must be ...``), so
+        that a bad file stops start-up with exit 2, not a traceback or a
+        spinning loop later."""
+        _at_least(self, 0, "quarantine_max_bytes", "quarantine_max_items", "busy_timeout_ms")
+        # The journal takes the writes of a database outage: with no room it
+        # would refuse every one.
+        _at_least(self, 1, "max_journal_bytes")
+        for name in _POLICY_SECONDS:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number greater than 0 (got {value})")
 
     def to_config(self, resilience: ResilienceConfig, admin_uids: list[int]) -> PolicyConfig:
         retry = resilience.retry_policy("database")
@@ -68,3 +92,17 @@ class AuditSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     path: str | None = None
     max_bytes: int = 100 * 1024 * 1024
     backups: int = 10
+
+    def __post_init__(self) -> None:
+        """Range checks at load time, naming the key (``audit: max_bytes must
+        be ...``): the audit log would otherwise refuse them at start-up with a
+        traceback, or stall its writer (see the two constants)."""
+        _at_least(self, AUDIT_MIN_BYTES, "max_bytes")
+        if not 0 <= self.backups <= AUDIT_MAX_BACKUPS:
+            raise ValueError(f"backups must be in 0..{AUDIT_MAX_BACKUPS} (got {self.backups})")
+
+
+def _at_least(section: msgspec.Struct, floor: int, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < floor:
+            raise ValueError(f"{name} must be at least {floor} (got {getattr(section, name)})")
