@@ -19,6 +19,7 @@ import msgspec
 
 from .errors import ConfigError
 from .external.config import ForwardConfig, ReputationConfig
+from .framing import MAX_FRAME_LIMIT
 from .messages import DEFAULT_MAX_FRAME_BYTES
 from .observability.config import ResilienceConfig
 from .policy.settings import AuditSettings, PolicySettings
@@ -37,6 +38,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_receive_buffer_bytes: int = 4 * DEFAULT_MAX_FRAME_BYTES
     #: A frame that has started must finish within this many seconds (slowloris).
     frame_read_timeout: float = 10.0
+    #: A reply the peer has not taken within this many seconds ends the connection:
+    #: a peer that never reads would otherwise hold its requests' in-flight slots
+    #: (and the server-wide ones) for as long as it stays connected.
+    write_timeout: float = 10.0
     #: Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
     shutdown_grace: float = 5.0
     #: Socket file mode; 0o660 together with ``socket_group`` shares it with a group.
@@ -49,6 +54,20 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_uids: list[int] = []
 
     def __post_init__(self) -> None:
+        if not MIN_FRAME_BYTES <= self.max_frame_bytes <= MAX_FRAME_LIMIT:
+            raise ValueError(
+                f"max_frame_bytes ({self.max_frame_bytes}) must be in "
+                f"{MIN_FRAME_BYTES}..{MAX_FRAME_LIMIT} (the length header is 4 bytes)"
+            )
+        _at_least(self, 1, "max_connections", "max_in_flight_per_connection",
+                  "max_in_flight_total")
+        _positive(self, "frame_read_timeout", "write_timeout")
+        _at_least(self, 0, "shutdown_grace")
+        if not 0 <= self.socket_mode <= 0o777 or self.socket_mode & 0o600 != 0o600:
+            raise ValueError(
+                f"socket_mode ({self.socket_mode:#o}) must be a permission mode that lets "
+                f"its owner read and write (0o600 and up)"
+            )
         if self.max_receive_buffer_bytes < self.max_frame_bytes:
             raise ValueError(
                 f"max_receive_buffer_bytes ({self.max_receive_buffer_bytes}) must be at least "
@@ -60,6 +79,28 @@ class RateLimitConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     burst: int = 20
     scans_per_second: float = 10.0
     max_concurrent_scans_per_connection: int = 5
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "burst", "max_concurrent_scans_per_connection")
+        _positive(self, "scans_per_second")
+
+
+#: The smallest ``max_frame_bytes`` accepted: below it, ordinary requests and replies would not fit.
+MIN_FRAME_BYTES = 4096
+
+
+def _at_least(section: msgspec.Struct, floor: float, *names: str) -> None:
+    """Range checks run at load time: a value that would fail the daemon later (at
+    the first connection, the first scan) must stop start-up naming the key."""
+    for name in names:
+        if getattr(section, name) < floor:
+            raise ValueError(f"{name} must be at least {floor} (got {getattr(section, name)})")
+
+
+def _positive(section: msgspec.Struct, *names: str) -> None:
+    for name in names:
+        if not getattr(section, name) > 0:
+            raise ValueError(f"{name} must be greater than 0 (got {getattr(section, name)})")
 
 
 class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

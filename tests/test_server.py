@@ -529,6 +529,45 @@ def test_over_max_in_flight_a_request_gets_busy(daemon_factory: Any) -> None:
     assert d.proc.wait(20) == 0
 
 
+def test_a_peer_that_never_reads_its_replies_is_let_go(daemon_factory: Any) -> None:
+    """Its requests' slots are freed only by writing their replies: without
+    ``write_timeout`` it would hold the server-wide in-flight budget for as long
+    as it stayed connected, and every other client would get ``busy``."""
+    d = daemon_factory(config={"server": {
+        "write_timeout": 1.0, "max_in_flight_total": 64, "max_in_flight_per_connection": 64,
+    }})
+    hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect(str(d.socket_path))
+    try:
+        # Metrics replies (over 6 KiB each): the socket's buffer takes some 30 of
+        # them; the second burst fills the slots those freed.
+        hog.sendall(b"".join(encode_framed(Metrics(id=i)) for i in range(1, 65)))
+        time.sleep(0.3)
+        hog.sendall(b"".join(encode_framed(Metrics(id=i)) for i in range(65, 129)))
+        time.sleep(0.2)
+        with Raw(d.socket_path) as other:
+            first = other.call(Health(id=100))
+            assert isinstance(first, Error) and first.code == ErrorCode.BUSY, first
+            assert "64 requests in flight" in first.message
+            deadline = time.monotonic() + 15
+            while True:
+                reply = other.call(Health(id=101))
+                if not isinstance(reply, Error) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert isinstance(reply, HealthReport), reply
+        assert "event=connection_abandoned" in d.log()
+        # The hog's connection was closed by the daemon: after the replies that
+        # did fit, it reads the end of the stream.
+        hog.settimeout(10)
+        while hog.recv(65536):
+            pass
+    finally:
+        hog.close()
+    assert_usable(d.socket_path)
+
+
 def test_slowloris_frame_times_out_and_others_are_unaffected(daemon_factory: Any) -> None:
     d = daemon_factory(config={"server": {"frame_read_timeout": 0.5}})
     frame = encode_framed(Ping(id=5))
@@ -822,12 +861,26 @@ async def test_max_in_flight_refuses_the_request_over_the_limit(tmp_path: Path) 
         ("surprise = true\n", ["surprise"]),
         (None, ["cannot read config file"]),
         (
-            "[server]\nmax_frame_bytes = 2000\nmax_receive_buffer_bytes = 1000\n",
-            ["max_receive_buffer_bytes (1000) must be at least max_frame_bytes (2000)"],
+            "[server]\nmax_frame_bytes = 8192\nmax_receive_buffer_bytes = 5000\n",
+            ["max_receive_buffer_bytes (5000) must be at least max_frame_bytes (8192)"],
         ),
+        # Values in range for their type but not for the daemon: each once failed
+        # later (the first connection, the first scan) with a traceback.
+        ("[server]\nmax_frame_bytes = 0\n", ["server", "max_frame_bytes (0) must be in"]),
+        ("[server]\nmax_frame_bytes = 8589934592\n", ["max_frame_bytes (8589934592)"]),
+        ("[server]\nmax_connections = -1\n", ["max_connections must be at least 1"]),
+        ("[server]\nmax_in_flight_per_connection = 0\n",
+         ["max_in_flight_per_connection must be at least 1"]),
+        ("[server]\nframe_read_timeout = -1.0\n", ["frame_read_timeout must be greater than 0"]),
+        ("[server]\nwrite_timeout = 0.0\n", ["write_timeout must be greater than 0"]),
+        ("[server]\nsocket_mode = 0o200\n", ["socket_mode (0o200)"]),
+        ("[rate_limit]\nburst = 0\n", ["rate_limit", "burst must be at least 1"]),
+        ("[rate_limit]\nscans_per_second = 0.0\n", ["scans_per_second must be greater than 0"]),
     ],
     ids=["unknown-key", "wrong-type", "not-toml", "unknown-top-level-key", "unreadable",
-         "receive-budget-under-one-frame"],
+         "receive-budget-under-one-frame", "frame-limit-zero", "frame-limit-over-4-bytes",
+         "no-connections", "no-requests", "negative-frame-timeout", "zero-write-timeout",
+         "socket-mode-without-owner", "empty-bucket", "no-refill"],
 )
 def test_a_bad_config_file_stops_start_up_with_exit_2_naming_the_key(
     tmp_path: Path, content: str | None, expected: list[str]

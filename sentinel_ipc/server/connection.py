@@ -19,6 +19,8 @@ Bounds, each answered with a typed ``error`` rather than a queue:
 * requests in flight on this connection / on the whole server -> ``busy``;
 * a frame that has started must complete within ``frame_read_timeout``
   (slowloris) -> ``timeout`` and close;
+* a reply the peer does not take within ``write_timeout`` -> close (the peer
+  is not reading; its requests' slots come back);
 * an oversized length header -> ``frame_too_large`` and close, body unread;
 * an undecodable body -> ``bad_frame`` with id 0 and close (the stream is
   no longer trustworthy); a decodable but wrong message -> ``invalid_message``
@@ -172,9 +174,34 @@ class Connection:
             lock.acquire_nowait()  # free: nothing awaited since locked() said so
         try:
             if frame:
-                await self._stream.send_all(frame)
+                with trio.move_on_after(self.server.config.write_timeout) as scope:
+                    await self._stream.send_all(frame)
+                if scope.cancelled_caught:
+                    self._abandon()
+                    raise trio.BrokenResourceError("the peer does not read its replies")
         finally:
             lock.release()
+
+    def _abandon(self) -> None:
+        """End a connection whose peer has not taken a reply within ``write_timeout``.
+
+        Its requests hold in-flight slots (the server-wide ones too) until their
+        replies are written, so a peer that never reads would hold them for as
+        long as it stays connected, and everyone else would get ``busy``.
+        Closing the socket wakes every task blocked on it: waiting writers fail
+        at once, the read loop returns, and the requests' slots come back.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.server.note_error(ErrorCode.TIMEOUT)
+        log_event(
+            "connection_abandoned", logging.WARNING, conn=self.conn_id, uid=self.peer.uid,
+            pid=self.peer.pid, in_flight=self.in_flight,
+            reason=f"a reply not read within {self.server.config.write_timeout:g} s",
+        )
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
     def _after_corked(self, frame: bytes) -> bytes:
         """``frame`` behind the corked inline replies, which go first (and are taken)."""
@@ -315,6 +342,8 @@ class Connection:
                         return  # woken for drain with nothing in flight
                     finally:
                         self._idle = False
+            except trio.ClosedResourceError:
+                return  # abandoned (see _abandon) while waiting for bytes
             except OSError as exc:
                 if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
                     return
