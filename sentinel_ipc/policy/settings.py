@@ -104,5 +104,7 @@ class AuditSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 def _at_least(section: msgspec.Struct, floor: int, *names: str) -> None:
     for name in names:
-        if getattr(section, name) < floor:
-            raise ValueError(f"{name} must be at least {floor} (got {getattr(section, name)})")
+        value = getattr(section, name)
+        if value < floor:
+            bound = "must not be negative" if floor == 0 else f"must be at least {floor}"
+            raise ValueError(f"{name} {bound} (got {value})")
