@@ -568,6 +568,66 @@ def test_a_peer_that_never_reads_its_replies_is_let_go(daemon_factory: Any) -> N
     assert_usable(d.socket_path)
 
 
+def test_out_of_descriptors_a_new_peer_is_told_busy_not_left_waiting(tmp_path: Path) -> None:
+    """EMFILE at accept: the spare descriptor answers the peer ``busy``, the
+    failure is logged once with a count, and the daemon serves again as soon
+    as descriptors are free."""
+    import resource
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    sock = tmp_path / "run" / "s.sock"
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sentinel_ipc.cli.sentineld", "--socket", str(sock),
+             "--data-dir", str(tmp_path / "data")],
+            stdout=out, stderr=out, preexec_fn=low_fd_limit,
+        )
+    clients: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not (sock.exists() and ping_once(sock)):
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        refused: list[Reply | None] = []
+        for _ in range(80):  # more connections than the daemon has descriptors for
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.settimeout(5)
+            c.connect(str(sock))
+            c.sendall(encode_framed(Ping(id=1)))
+            clients.append(c)
+        for c in clients:
+            raw = b""
+            while len(raw) < 4 or len(raw) < 4 + int.from_bytes(raw[:4], "big"):
+                chunk = c.recv(65536)  # a timeout here: a peer left waiting
+                if not chunk:
+                    break
+                raw += chunk
+            reply = decode_reply(raw[4:])
+            if isinstance(reply, Error):
+                refused.append(reply)
+            else:
+                assert reply == Pong(id=1), reply
+        assert refused, "every peer was served: the limit was never reached"
+        for reply in refused:
+            assert isinstance(reply, Error) and reply.code == ErrorCode.BUSY and reply.retryable
+            assert reply.message == "the daemon is out of file descriptors"
+        for c in clients:
+            c.close()
+        clients.clear()
+        time.sleep(0.5)
+        assert ping_once(sock)
+        lines = [line for line in log.read_text().splitlines() if "event=accept_failed" in line]
+        assert 1 <= len(lines) <= 2, lines
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        assert proc.wait(30) == 0, log.read_text()
+
+
 def test_slowloris_frame_times_out_and_others_are_unaffected(daemon_factory: Any) -> None:
     d = daemon_factory(config={"server": {"frame_read_timeout": 0.5}})
     frame = encode_framed(Ping(id=5))

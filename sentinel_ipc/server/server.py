@@ -6,6 +6,13 @@ the server's nursery. Over ``max_connections`` a new peer receives a
 retryable ``busy`` error and is closed at once; a peer of another user is
 refused when ``allow_other_users`` is off.
 
+Out of descriptors (EMFILE), ``accept`` fails and the peer would wait in the
+backlog, unanswered, for as long as the shortage lasts. The server keeps one
+spare descriptor for that moment: it closes it, accepts the waiting peer,
+answers ``busy`` (retryable) and closes, then takes the spare back. The
+failure is logged once per ``_ACCEPT_LOG_INTERVAL`` with a count, not once per
+retry.
+
 Shutdown (:meth:`Server.drain`): stop accepting, refuse new requests with
 ``shutting_down``, let in-flight requests finish within the grace period, then
 cancel whatever is left. The caller removes the socket file.
@@ -14,6 +21,7 @@ cancel whatever is left. The caller removes the socket file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -30,6 +38,9 @@ from .connection import Connection, error_reply
 from .dispatch import Dispatcher
 from .peer import PeerCredentials, peer_credentials
 from .receive_budget import ReceiveBudget
+
+#: At most one ``accept_failed`` log line per this many seconds (with a count).
+_ACCEPT_LOG_INTERVAL = 10.0
 
 
 class Server:
@@ -51,6 +62,9 @@ class Server:
         self._idle = trio.Event()
         self._cancel_scope: trio.CancelScope | None = None
         self._accept_scope: trio.CancelScope | None = None
+        self._spare_fd = -1  # see the module docstring (EMFILE)
+        self._accept_failures = 0  # since the last accept_failed line
+        self._accept_logged_at = -_ACCEPT_LOG_INTERVAL
 
     # -- hooks used by connections ---------------------------------------------
 
@@ -88,20 +102,68 @@ class Server:
                 task_status.started()
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        with trio.CancelScope() as scope:
-            self._accept_scope = scope
-            while not self.draining:
-                try:
-                    sock, _ = await listener.accept()
-                except trio.ClosedResourceError:
-                    return
-                except OSError as exc:
-                    # EMFILE/ENFILE: out of descriptors. Back off briefly instead
-                    # of spinning; the connection stays in the backlog.
-                    log_event("accept_failed", logging.WARNING, error=str(exc))
-                    await trio.sleep(0.05)
-                    continue
-                nursery.start_soon(self._serve_connection, sock)
+        self._take_spare_fd()
+        try:
+            with trio.CancelScope() as scope:
+                self._accept_scope = scope
+                while not self.draining:
+                    try:
+                        sock, _ = await listener.accept()
+                    except trio.ClosedResourceError:
+                        return
+                    except OSError as exc:
+                        self._note_accept_failure(exc)
+                        if exc.errno in (errno.EMFILE, errno.ENFILE):
+                            await self._refuse_with_spare_fd(listener)
+                        # Back off briefly instead of spinning.
+                        await trio.sleep(0.05)
+                        continue
+                    nursery.start_soon(self._serve_connection, sock)
+        finally:
+            if self._spare_fd >= 0:
+                os.close(self._spare_fd)
+                self._spare_fd = -1
+
+    def _take_spare_fd(self) -> None:
+        if self._spare_fd < 0:
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    async def _refuse_with_spare_fd(self, listener: trio.socket.SocketType) -> None:
+        """Out of descriptors: answer one waiting peer ``busy`` instead of leaving
+        it in the backlog (module docstring)."""
+        if self._spare_fd < 0:
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        try:
+            with trio.move_on_after(0.5):
+                sock, _ = await listener.accept()
+                with sock:
+                    self.refused_total[ErrorCode.BUSY] += 1
+                    self.note_error(ErrorCode.BUSY)
+                    refusal = BusyError(
+                        "the daemon is out of file descriptors", retry_after=1.0
+                    )
+                    with contextlib.suppress(
+                        OSError, trio.BrokenResourceError, trio.ClosedResourceError
+                    ):
+                        await trio.SocketStream(sock).send_all(
+                            encode_framed(error_reply(0, refusal))
+                        )
+        except OSError:
+            pass  # someone else took the descriptor first: the peer stays queued
+        finally:
+            self._take_spare_fd()
+
+    def _note_accept_failure(self, exc: OSError) -> None:
+        self._accept_failures += 1
+        now = trio.current_time()
+        if now - self._accept_logged_at >= _ACCEPT_LOG_INTERVAL:
+            log_event("accept_failed", logging.WARNING, error=str(exc),
+                      failures=self._accept_failures)
+            self._accept_failures = 0
+            self._accept_logged_at = now
 
     async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
         try:
