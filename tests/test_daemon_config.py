@@ -11,6 +11,8 @@ import pytest
 from sentinel_ipc.config import parse_config
 from sentinel_ipc.daemon import Daemon
 from sentinel_ipc.errors import ConfigError
+from sentinel_ipc.messages import RuleMatch
+from sentinel_ipc.policy import open_policy_service
 
 TOML = """
 [server]
@@ -56,6 +58,20 @@ def test_resilience_section_reaches_scanner_and_policy(tmp_path: Path) -> None:
     assert policy.admin_uids == [4242]
 
 
+async def test_threat_history_max_rows_reaches_the_policy_store(tmp_path: Path) -> None:
+    """``[policy] threat_history_max_rows`` goes through PolicyConfig to the store
+    that prunes: the newest rows of a real database are all that is left."""
+    config = parse_config("[policy]\nthreat_history_max_rows = 3\n")
+    policy = config.policy.to_config(config.resilience, [])
+    assert policy.threat_history_max_rows == 3
+    async with open_policy_service(policy, tmp_path / "data") as service:
+        for n in range(5):
+            await service.decide(sha256=f"{n:064x}", url=None, filename=f"{n}.exe",
+                                 matches=[RuleMatch(rule="Evil")])
+        threats = await service.threats(100)
+    assert [t.filename for t in threats] == ["4.exe", "3.exe", "2.exe"]
+
+
 def test_disabling_retries_leaves_one_attempt(tmp_path: Path) -> None:
     config = parse_config("[resilience]\nretries_enabled = false\n")
     daemon = Daemon(config, tmp_path / "s.sock", tmp_path / "data")
@@ -81,6 +97,7 @@ def test_the_readme_configuration_example_is_a_valid_config() -> None:
     config = parse_config(example)
     assert config.server.socket_mode == 0o600
     assert config.policy.severity_actions == {"low": "warn"}
+    assert config.policy.threat_history_max_rows == 100_000
 
 
 # --- range checks: a value the daemon cannot run with stops start-up, naming the key ---
@@ -96,6 +113,7 @@ BAD_VALUES = [
     ("policy", "refresh_interval", float("inf")),
     ("policy", "busy_timeout_ms", -5),
     ("policy", "max_journal_bytes", 0),
+    ("policy", "threat_history_max_rows", 0),  # every row deleted as it is written
 ]
 
 
@@ -142,8 +160,10 @@ def test_values_on_the_bounds_are_accepted() -> None:
     config = parse_config(
         "[audit]\nmax_bytes = 4096\nbackups = 0\n"
         "[policy]\nbusy_timeout_ms = 0\nmax_journal_bytes = 1\nop_timeout = 0.001\n"
+        "threat_history_max_rows = 1\n"
         "quarantine_max_bytes = 0\nquarantine_max_items = 0\n"
     )
     assert (config.audit.max_bytes, config.audit.backups) == (4096, 0)
     assert (config.policy.busy_timeout_ms, config.policy.max_journal_bytes) == (0, 1)
+    assert config.policy.threat_history_max_rows == 1
     assert parse_config("[audit]\nbackups = 1000\n").audit.backups == 1000

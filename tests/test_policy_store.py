@@ -1,6 +1,7 @@
 """The storage side of the PolicyGraph against real SQLite files: schema and
 migrations, validation at the database, idempotency, exactly-once replay, the
-journal's durability rules, the snapshot file, and the store thread."""
+journal's durability rules, the snapshot file, the store thread, and the
+bounded threat history."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from sentinel_ipc.errors import (
     PolicyStoreError,
 )
 from sentinel_ipc.messages import PolicyRecord, RuleMatch
+from sentinel_ipc.policy import store as store_module
 from sentinel_ipc.policy.journal import (
     AddPolicy,
     Journal,
@@ -424,3 +426,86 @@ def test_threat_rule_names_are_json(store: PolicyStore) -> None:
     )
     raw = sqlite3.connect(store.path).execute("SELECT rule_names FROM threat_history").fetchone()[0]
     assert json.loads(raw) == ["a", "b"]
+
+
+# --- retention of the threat history ---------------------------------------------------
+
+
+def threat_no(n: int) -> ThreatDraft:
+    """The ``n``-th detection: its number is in its time and its filename."""
+    return ThreatDraft(
+        detected_at=NOW + n, file_hash=H, action_taken="block", filename=f"{n}.exe"
+    )
+
+
+def threat_rows(store: PolicyStore) -> int:
+    conn = sqlite3.connect(store.path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM threat_history").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_threat_history_keeps_only_the_newest_rows(tmp_path: Path) -> None:
+    """Every detection adds a row; without a bound the table (and the file) grew
+    for ever. With a bound of 50, 120 records leave the newest 50, newest first."""
+    store = PolicyStore(tmp_path / "policy_graph.db", threat_history_max_rows=50)
+    store.ensure_open()
+    for n in range(120):
+        store.record(None, threat_no(n), now=NOW + n, key=f"r:{n}")
+        assert threat_rows(store) == min(n + 1, 50)
+    kept = store.threats(1000)
+    assert [t.filename for t in kept] == [f"{n}.exe" for n in range(119, 69, -1)]
+    assert [t.id for t in kept] == sorted((t.id for t in kept), reverse=True)
+    store.close()
+
+
+def test_replay_of_an_outage_prunes_and_stays_exactly_once(tmp_path: Path) -> None:
+    """Threat rows journaled during an outage are replayed through the same insert,
+    so they are pruned too; replaying the journal again (a crash before it was
+    discarded) adds nothing, because the keys, not the rows, say what was applied."""
+    store = PolicyStore(tmp_path / "policy_graph.db", threat_history_max_rows=50)
+    store.ensure_open()
+    for n in range(30):  # before the outage
+        store.record(None, threat_no(n), now=NOW + n, key=f"r:{n}")
+    ops = [
+        RecordDecision(seq=n, key=f"j:{n}", at=NOW + n, threat=threat_no(n))
+        for n in range(30, 150)
+    ]
+    assert {o.status for o in store.replay(ops, batch=64)} == {"applied"}
+    newest = [t.filename for t in store.threats(1000)]
+    assert newest == [f"{n}.exe" for n in range(149, 99, -1)]
+    assert {o.status for o in store.replay(ops)} == {"duplicate"}
+    assert {o.status for o in store.replay(ops[-10:])} == {"duplicate"}
+    assert [t.filename for t in store.threats(1000)] == newest
+    store.close()
+
+
+def test_a_table_far_over_the_bound_shrinks_a_batch_per_insert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database from a version that kept every row (or a lowered setting): one
+    insert deletes at most a batch, so no single write stalls on a huge delete,
+    and the table reaches the bound over the following inserts."""
+    monkeypatch.setattr(store_module, "_PRUNE_BATCH", 100)
+    path = tmp_path / "policy_graph.db"
+    unbounded = PolicyStore(path)
+    unbounded.ensure_open()
+    for n in range(250):
+        unbounded.record(None, threat_no(n), now=NOW)
+    unbounded.close()
+    store = PolicyStore(path, threat_history_max_rows=10)
+    store.ensure_open()
+    assert threat_rows(store) == 250  # opening deletes nothing
+    sizes = []
+    for n in range(250, 254):
+        store.record(None, threat_no(n), now=NOW)
+        sizes.append(threat_rows(store))
+    assert sizes == [151, 52, 10, 10]
+    assert [t.filename for t in store.threats(100)] == [f"{n}.exe" for n in range(253, 243, -1)]
+    store.close()
+
+
+def test_a_threat_history_bound_below_one_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="threat_history_max_rows"):
+        PolicyStore(tmp_path / "policy_graph.db", threat_history_max_rows=0)

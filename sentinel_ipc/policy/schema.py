@@ -23,7 +23,8 @@ Tables
     ``GLOB`` in C confirm them. Rows migrated from version 1 get their token
     computed by the store after the migration (SQL cannot tokenise).
 ``threat_history``
-    every detection and every non-allow verdict.
+    every detection and every non-allow verdict; the store keeps the newest
+    ``threat_history_max_rows`` (see "Retention" in ``store.py``).
 ``applied_writes``
     idempotency keys of writes already applied (client keys and journal
     entries). A replayed or re-sent write whose key is here is not applied

@@ -104,6 +104,7 @@ from sentinel_ipc.policy.snapshot import (
 )
 from sentinel_ipc.policy.store import (
     DB_FILENAME,
+    DEFAULT_THREAT_HISTORY_MAX_ROWS,
     PolicyStore,
     ReplayOutcome,
     StoreEvent,
@@ -174,6 +175,8 @@ class PolicyConfig(msgspec.Struct, kw_only=True):
     #: While healthy: how often to reload the snapshot from the database.
     refresh_interval: float = 300.0
     max_journal_bytes: int = JOURNAL_MAX_BYTES
+    #: The threat history keeps this many of its newest rows (see store.py, "Retention").
+    threat_history_max_rows: int = DEFAULT_THREAT_HISTORY_MAX_ROWS
 
     def resolve(self, data_dir: Path) -> tuple[Path, Path, Path, Path]:
         """(db, snapshot, journal, quarantine dir)."""
@@ -255,7 +258,10 @@ class PolicyService:
         self.breaker.add_listener(self._on_breaker)
         self._thread = StoreThread()
         self._store = PolicyStore(
-            self.db_path, busy_timeout_ms=config.busy_timeout_ms, wall_clock=wall_clock
+            self.db_path,
+            busy_timeout_ms=config.busy_timeout_ms,
+            threat_history_max_rows=config.threat_history_max_rows,
+            wall_clock=wall_clock,
         )
         self._journal: Journal | None = None
         self._snapshot = PolicySnapshot()

@@ -17,6 +17,7 @@ from .journal import DEFAULT_MAX_BYTES as JOURNAL_MAX_BYTES
 from .quarantine import DEFAULT_MAX_BYTES as QUARANTINE_MAX_BYTES
 from .quarantine import DEFAULT_MAX_ITEMS as QUARANTINE_MAX_ITEMS
 from .service import PolicyConfig
+from .store import DEFAULT_THREAT_HISTORY_MAX_ROWS
 
 if TYPE_CHECKING:
     from ..observability.config import ResilienceConfig
@@ -58,6 +59,8 @@ class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Bounds of the quarantine directory (0 keeps no copies).
     quarantine_max_bytes: int = QUARANTINE_MAX_BYTES
     quarantine_max_items: int = QUARANTINE_MAX_ITEMS
+    #: The threat history keeps this many of its newest rows; older ones are deleted.
+    threat_history_max_rows: int = DEFAULT_THREAT_HISTORY_MAX_ROWS
 
     def __post_init__(self) -> None:
         """Refuse values the daemon cannot run with, naming the key (the config
@@ -66,8 +69,9 @@ class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         spinning loop later."""
         _at_least(self, 0, "quarantine_max_bytes", "quarantine_max_items", "busy_timeout_ms")
         # The journal takes the writes of a database outage: with no room it
-        # would refuse every one.
-        _at_least(self, 1, "max_journal_bytes")
+        # would refuse every one. A threat history of 0 rows would delete each
+        # row as it is written.
+        _at_least(self, 1, "max_journal_bytes", "threat_history_max_rows")
         for name in _POLICY_SECONDS:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

@@ -60,6 +60,22 @@ Recovery (:meth:`PolicyStore.ensure_open`)
   (with the policies' original ids, and the id sequence advanced past every
   id ever handed out), so a deleted database comes back with its policies.
 The caller then replays the journal on top.
+
+Retention of the threat history
+-------------------------------
+Every detection and every non-allow verdict adds a ``threat_history`` row, so
+the table is bounded by row count: the store keeps the newest
+``threat_history_max_rows`` (``[policy]``, default 100 000). Each insert,
+inside its own transaction, deletes the rows whose id is at least that far
+below the new one: ids come from ``AUTOINCREMENT``, so they only grow and the
+oldest rows are a prefix of the primary key, and the delete is a range of it,
+costing O(rows deleted) (one row per insert once at the bound) and no scan.
+One insert deletes at most ``_PRUNE_BATCH`` rows, so a table far over the
+bound (a database from a version that kept everything, a lowered setting)
+shrinks over the following inserts without stalling any one of them. The
+journal's replay writes its threat rows through the same insert, so it prunes
+too; pruning never touches ``applied_writes``, which is what makes the replay
+exactly-once.
 """
 
 from __future__ import annotations
@@ -117,6 +133,10 @@ KEY_RETENTION_SECONDS: Final = 30 * 24 * 3600
 #: Keys of decision records ("r:...") only guard against a timed-out call and
 #: its journaled copy both landing: a day is plenty.
 RECORD_KEY_RETENTION_SECONDS: Final = 24 * 3600
+#: Rows of threat history kept by default (module docstring, "Retention").
+DEFAULT_THREAT_HISTORY_MAX_ROWS: Final = 100_000
+#: Most rows one insert prunes (about 12 ms of SQLite work); see "Retention".
+_PRUNE_BATCH: Final = 10_000
 _REQUIRED_TABLES: Final = frozenset({"policies", "threat_history", "applied_writes"})
 #: access() with the effective uid (faccessat AT_EACCESS) where the platform has it.
 _EFFECTIVE_IDS: Final = os.access in os.supports_effective_ids
@@ -312,10 +332,18 @@ class PolicyStore:
         path: Path,
         *,
         busy_timeout_ms: int = 100,
+        threat_history_max_rows: int = DEFAULT_THREAT_HISTORY_MAX_ROWS,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """Raises ValueError for ``threat_history_max_rows`` below 1 (every row
+        would be deleted as soon as it was written)."""
+        if threat_history_max_rows < 1:
+            raise ValueError(
+                f"threat_history_max_rows must be at least 1 (got {threat_history_max_rows})"
+            )
         self.path = Path(path)
         self.busy_timeout_ms = busy_timeout_ms
+        self.threat_history_max_rows = threat_history_max_rows
         self._wall = wall_clock
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
@@ -1027,7 +1055,7 @@ class PolicyStore:
             ).fetchone()
             hit = None if row is None else _row_policy(row)
         if threat is not None:
-            conn.execute(
+            cursor = conn.execute(
                 "INSERT INTO threat_history (detected_at, url, filename, file_hash, mime_type, "
                 "file_size, rule_names, severity, action_taken, policy_id) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1044,7 +1072,23 @@ class PolicyStore:
                     threat.policy_id,
                 ),
             )
+            if cursor.lastrowid is not None:
+                self._prune_threats(conn, cursor.lastrowid)
         return hit
+
+    def _prune_threats(self, conn: sqlite3.Connection, newest: int) -> None:
+        """Delete the rows more than ``threat_history_max_rows`` ids below
+        ``newest`` (the row just inserted), at most ``_PRUNE_BATCH`` of them:
+        see "Retention" in the module docstring."""
+        cutoff = newest - self.threat_history_max_rows
+        if cutoff <= 0:
+            return
+        oldest = conn.execute("SELECT min(id) FROM threat_history").fetchone()[0]
+        if oldest is None or oldest > cutoff:
+            return
+        conn.execute(
+            "DELETE FROM threat_history WHERE id <= ?", (min(cutoff, oldest + _PRUNE_BATCH - 1),)
+        )
 
     def add(self, draft: PolicyDraft, *, key: str | None, now: float) -> tuple[PolicyRecord, bool]:
         """Insert a policy. Returns (policy, already_applied): a key seen before returns
