@@ -1,11 +1,14 @@
 """Event bus and degraded-mode notices: bounded per-subscriber buffers, one
 ``events_dropped`` per overflow, a stuck subscriber never blocks the
-publisher, acknowledgements that lapse when the state changes. Real trio
-socket pairs where a slow reader matters."""
+publisher, acknowledgements that lapse when the state changes, at most
+``MAX_SUBSCRIPTIONS_PER_CONNECTION`` subscriptions per connection. Real trio
+socket pairs where a slow reader matters; a real ``sentineld`` for the
+per-connection bound."""
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import msgspec
 import pytest
@@ -15,14 +18,18 @@ import trio.testing
 
 from sentinel_ipc.codec import encode_framed
 from sentinel_ipc.errors import BusyError, InvalidMessageError
-from sentinel_ipc.messages import Event
+from sentinel_ipc.messages import Error, Event, Ping, Pong, Reply, Subscribe, Subscribed
 from sentinel_ipc.observability.events import (
+    MAX_SUBSCRIPTIONS_PER_CONNECTION,
     NOTICE_ACTIONS,
     EventBus,
     NoticeBoard,
+    Subscription,
+    check_connection_room,
     notice_text,
     open_event_bus,
 )
+from sentinel_ipc.transport import FramedConnection, open_framed_connection
 
 
 class Collector:
@@ -201,3 +208,63 @@ async def test_events_encode_as_wire_frames() -> None:
 def test_event_bus_needs_a_nursery_type() -> None:
     # EventBus is constructed by open_event_bus; its signature stays explicit.
     assert EventBus.__init__.__kwdefaults__ == {"buffer_size": 256, "max_subscribers": 256}
+
+
+async def test_a_connection_past_its_subscriptions_gets_a_busy_that_is_not_retryable() -> None:
+    """The protocol has no unsubscribe: on the same connection the same request
+    can never succeed, so the refusal must not invite a retry."""
+    async with open_event_bus(clock=lambda: 0.0) as bus:
+        c = Collector()
+        held: list[Subscription] = []
+        for n in range(MAX_SUBSCRIPTIONS_PER_CONNECTION):
+            check_connection_room(held)
+            held.append(bus.subscribe(n, ["services"], c.send))
+        with pytest.raises(BusyError, match="limit 8") as refused:
+            check_connection_room(held)
+        assert refused.value.retryable is False and refused.value.retry_after is None
+        held[3].close()  # a subscription that ended (its connection's send failed)
+        check_connection_room(held)
+        assert len(held) == MAX_SUBSCRIPTIONS_PER_CONNECTION - 1
+
+
+async def _replies(conn: FramedConnection, count: int) -> list[Reply]:
+    """The next ``count`` replies that are not pushed events."""
+    replies: list[Reply] = []
+    with trio.fail_after(15):
+        while len(replies) < count:
+            reply = await conn.receive()
+            if not isinstance(reply, Event):
+                replies.append(reply)
+    return replies
+
+
+async def test_one_connection_cannot_take_every_subscriber_slot(daemon_factory: Any) -> None:
+    """Audit: one connection sent subscribe until the daemon-wide bound was reached,
+    and every other client (the browser showing degraded-mode notices) got
+    ``busy`` for as long as it stayed connected. Now it gets its 8, then a
+    non-retryable ``busy`` on the same connection, which stays usable; another
+    connection still subscribes. (The bound is 16 here, so that 20 pipelined
+    subscribes would have taken all of it.)"""
+    d = daemon_factory(config={"resilience": {"max_subscribers": 16}})
+    wanted = 20
+    async with open_framed_connection(d.socket_path) as greedy:
+        for n in range(1, wanted + 1):
+            await greedy.send(Subscribe(id=n, topics=["services", "degraded"]))
+        replies = await _replies(greedy, wanted)
+        accepted = sorted(r.id for r in replies if isinstance(r, Subscribed))
+        refused = [r for r in replies if isinstance(r, Error)]
+        assert len(accepted) == MAX_SUBSCRIPTIONS_PER_CONNECTION
+        assert len(refused) == wanted - MAX_SUBSCRIPTIONS_PER_CONNECTION
+        assert {(r.code, r.retryable, r.retry_after_ms) for r in refused} == {
+            ("busy", False, None)
+        }
+        assert all("limit 8" in r.message for r in refused)
+        assert sorted([*accepted, *(r.id for r in refused)]) == list(range(1, wanted + 1))
+        await greedy.send(Ping(id=99))  # refused, not disconnected
+        assert isinstance((await _replies(greedy, 1))[0], Pong)
+        async with open_framed_connection(d.socket_path) as browser:
+            await browser.send(Subscribe(id=1, topics=["degraded"]))
+            (reply,) = await _replies(browser, 1)
+            assert isinstance(reply, Subscribed), reply
+            assert reply.topics == ["degraded"]
+    d.stop()

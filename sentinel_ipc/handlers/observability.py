@@ -3,8 +3,14 @@
 
 The handlers only translate between the wire and
 :class:`~sentinel_ipc.observability.hub.Observability`; every decision lives
-there. ``health`` and ``metrics`` never wait on a dependency (cached check
-results, figures read at scrape time), so they stay fast under full scan load.
+there, except the one that needs the connection: ``subscribe`` keeps that
+connection's subscriptions in its ``state`` and refuses one past
+:data:`~sentinel_ipc.observability.events.MAX_SUBSCRIPTIONS_PER_CONNECTION`
+(:func:`~sentinel_ipc.observability.events.check_connection_room` says why
+the error is a non-retryable ``busy``).
+
+``health`` and ``metrics`` never wait on a dependency (cached check results,
+figures read at scrape time), so they stay fast under full scan load.
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ from ..messages import (
     Subscribe,
     Subscribed,
 )
+from ..observability.events import Subscription, check_connection_room
 from ..observability.hub import Observability
 from ..server.dispatch import Dispatcher, RequestContext
+
+#: ``Connection.state`` key: the subscriptions made on that connection.
+_SUBSCRIPTIONS_KEY = "subscriptions"
 
 
 def register(dispatcher: Dispatcher, hub: Observability) -> None:
@@ -44,7 +54,10 @@ def register(dispatcher: Dispatcher, hub: Observability) -> None:
 
     async def subscribe(request: Subscribe, ctx: RequestContext) -> None:
         conn = ctx.connection
+        held: list[Subscription] = conn.state.setdefault(_SUBSCRIPTIONS_KEY, [])
+        check_connection_room(held)  # the per-connection bound, before the daemon's
         sub = hub.subscribe(request.id, request.topics, conn.send)  # validates first
+        held.append(sub)  # no checkpoint since the check: pipelined subscribes count
         conn.on_close(sub.close)
         try:
             await conn.send(Subscribed(id=request.id, topics=sorted(sub.topics)))

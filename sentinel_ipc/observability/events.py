@@ -16,6 +16,13 @@ Topics: ``services`` (``service_state`` on every change of a service's
 degradation state), ``degraded`` (``degraded_notice`` / ``degraded_cleared``),
 ``breakers`` (``breaker_transition``).
 
+Two bounds: ``max_subscribers`` in the whole daemon, and
+:data:`MAX_SUBSCRIPTIONS_PER_CONNECTION` on one connection (the subscribe
+handler checks it with :func:`check_connection_room`), so that one
+connection cannot take every slot of the daemon-wide one and lock out
+everyone else (the browser showing the degraded-mode notices) for as long as
+it stays connected.
+
 The notices
 -----------
 When a service leaves ``healthy``, subscribers of ``degraded`` get a notice a
@@ -35,6 +42,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Final
 
 import msgspec
 import trio
@@ -46,11 +54,13 @@ from ..messages import Event
 __all__ = [
     "ACTION_CONTINUE",
     "ACTION_RETRY",
+    "MAX_SUBSCRIPTIONS_PER_CONNECTION",
     "NOTICE_ACTIONS",
     "TOPICS",
     "EventBus",
     "NoticeBoard",
     "Subscription",
+    "check_connection_room",
     "notice_text",
     "open_event_bus",
 ]
@@ -59,6 +69,10 @@ TOPICS = frozenset({"services", "degraded", "breakers"})
 ACTION_RETRY = "Retry Connection"  # -> service_retry {service}
 ACTION_CONTINUE = "Continue with Cache"  # -> degraded_ack {service}
 NOTICE_ACTIONS = (ACTION_RETRY, ACTION_CONTINUE)
+#: Subscriptions one connection may hold. One subscription carries any set of
+#: topics, so a client needs few; one connection then takes at most 8 of the
+#: daemon-wide ``max_subscribers`` (256), and filling those takes 32 connections.
+MAX_SUBSCRIPTIONS_PER_CONNECTION: Final = 8
 
 _PREFIX = "Sentinel operating in degraded mode."
 _SUFFIX = "Some features unavailable."
@@ -205,6 +219,32 @@ class Subscription:
             finally:
                 self.closed = True
                 self.buffer.clear()
+
+
+def check_connection_room(
+    held: list[Subscription], limit: int = MAX_SUBSCRIPTIONS_PER_CONNECTION
+) -> None:
+    """Drop the closed subscriptions from ``held`` (one connection's), and raise
+    :class:`BusyError` with ``retryable=False`` if ``limit`` live ones remain.
+
+    Why ``busy``: the request is well formed and would succeed on another
+    connection; it is refused because a bound is reached, which is what
+    ``busy`` means on the wire. ``invalid_message`` would tell the client its
+    frame was wrong and send its developer looking at the encoding.
+
+    Why not retryable (and no ``retry_after``): the protocol has no
+    unsubscribe, so a connection's subscriptions end only when it closes;
+    the same request on the same connection can never succeed, and a client
+    that honours ``retryable`` must not loop on it. Closing the connection
+    and subscribing anew (with all the topics in one subscription) does.
+    """
+    held[:] = [sub for sub in held if not sub.closed]
+    if len(held) >= limit:
+        raise BusyError(
+            f"this connection already holds {len(held)} subscriptions (limit {limit}); "
+            "they end only when it closes: subscribe once with all the topics you need",
+            retryable=False,
+        )
 
 
 class EventBus:
