@@ -140,6 +140,46 @@ async def test_job_answers_matches_hash_size_and_filetype(rules: RulesInfo) -> N
         assert stats.scans_total == 3 and stats.crashes_total == 0 and stats.idle == 2
 
 
+def _ids(pid: int) -> tuple[list[int], list[int], str]:
+    """(Uid line, Gid line, Groups line) of /proc/PID/status: real, effective, saved, fs."""
+    lines = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return ([int(x) for x in lines["Uid"].split()], [int(x) for x in lines["Gid"].split()],
+            lines["Groups"].strip())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root daemon's workers drop to nobody")
+async def test_a_root_daemons_workers_scan_as_nobody(rules: RulesInfo, tmp_path: Path) -> None:
+    """YARA parses hostile bytes: a bug in it must not hand out a root process.
+    The worker still scans what the daemon passes, even a file only root may open."""
+    secret = tmp_path / "root-only.com"
+    secret.write_bytes(EICAR)
+    os.chmod(secret, 0o600)
+    async with running_pool(rules) as pool:
+        await pool.wait_alive()
+        for pid in pool.worker_pids():
+            uid, gid, groups = _ids(pid)
+            assert uid == [65534] * 4 and gid == [65534] * 4 and groups == "", (uid, gid)
+            status = Path(f"/proc/{pid}/status").read_text()
+            assert "NoNewPrivs:\t1" in status
+        fd = os.open(secret, os.O_RDONLY)
+        try:
+            handle = await pool.acquire()
+            try:
+                result = await pool.run_job(handle, fd, {}, yara_timeout=30, hard_timeout=30,
+                                            max_bytes=BIG)
+            finally:
+                pool.release(handle)
+        finally:
+            os.close(fd)
+        assert [m.rule for m in result.matches] == ["EICAR_Test_File"]
+    async with running_pool(rules, workers=1, drop_root=False) as pool:
+        await pool.wait_alive()
+        (pid,) = pool.worker_pids()
+        assert _ids(pid)[0] == [0] * 4
+
+
 async def test_file_over_max_bytes_is_refused_by_the_worker(rules: RulesInfo) -> None:
     async with running_pool(rules, workers=1) as pool:
         result = await job(pool, b"x" * 100, max_bytes=10)

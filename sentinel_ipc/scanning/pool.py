@@ -137,6 +137,23 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True):
     #: Start-failure back-off: initial and maximum delay before the next spawn.
     spawn_backoff_initial: float = 0.1
     spawn_backoff_max: float = 5.0
+    #: A root daemon's workers drop to ``nobody`` once their rules are loaded
+    #: (see the worker module). False keeps them root (debugging only).
+    drop_root: bool = True
+
+
+def worker_user(drop_root: bool) -> tuple[int, int] | None:
+    """The (uid, gid) workers drop to: ``nobody``'s when we are root, else None
+    (a worker of an ordinary user already has nothing more to lose)."""
+    if not drop_root or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        return (65534, 65534)
+    return (entry.pw_uid, entry.pw_gid)
 
 
 class PoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -596,6 +613,9 @@ class WorkerPool:
             "--memory-limit", str(self.config.worker_memory_limit_bytes),
             "--parent-pid", str(os.getpid()),
         ]
+        user = worker_user(self.config.drop_root)
+        if user is not None:
+            cmd += ["--user", f"{user[0]}:{user[1]}"]
         try:
             proc = await trio.lowlevel.open_process(
                 cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL

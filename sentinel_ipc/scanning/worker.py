@@ -25,6 +25,14 @@ the middle of a scan, so a crashed daemon cannot leak workers. (Not
 and trio forks from its worker-thread cache, whose idle threads exit after
 10 s -- every worker would be SIGKILLed soon after it started.)
 
+A worker started by a root daemon drops to an unprivileged user (``--user
+UID:GID``, ``nobody`` by default) right after it has loaded its rules and
+before it reads a single byte of anyone's file: YARA and its modules parse
+hostile input, and a bug in them must not hand a root process to whoever
+crafted a download. Everything it needs later is already open (its socket,
+the descriptors that come with each job); ``PR_SET_NO_NEW_PRIVS`` keeps it
+from regaining anything through an exec.
+
 Failures are reported, not hidden: YARA's timeout -> ``kind="timeout"``;
 memory exhaustion (``MemoryError``, ``ENOMEM`` from ``mmap`` under
 ``RLIMIT_AS``, YARA's "insufficient memory") -> ``kind="memory"`` and the
@@ -43,6 +51,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import msgspec
@@ -189,9 +198,26 @@ def _die_with_parent(parent_pid: int, sock_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _scan(rules: Any, job: Job, fd: int, yara: Any) -> Result:
-    import time
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become ``uid``/``gid`` for good (real, effective and saved ids), with no
+    supplementary groups and no way back through exec. Raises OSError.
 
+    Imports first: afterwards the interpreter's own files may be out of reach
+    (a Python installed under root's home directory)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise OSError(f"still uid {os.getresuid()} gid {os.getresgid()}")
+    pr_set_no_new_privs = 38
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def _scan(rules: Any, job: Job, fd: int, yara: Any) -> Result:
     started = time.perf_counter()
     result = Result(job=job.job)
     try:
@@ -256,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", required=True)
     parser.add_argument("--memory-limit", type=int, default=0)
     parser.add_argument("--parent-pid", type=int, default=0)
+    parser.add_argument("--user", default="", help="UID:GID to drop to once the rules are loaded")
     args = parser.parse_args(argv)
 
     # The daemon handles Ctrl-C / SIGTERM and then kills us; don't die first.
@@ -277,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
 
         rules = yara.load(args.rules)
         rule_count = sum(1 for _ in rules)
+        if args.user:
+            uid, gid = (int(part) for part in args.user.split(":"))
+            drop_privileges(uid, gid)
     except Exception as exc:
         send(StartFailed(error=f"{type(exc).__name__}: {exc}"))
         return 1
