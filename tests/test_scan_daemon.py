@@ -383,6 +383,18 @@ async def test_an_oversize_stream_is_refused_at_once_and_dropped(
         assert isinstance(again, ScanResult) and again.action == "block", again
 
 
+async def test_a_negative_stream_size_is_an_invalid_message(plain_daemon: DaemonProcess) -> None:
+    async with connect(plain_daemon) as peer:
+        refused = await peer.call(ScanBegin(id=23, filename="x.bin", size=-1))
+        assert isinstance(refused, Error), refused
+        assert (refused.id, refused.code, refused.retryable) == (23, "invalid_message", False)
+        assert "scan_begin.size must not be negative, got -1" in refused.message
+        # No stream was opened, and the connection is fine.
+        late = await peer.call(ScanEnd(id=23))
+        assert isinstance(late, Error) and late.code == "not_found", late
+        assert_eicar(await peer.scan(24, EICAR), 24)
+
+
 async def test_scan_fd_without_a_usable_descriptor_is_bad_fd(
     plain_daemon: DaemonProcess, tmp_path: Path
 ) -> None:
@@ -433,8 +445,9 @@ async def test_scan_fd_with_a_size_scans_and_hashes_only_that_many_bytes(
             assert f"holds {holds} bytes" in over.message
             negative = await peer.call(ScanFd(id=53, size=-1), [fd])
             assert isinstance(negative, Error), negative
-            assert (negative.code, negative.retryable) == ("scan_failed", False)
-            assert "negative" in negative.message
+            # Out of range: the message is wrong, not the scanner (PROTOCOL.md, Errors).
+            assert (negative.code, negative.retryable) == ("invalid_message", False)
+            assert "scan_fd.size must not be negative" in negative.message
     finally:
         os.close(fd)
 

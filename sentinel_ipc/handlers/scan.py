@@ -134,6 +134,8 @@ def register(
         return table
 
     async def scan_begin(req: ScanBegin, ctx: RequestContext) -> None:
+        if req.size is not None and req.size < 0:
+            raise ProtocolError(f"scan_begin.size must not be negative, got {req.size}")
         table = streams(ctx)
         if req.id in table:
             raise ProtocolError(f"a scan stream with id {req.id} is already open")
@@ -177,6 +179,8 @@ def register(
                 stream.abort()
 
     async def scan_fd(req: ScanFd, ctx: RequestContext) -> ScanResult:
+        if req.size is not None and req.size < 0:
+            raise ProtocolError(f"scan_fd.size must not be negative, got {req.size}")
         if not ctx.fds:
             raise BadFileDescriptorError(
                 "scan_fd needs a file descriptor passed with SCM_RIGHTS in the same sendmsg()"
