@@ -38,8 +38,10 @@ from sentinel_ipc.messages import (
     Error,
     Health,
     HealthReport,
+    Ping,
     PolicyAdd,
     PolicyResult,
+    Pong,
     Reload,
     ReloadResult,
     Reply,
@@ -929,6 +931,64 @@ async def test_a_full_scan_queue_answers_busy(daemon_factory: Any, tmp_path: Pat
             assert isinstance(result, ScanResult) and not result.degraded, result
             assert [m.rule for m in result.matches] == ["Sentinel_Test_Slow"]
         assert_eicar(await b.scan(4, EICAR), 4)
+    stop_cleanly(d)
+
+
+# --- stream bounds: open streams, descriptors ---------------------------------------------
+
+
+def open_fds(d: DaemonProcess) -> int:
+    return len(os.listdir(f"/proc/{d.pid}/fd"))
+
+
+async def synced(peer: Peer, request_id: int) -> None:
+    """Every frame sent before this has been handled: a ping is answered after the
+    inline requests (scan_begin, scan_chunk) that came before it on its connection."""
+    assert isinstance(await peer.call(Ping(id=request_id)), Pong)
+
+
+async def test_open_streams_are_capped_and_descriptors_return_to_baseline(
+    daemon_factory: Any,
+) -> None:
+    """Every open stream holds a memfd: a daemon-wide cap answers busy beyond it,
+    and when the clients leave the daemon holds no more descriptors than before
+    (the memfds kept for reuse are bounded too: two per worker)."""
+    d = daemon_factory(config={
+        "scanner": {"workers": 1, "max_open_streams": 16},
+        "rate_limit": {"burst": 10_000, "scans_per_second": 10_000.0},
+    })
+    await wait_workers(d, 1)
+    started = open_fds(d)
+    async with connect(d) as warm:
+        for n in range(8):
+            await warm.send(ScanBegin(id=n + 1))
+        await synced(warm, 100)
+    # Its streams' memfds went back to the pool, which keeps two (one worker).
+    await wait_for(lambda: open_fds(d) == started + 2)
+    baseline = open_fds(d)
+
+    for _round in range(2):
+        async with contextlib.AsyncExitStack() as stack:
+            peers = [await stack.enter_async_context(connect(d)) for _ in range(4)]
+            for peer in peers:
+                for n in range(8):
+                    await peer.send(ScanBegin(id=n + 1))
+            for peer in peers:
+                await synced(peer, 100)
+            refused = [r for peer in peers for replies in peer.replies.values() for r in replies]
+            assert len(refused) == 4 * 8 - 16, refused
+            for error in refused:
+                assert isinstance(error, Error) and error.code == "busy", error
+                assert error.retryable and error.retry_after_ms
+                assert "scan streams are open in the daemon (limit 16)" in error.message
+            during = open_fds(d)
+            assert during <= baseline + 4 + 16, (baseline, during)
+            # Other clients are still served meanwhile.
+            async with connect(d) as other:
+                assert_eicar(await other.scan(1, EICAR), 1)
+        await wait_for(lambda: open_fds(d) <= baseline)
+    print(f"daemon fds: at start {started}, baseline {baseline}, 4 clients x 8 streams {during}, "
+          f"after they closed {open_fds(d)}")
     stop_cleanly(d)
 
 

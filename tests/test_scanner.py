@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import resource
 import shutil
 import signal
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from sentinel_ipc.scanning import (
     Scanner,
     ScannerConfig,
     ScannerSettings,
+    ScanStream,
     open_scanner,
 )
 from sentinel_ipc.scanning.rules import BUILTIN_RULES_DIR
@@ -129,6 +131,7 @@ def test_settings_from_toml_give_the_spec_presets_by_default() -> None:
     assert config.breaker.is_failure == preset.is_failure
     assert (config.retry.attempts, config.retry.initial, config.retry.max_delay,
             config.retry.multiplier) == (2, 1.0, 5.0, 3.0)
+    assert config.max_open_streams == 64
 
 
 @pytest.mark.parametrize(
@@ -136,6 +139,7 @@ def test_settings_from_toml_give_the_spec_presets_by_default() -> None:
     [
         (b"workers = 0", "scanner.workers must be > 0"),
         (b"scan_timeout = -1.0", "scanner.scan_timeout must be > 0"),
+        (b"max_open_streams = 0", "scanner.max_open_streams must be > 0"),
         (b"wrokers = 2", "unknown field `wrokers`"),
         (b"max_queue = \"x\"", "Expected `int`, got `str` - at `$.max_queue`"),
     ],
@@ -468,6 +472,60 @@ async def test_full_queue_is_busy_and_a_long_wait_fails_open(data_dir: Path,
         # Overload is not a scanner failure.
         assert scanner.breaker.statistics().failures == 0
         assert scanner.statistics().busy_rejections == 1
+
+
+def scan_memfds() -> int:
+    """memfds this process holds for scan buffers."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:sentinel-scan")
+    return count
+
+
+async def test_open_streams_are_capped_and_few_idle_memfds_are_kept(data_dir: Path) -> None:
+    """Each open stream holds a memfd, and each memfd given back used to be kept
+    (an empty one counts no bytes): both are bounded, so descriptors are too."""
+    async with scanner_for(None, data_dir, workers=2, max_open_streams=12) as scanner:
+        before = scan_memfds()
+        streams = [scanner.open_stream(ScanMeta()) for _ in range(12)]
+        assert scan_memfds() == before + 12
+        with pytest.raises(BusyError) as error:
+            scanner.open_stream(ScanMeta())
+        assert error.value.code == ErrorCode.BUSY and error.value.retryable
+        assert error.value.retry_after and "limit 12" in error.value.message
+        assert scanner.statistics().busy_rejections == 1
+        streams.pop().abort()
+        streams.append(scanner.open_stream(ScanMeta()))  # a slot is free again
+        for stream in streams:
+            stream.abort()
+        # Two idle memfds per worker are kept for reuse; the other eight are closed.
+        assert scan_memfds() == before + 4
+        assert scanner.statistics().open_streams == 0
+
+
+async def test_out_of_descriptors_for_a_buffer_is_busy_not_a_bug(data_dir: Path) -> None:
+    async with scanner_for(None, data_dir, workers=1, max_open_streams=100_000) as scanner:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        streams: list[ScanStream] = []
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        try:
+            # No descriptor above those open now: the next few holes, then EMFILE.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+            with pytest.raises(BusyError) as error:
+                for _ in range(highest + 1):
+                    streams.append(scanner.open_stream(ScanMeta()))
+            assert error.value.retryable and error.value.retry_after
+            assert "Too many open files" in error.value.message
+            with pytest.raises(BusyError):
+                await scanner.scan_bytes(b"bytes need a memfd too", ScanMeta())
+            assert scanner.statistics().pending_bytes == 0
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for stream in streams:
+                stream.abort()
+        # Descriptors free again: the same requests succeed.
+        assert rule_names(await scanner.scan_bytes(EICAR, ScanMeta())) == ["EICAR_Test_File"]
 
 
 # --- descriptors ------------------------------------------------------------------------------

@@ -10,11 +10,14 @@ Every scan ends as a descriptor handed to a worker (:mod:`.pool`):
   daemon never opens a path on a client's behalf;
 * ``open_stream``: chunks are appended to a memfd as they arrive, bounded by
   ``max_stream_bytes`` per stream and ``max_pending_bytes`` over all of them.
+  At most ``max_open_streams`` are open at once (each holds a memfd).
 
 The worker maps the descriptor, matches it and hashes it, so the daemon copies
 the bytes at most once and hashes nothing on the happy path. The daemon keeps a
 few memfds of up to ``buffer_reuse_max_bytes`` for reuse (at most
-``buffer_pool_bytes`` in all; :class:`~sentinel_ipc.memfd.MemfdPool`): writing
+``buffer_pool_bytes`` in all, and ``_IDLE_MEMFDS_PER_WORKER`` per worker: an
+empty memfd counts no bytes, yet costs a descriptor;
+:class:`~sentinel_ipc.memfd.MemfdPool`): writing
 into pages that already exist is about five times cheaper than into a fresh
 memfd, whose pages must be allocated and zeroed. A memfd goes back to the pool
 only after a scan that ended normally
@@ -35,8 +38,9 @@ or fail-closed (block) -- see :meth:`ScanOutcome.default_action`. That covers
 an open breaker, retries exhausted, no worker within ``worker_wait_timeout``
 and a scan timeout. The sha256 is still computed (in a thread), so hash
 policies keep working while the scanner is down. What raises:
-:class:`~sentinel_ipc.errors.BusyError` when the wait queue or the buffer budget
-is full (retryable, ``retry_after``), :class:`~sentinel_ipc.errors.ScanTooLargeError`
+:class:`~sentinel_ipc.errors.BusyError` when the wait queue, the buffer budget or
+the open streams are full, or no descriptor can be had for a buffer (retryable,
+``retry_after``), :class:`~sentinel_ipc.errors.ScanTooLargeError`
 and :class:`~sentinel_ipc.errors.BadFileDescriptorError` (the request itself is
 wrong), a non-retryable :class:`~sentinel_ipc.errors.ScanError` when the client's
 file cannot be read or shrank under the scan, and
@@ -97,6 +101,13 @@ from .rules import CACHE_DIRNAME, RulesInfo, externals_for, load_rules, prune_ca
 from .worker import Result
 
 MIB = 1024 * 1024
+#: Idle memfds kept for reuse, per worker: enough for the scans running and the
+#: next ones, few enough that descriptors stay bounded (an empty memfd counts no
+#: bytes against ``buffer_pool_bytes``, yet each one is a descriptor).
+_IDLE_MEMFDS_PER_WORKER = 2
+#: Errors creating or filling a buffer that mean "out of descriptors or memory
+#: right now": answered ``busy`` (retryable), not as a bug.
+_EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC})
 #: A small buffer every rule set can scan (the health check).
 SELF_TEST_DATA = b"Sentinel scanner self-test.\n" * 8
 
@@ -177,11 +188,15 @@ class _ScannerLimits(msgspec.Struct, frozen=True, kw_only=True):
     buffer_pool_bytes: int = 64 * MIB
     buffer_reuse_max_bytes: int = 16 * MIB
     compile_timeout: float = 300.0
+    #: Chunked scan streams open at once, over all connections; one more gets
+    #: BusyError. Each holds a memfd, so this bounds the daemon's descriptors.
+    max_open_streams: int = 64
 
     def __post_init__(self) -> None:
         positive = ("workers", "scan_timeout", "max_scans_per_worker", "max_worker_rss_bytes",
                     "worker_wait_timeout", "worker_start_timeout", "max_queue",
-                    "max_stream_bytes", "max_pending_bytes", "compile_timeout")
+                    "max_stream_bytes", "max_pending_bytes", "compile_timeout",
+                    "max_open_streams")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"scanner.{name} must be > 0, got {getattr(self, name)!r}")
@@ -358,7 +373,8 @@ class Scanner:
         self._hard_timeout = config.scan_timeout + config.kill_grace
         self._reload_lock = trio.Lock()
         self._pending = 0
-        self._buffers = MemfdPool(config.buffer_pool_bytes, config.buffer_reuse_max_bytes)
+        self._buffers = MemfdPool(config.buffer_pool_bytes, config.buffer_reuse_max_bytes,
+                                  max_count=_IDLE_MEMFDS_PER_WORKER * config.workers)
         self._streams: set[ScanStream] = set()
         self._closed = False
         self._scans = 0
@@ -395,6 +411,9 @@ class Scanner:
         self._reserve(size)
         try:
             fd, capacity = await self._buffers.holding(data)
+        except OSError as exc:
+            self._release(size)
+            raise self._buffer_error(exc) from exc
         except BaseException:
             self._release(size)
             raise
@@ -435,7 +454,9 @@ class Scanner:
     def open_stream(self, meta: ScanMeta, declared_size: int | None = None) -> ScanStream:
         """A chunked scan: ``write()`` chunks, then ``await finish()`` (or ``abort()``).
 
-        Raises ScanTooLargeError at once when ``declared_size`` is over the limit.
+        Raises ScanTooLargeError at once when ``declared_size`` is over the limit;
+        BusyError when ``max_open_streams`` are open or no memfd can be had
+        (out of descriptors).
         """
         if self._closed:
             raise ScanError("the scanner is closed", retryable=True)
@@ -444,7 +465,17 @@ class Scanner:
             raise ScanTooLargeError(f"declared size {declared_size} is over the {limit}-byte limit")
         if declared_size is not None and declared_size < 0:
             raise ScanError("declared size must not be negative", retryable=False)
-        fd, capacity = self._buffers.take(declared_size or 0)
+        if len(self._streams) >= self.config.max_open_streams:
+            self._busy += 1
+            raise BusyError(
+                f"{len(self._streams)} scan streams are open in the daemon "
+                f"(limit {self.config.max_open_streams})",
+                retry_after=0.5,
+            )
+        try:
+            fd, capacity = self._buffers.take(declared_size or 0)
+        except OSError as exc:
+            raise self._buffer_error(exc) from exc
         stream = ScanStream(self, meta, fd, capacity, declared_size)
         self._streams.add(stream)
         return stream
@@ -543,6 +574,15 @@ class Scanner:
 
     def _release(self, size: int) -> None:
         self._pending -= size
+
+    def _buffer_error(self, exc: OSError) -> ScanError | BusyError:
+        """What a failure to create or fill a buffer memfd tells the client: out of
+        descriptors or memory is overload (``busy``, retryable), not a bug."""
+        if exc.errno in _EXHAUSTED_ERRNOS:
+            self._busy += 1
+            return BusyError(f"the scanner cannot get a buffer right now: {exc.strerror}",
+                             retry_after=1.0)
+        return ScanError(f"cannot buffer the file: {exc.strerror}", retryable=True)
 
     async def _attempt(self, fd: int, size: int, length: int, externals: dict[str, str],
                        owned: bool) -> tuple[Result, RulesInfo]:
@@ -718,7 +758,7 @@ class ScanStream:
             pwrite_all(self._fd, chunk, self.size - n)
         except OSError as exc:
             self.abort()
-            raise ScanError(f"cannot buffer the stream: {exc.strerror}", retryable=True) from exc
+            raise self._scanner._buffer_error(exc) from exc
 
     async def finish(self) -> ScanOutcome:
         """Scan what was written. On an error the stream is aborted; on success it
