@@ -56,6 +56,7 @@ from sentinel_ipc.scanning import BUILTIN_RULES_DIR
 from sentinel_ipc.transport import FramedConnection, open_framed_connection
 
 CLEAN = b"An ordinary download: nothing to see here.\n" * 200
+MIB = 1024 * 1024
 
 SLOW_RULE = slow_rule("high")  # a match blocks
 EXTERNALS_RULE = """
@@ -934,7 +935,7 @@ async def test_a_full_scan_queue_answers_busy(daemon_factory: Any, tmp_path: Pat
     stop_cleanly(d)
 
 
-# --- stream bounds: open streams, descriptors ---------------------------------------------
+# --- stream bounds: idle streams, open streams, descriptors ---------------------------------
 
 
 def open_fds(d: DaemonProcess) -> int:
@@ -945,6 +946,46 @@ async def synced(peer: Peer, request_id: int) -> None:
     """Every frame sent before this has been handled: a ping is answered after the
     inline requests (scan_begin, scan_chunk) that came before it on its connection."""
     assert isinstance(await peer.call(Ping(id=request_id)), Pong)
+
+
+async def test_an_idle_stream_is_dropped_with_a_timeout_and_the_daemon_serves_others(
+    daemon_factory: Any,
+) -> None:
+    """Two clients fill the buffer budget with half-sent streams and go quiet: the
+    others get busy only until the idle timeout drops those streams."""
+    d = daemon_factory(config={"scanner": {
+        "workers": 1, "stream_idle_timeout": 1.0,
+        "max_pending_bytes": MIB, "max_stream_bytes": MIB // 2,
+    }})
+    async with connect(d) as a, connect(d) as b, connect(d) as other:
+        for peer in (a, b):
+            await peer.send(ScanBegin(id=1, filename="half-sent.iso"))
+            await peer.send(ScanChunk(id=1, data=b"x" * (MIB // 2)))
+            await synced(peer, 2)
+        full = await other.call(Scan(id=3, data=CLEAN))
+        assert isinstance(full, Error) and full.code == "busy", full
+
+        # Unasked, each quiet client is told, with its stream's id, and the budget is free.
+        for peer in (a, b):
+            dropped = await peer.reply(1, timeout=5)
+            assert isinstance(dropped, Error), dropped
+            assert (dropped.code, dropped.retryable) == ("timeout", True)
+            assert "no chunk for 1 s" in dropped.message
+        result = await other.call(Scan(id=4, data=CLEAN))
+        assert isinstance(result, ScanResult) and result.action == "allow", result
+
+        # The stream is gone, the connection is not.
+        gone = await a.call(ScanEnd(id=1))
+        assert isinstance(gone, Error) and gone.code == "not_found", gone
+        # A stream that keeps sending outlives the timeout many times over.
+        await a.send(ScanBegin(id=5, filename="slow-download.bin"))
+        for _ in range(6):
+            await a.send(ScanChunk(id=5, data=CLEAN))
+            await trio.sleep(0.4)
+        slow = await a.call(ScanEnd(id=5))
+        assert isinstance(slow, ScanResult) and slow.size == 6 * len(CLEAN), slow
+    assert len(log_events(d, "scan_stream_idle")) == 2
+    stop_cleanly(d)
 
 
 async def test_open_streams_are_capped_and_descriptors_return_to_baseline(

@@ -11,8 +11,8 @@ import resource
 import shutil
 import signal
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from sentinel_ipc.errors import (
     BadFileDescriptorError,
     BusyError,
     ErrorCode,
+    RequestTimeoutError,
     RulesError,
     ScanError,
     ScanTooLargeError,
@@ -39,7 +40,13 @@ from sentinel_ipc.scanning import (
     ScanStream,
     open_scanner,
 )
-from sentinel_ipc.scanning.rules import BUILTIN_RULES_DIR
+from sentinel_ipc.scanning.pool import PoolConfig, WorkerPool
+from sentinel_ipc.scanning.rules import (
+    BUILTIN_RULES_DIR,
+    CACHE_DIRNAME,
+    RulesInfo,
+    load_rules_sync,
+)
 
 EXT_RULE = """
 rule Sentinel_Test_Extension
@@ -131,7 +138,7 @@ def test_settings_from_toml_give_the_spec_presets_by_default() -> None:
     assert config.breaker.is_failure == preset.is_failure
     assert (config.retry.attempts, config.retry.initial, config.retry.max_delay,
             config.retry.multiplier) == (2, 1.0, 5.0, 3.0)
-    assert config.max_open_streams == 64
+    assert (config.max_open_streams, config.stream_idle_timeout) == (64, 30.0)
 
 
 @pytest.mark.parametrize(
@@ -139,6 +146,8 @@ def test_settings_from_toml_give_the_spec_presets_by_default() -> None:
     [
         (b"workers = 0", "scanner.workers must be > 0"),
         (b"scan_timeout = -1.0", "scanner.scan_timeout must be > 0"),
+        (b"stream_idle_timeout = 0.0", "scanner.stream_idle_timeout must be > 0"),
+        (b"stream_idle_timeout = nan", "scanner.stream_idle_timeout must be > 0"),
         (b"max_open_streams = 0", "scanner.max_open_streams must be > 0"),
         (b"wrokers = 2", "unknown field `wrokers`"),
         (b"max_queue = \"x\"", "Expected `int`, got `str` - at `$.max_queue`"),
@@ -526,6 +535,79 @@ async def test_out_of_descriptors_for_a_buffer_is_busy_not_a_bug(data_dir: Path)
                 stream.abort()
         # Descriptors free again: the same requests succeed.
         assert rule_names(await scanner.scan_bytes(EICAR, ScanMeta())) == ["EICAR_Test_File"]
+
+
+@pytest.fixture(scope="module")
+def builtin_rules(data_dir: Path) -> RulesInfo:
+    return load_rules_sync(None, data_dir / CACHE_DIRNAME)
+
+
+@contextmanager
+def workerless_scanner(rules: RulesInfo, data_dir: Path, **options: Any) -> Iterator[Scanner]:
+    """A Scanner whose workers never start, for streams on trio's MockClock: a
+    stream touches no worker before finish(), and a worker start (real I/O with
+    a time limit) would race the autojumping clock."""
+    config = ScannerConfig(workers=1, **options)
+    scanner = Scanner(config, WorkerPool(PoolConfig(workers=1), rules), data_dir / CACHE_DIRNAME)
+    try:
+        yield scanner
+    finally:
+        scanner._close()  # what open_scanner does on exit: streams and pooled memfds
+
+
+async def test_a_stream_without_a_chunk_for_the_idle_timeout_is_dropped_and_its_owner_told(
+    autojump_clock: trio.testing.MockClock, builtin_rules: RulesInfo, data_dir: Path
+) -> None:
+    told: list[tuple[float, ScanStream]] = []
+
+    async def tell(stream: ScanStream) -> None:
+        told.append((trio.current_time(), stream))
+
+    async def fail(stream: ScanStream) -> None:
+        raise RuntimeError("an owner's bug")
+
+    with workerless_scanner(builtin_rules, data_dir, stream_idle_timeout=30.0) as scanner:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(scanner.expire_idle_streams)
+            await trio.sleep(100)  # no stream yet: the first one must wake the reaper
+            opened = trio.current_time()
+            idle = scanner.open_stream(ScanMeta(), on_idle=tell)
+            idle.write(b"x" * 1000)
+            buggy = scanner.open_stream(ScanMeta(), on_idle=fail)
+            alive = scanner.open_stream(ScanMeta(), on_idle=tell)
+            for _ in range(4):  # a chunk every 20 s keeps a stream open past 30 s
+                await trio.sleep(20)
+                alive.write(b"y" * 10)
+            # Dropped 30 s after the last chunk (here: the opening), buffer released.
+            assert told == [(pytest.approx(opened + 30.0), idle)]
+            assert idle.closed and idle.expired and buggy.expired and not alive.closed
+            stats = scanner.statistics()
+            assert (stats.open_streams, stats.pending_bytes, stats.streams_expired) == (1, 40, 2)
+            with pytest.raises(RequestTimeoutError) as error:
+                idle.write(b"late")
+            assert error.value.code == ErrorCode.TIMEOUT and error.value.retryable
+            assert "no chunk for 30 s (after 1000 bytes)" in error.value.message
+            with pytest.raises(RequestTimeoutError):
+                await idle.finish()
+            # The last chunk went in at +80 s; the reaper outlived the failing
+            # callback and drops this one at +110 s.
+            await trio.sleep(29)
+            assert not alive.closed
+            await trio.sleep(2)
+            assert alive.expired and told[-1] == (pytest.approx(opened + 110.0), alive)
+            assert scanner.statistics().pending_bytes == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_stream_being_scanned_is_not_idle(data_dir: Path, test_rules: Path) -> None:
+    async with scanner_for(test_rules, data_dir, workers=1, stream_idle_timeout=0.2) as scanner:
+        with scanner.open_stream(ScanMeta()) as stream:
+            stream.write(slow_input(0.6))
+            outcome = await stream.finish()  # three idle timeouts long
+            assert outcome.scanned and rule_names(outcome) == ["Sentinel_Test_Slow"]
+            await trio.sleep(0.3)  # scanned, its verdict not yet made: still not idle
+            assert not stream.closed and os.pread(stream.fileno(), 4, 0) == b"SLOW"
+        assert scanner.statistics().streams_expired == 0
 
 
 # --- descriptors ------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ The path of a scan, and where each resilience decision is taken:
 1. admission (here): the peer's token bucket (``rate_limited``), the
    connection's concurrent-scan cap (``rate_limited``), open streams per
    connection (``busy``);
-2. the scanner (``Scanner``): bounded queue (``busy``), yara breaker, yara
-   retry on worker crash; if it cannot scan it says so (``scanned=False``)
-   instead of failing;
+2. the scanner (``Scanner``): bounded queue, buffer budget and open streams
+   (``busy``), idle streams dropped (``timeout``, pushed to the client with
+   the stream's id), yara breaker, yara retry on worker crash; if it cannot
+   scan it says so (``scanned=False``) instead of failing;
 3. the verdict (:class:`~sentinel_ipc.verdict.VerdictMaker`): reputation,
    policy decision with its own database fallback, fail-open / fail-closed,
    quarantine, threat history, metrics.
@@ -28,12 +29,14 @@ from ..config import RateLimitConfig
 from ..errors import (
     BadFileDescriptorError,
     BusyError,
+    ErrorCode,
     NotFoundError,
     ProtocolError,
     RateLimitedError,
 )
 from ..messages import Scan, ScanBegin, ScanChunk, ScanEnd, ScanFd, ScanResult
 from ..ratelimit import RateLimiter
+from ..server.connection import error_reply
 from ..server.dispatch import Dispatcher, RequestContext
 
 if TYPE_CHECKING:
@@ -146,7 +149,32 @@ def register(
                 retry_after=0.5,
             )
         admission.take_token(ctx)
-        table[req.id] = scanner.open_stream(meta_of(req), req.size)
+        conn = ctx.connection
+        stream_id = req.id
+
+        async def dropped_idle(stream: ScanStream) -> None:
+            """The scanner dropped the stream (no chunk in time): tell the client,
+            with the stream's id, as the error its scan_begin or last chunk never got.
+
+            The entry stays in the table until the notice is written, so a client
+            that does not read holds at most its stream slots, not a growing pile
+            of notices. A chunk or end that arrives meanwhile is answered with the
+            same error (``write``/``finish`` raise it) and removes the entry; then
+            there is nothing left to notify.
+            """
+            if table.get(stream_id) is not stream:
+                return  # already answered, or the connection is gone
+            try:
+                conn.server.note_error(ErrorCode.TIMEOUT)
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                ):
+                    await conn.send(error_reply(stream_id, stream.idle_error()))
+            finally:
+                if table.get(stream_id) is stream:
+                    del table[stream_id]
+
+        table[req.id] = scanner.open_stream(meta_of(req), req.size, on_idle=dropped_idle)
 
     async def scan_chunk(req: ScanChunk, ctx: RequestContext) -> None:
         table = streams(ctx)
@@ -156,7 +184,8 @@ def register(
         try:
             stream.write(req.data)
         except Exception:
-            # Over the size limit (or the buffer failed): drop the stream at once.
+            # Over a limit, dropped for idleness, or the buffer failed: the stream
+            # is gone at once (later chunks for this id get not_found).
             table.pop(req.id, None)
             stream.abort()
             raise

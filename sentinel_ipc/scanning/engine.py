@@ -10,7 +10,11 @@ Every scan ends as a descriptor handed to a worker (:mod:`.pool`):
   daemon never opens a path on a client's behalf;
 * ``open_stream``: chunks are appended to a memfd as they arrive, bounded by
   ``max_stream_bytes`` per stream and ``max_pending_bytes`` over all of them.
-  At most ``max_open_streams`` are open at once (each holds a memfd).
+  At most ``max_open_streams`` are open at once (each holds a memfd), and a
+  stream that gets no chunk for ``stream_idle_timeout`` seconds is dropped
+  (:meth:`Scanner.expire_idle_streams`): otherwise a client that stops
+  mid-stream would hold its buffer bytes, and everyone else's scans would get
+  ``busy``, for as long as it stays connected.
 
 The worker maps the descriptor, matches it and hashes it, so the daemon copies
 the bytes at most once and hashes nothing on the happy path. The daemon keeps a
@@ -65,7 +69,7 @@ import mmap
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +80,7 @@ from ..errors import (
     BadFileDescriptorError,
     BusyError,
     CircuitOpenError,
+    RequestTimeoutError,
     RetryExhaustedError,
     RulesError,
     ScanError,
@@ -191,12 +196,15 @@ class _ScannerLimits(msgspec.Struct, frozen=True, kw_only=True):
     #: Chunked scan streams open at once, over all connections; one more gets
     #: BusyError. Each holds a memfd, so this bounds the daemon's descriptors.
     max_open_streams: int = 64
+    #: A stream that gets no chunk for this many seconds is dropped (its buffer
+    #: freed) and its owner told with a RequestTimeoutError.
+    stream_idle_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         positive = ("workers", "scan_timeout", "max_scans_per_worker", "max_worker_rss_bytes",
                     "worker_wait_timeout", "worker_start_timeout", "max_queue",
                     "max_stream_bytes", "max_pending_bytes", "compile_timeout",
-                    "max_open_streams")
+                    "max_open_streams", "stream_idle_timeout")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"scanner.{name} must be > 0, got {getattr(self, name)!r}")
@@ -255,6 +263,8 @@ class ScannerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     open_streams: int
     #: Bytes held in memfds kept for reuse.
     buffer_bytes_retained: int
+    #: Streams dropped because no chunk came for ``stream_idle_timeout``.
+    streams_expired: int = 0
 
 
 # ---------------------------------------------------------------------------
@@ -376,11 +386,14 @@ class Scanner:
         self._buffers = MemfdPool(config.buffer_pool_bytes, config.buffer_reuse_max_bytes,
                                   max_count=_IDLE_MEMFDS_PER_WORKER * config.workers)
         self._streams: set[ScanStream] = set()
+        #: Set when a stream opens: wakes :meth:`expire_idle_streams` when it had none.
+        self._stream_opened = trio.Event()
         self._closed = False
         self._scans = 0
         self._unscanned = 0
         self._matched = 0
         self._busy = 0
+        self._expired = 0
 
     # -- public ---------------------------------------------------------------
 
@@ -451,8 +464,15 @@ class Scanner:
             )
         return await self._scan(fd, size, meta, owned=False, data=None, exact=True)
 
-    def open_stream(self, meta: ScanMeta, declared_size: int | None = None) -> ScanStream:
+    def open_stream(self, meta: ScanMeta, declared_size: int | None = None, *,
+                    on_idle: IdleCallback | None = None) -> ScanStream:
         """A chunked scan: ``write()`` chunks, then ``await finish()`` (or ``abort()``).
+
+        A stream that gets no chunk for ``stream_idle_timeout`` seconds before
+        ``finish()`` is dropped by :meth:`expire_idle_streams`; then
+        ``on_idle(stream)`` is awaited in the scanner's own task group, so that
+        the owner can tell its client, and the stream's ``write()`` and
+        ``finish()`` raise RequestTimeoutError.
 
         Raises ScanTooLargeError at once when ``declared_size`` is over the limit;
         BusyError when ``max_open_streams`` are open or no memfd can be had
@@ -476,9 +496,56 @@ class Scanner:
             fd, capacity = self._buffers.take(declared_size or 0)
         except OSError as exc:
             raise self._buffer_error(exc) from exc
-        stream = ScanStream(self, meta, fd, capacity, declared_size)
+        stream = ScanStream(self, meta, fd, capacity, declared_size, on_idle)
         self._streams.add(stream)
+        self._stream_opened.set()
         return stream
+
+    async def expire_idle_streams(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Drop every stream that got no chunk for ``stream_idle_timeout`` seconds,
+        until cancelled (:func:`open_scanner` runs this).
+
+        An open stream holds its bytes against ``max_pending_bytes`` and a memfd;
+        without a time limit, a client that stops sending mid-stream would keep
+        them until it disconnects. A stream being scanned (``finish()`` called)
+        is not idle. A dropped stream's ``on_idle`` callback runs in this task's
+        nursery; one that raises is logged, never fatal to the scanner.
+        """
+        timeout = self.config.stream_idle_timeout
+        async with trio.open_nursery() as callbacks:
+            task_status.started()
+            while True:
+                self._stream_opened = trio.Event()
+                waiting = [s for s in self._streams if s.awaiting_chunks]
+                if not waiting:
+                    await self._stream_opened.wait()
+                    continue
+                # A chunk only moves a deadline later, and a new stream's is the
+                # latest of all: waking at the earliest one never misses one.
+                await trio.sleep_until(min(s.last_active for s in waiting) + timeout)
+                now = trio.current_time()
+                for stream in [s for s in self._streams if s.awaiting_chunks]:
+                    # The same sum as the deadline slept until, so that rounding
+                    # can never leave a stream unexpired (and this loop spinning).
+                    if stream.last_active + timeout <= now:
+                        self._expire(stream, callbacks)
+
+    def _expire(self, stream: ScanStream, callbacks: trio.Nursery) -> None:
+        stream._expire()
+        self._expired += 1
+        log_event("scan_stream_idle", 20, bytes=stream.size,
+                  seconds=self.config.stream_idle_timeout)
+        if stream._on_idle is not None:
+            callbacks.start_soon(self._run_on_idle, stream._on_idle, stream)
+
+    @staticmethod
+    async def _run_on_idle(callback: IdleCallback, stream: ScanStream) -> None:
+        try:
+            await callback(stream)
+        except Exception as exc:
+            log_event("scan_stream_idle_callback_failed", 40, error=repr(exc))
 
     async def reload(self, rules_dir: str | None = None) -> RulesInfo:
         """Compile ``rules_dir`` (default: the current one) beside the current set and
@@ -546,6 +613,7 @@ class Scanner:
             pending_bytes=self._pending,
             open_streams=len(self._streams),
             buffer_bytes_retained=self._buffers.retained,
+            streams_expired=self._expired,
         )
 
     def worker_pids(self) -> list[int]:
@@ -704,6 +772,10 @@ def _shrank(fd: int, size: int) -> bool:
         return False
 
 
+#: Awaited by the scanner with a stream it dropped for idleness (see open_stream).
+IdleCallback = Callable[["ScanStream"], Awaitable[None]]
+
+
 class ScanStream:
     """A file arriving in chunks, buffered in a memfd (never in the Python heap).
 
@@ -712,11 +784,14 @@ class ScanStream:
     the buffer and must always be called in the end (a ``finally``, or use the
     stream as a context manager). Between ``finish()`` and ``abort()`` the
     content stays readable through :meth:`fileno` (exactly ``size`` bytes), so
-    the verdict step can quarantine it without another copy.
+    the verdict step can quarantine it without another copy. A stream that
+    waits longer than ``stream_idle_timeout`` for a chunk is aborted by the
+    scanner; from then on ``write()`` and ``finish()`` raise
+    RequestTimeoutError (:meth:`idle_error`).
     """
 
     def __init__(self, scanner: Scanner, meta: ScanMeta, fd: int, capacity: int,
-                 declared_size: int | None) -> None:
+                 declared_size: int | None, on_idle: IdleCallback | None = None) -> None:
         self._scanner = scanner
         self.meta = meta
         self.declared_size = declared_size
@@ -727,11 +802,28 @@ class ScanStream:
         self._finished = False
         #: A scan of the memfd started and did not end normally (a worker may hold it).
         self._sent = False
+        self._on_idle = on_idle
+        #: trio time of the last chunk (or of the opening).
+        self.last_active = trio.current_time()
+        #: True once dropped for waiting longer than ``stream_idle_timeout``.
+        self.expired = False
 
     @property
     def closed(self) -> bool:
         """True once aborted (the buffer is released)."""
         return self._done
+
+    @property
+    def awaiting_chunks(self) -> bool:
+        """Open and not yet finishing: the idle time limit applies."""
+        return not (self._done or self._finished)
+
+    def idle_error(self) -> RequestTimeoutError:
+        """What the owner tells its client about a stream dropped for idleness."""
+        return RequestTimeoutError(
+            f"scan stream dropped: no chunk for {self._scanner.config.stream_idle_timeout:g} s "
+            f"(after {self.size} bytes); start it again with scan_begin"
+        )
 
     def fileno(self) -> int:
         """The memfd holding the content (valid until ``abort()``)."""
@@ -740,7 +832,10 @@ class ScanStream:
         return self._fd
 
     def write(self, chunk: bytes | memoryview) -> None:
-        """Append a chunk. Raises ScanTooLargeError / BusyError (stream dropped)."""
+        """Append a chunk. Raises ScanTooLargeError / BusyError (stream dropped),
+        RequestTimeoutError (dropped earlier for idleness)."""
+        if self.expired:
+            raise self.idle_error()
         if self._done or self._finished:
             raise ScanError("the scan stream is already finished or aborted", retryable=False)
         n = memoryview(chunk).nbytes
@@ -759,10 +854,13 @@ class ScanStream:
         except OSError as exc:
             self.abort()
             raise self._scanner._buffer_error(exc) from exc
+        self.last_active = trio.current_time()
 
     async def finish(self) -> ScanOutcome:
         """Scan what was written. On an error the stream is aborted; on success it
         stays open for :meth:`fileno` until ``abort()``."""
+        if self.expired:
+            raise self.idle_error()
         if self._done or self._finished:
             raise ScanError("the scan stream is already finished or aborted", retryable=False)
         self._finished = True
@@ -779,6 +877,10 @@ class ScanStream:
             raise
         self._sent = False  # ended normally: the worker is done with the memfd
         return outcome
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.abort()
 
     def abort(self) -> None:
         """Drop the stream and its buffer (idempotent)."""
@@ -823,6 +925,7 @@ async def open_scanner(config: ScannerConfig, data_dir: Path | str) -> AsyncIter
     scanner = Scanner(config, pool, cache_dir)
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
+        await nursery.start(scanner.expire_idle_streams)
         log_event("scanner_started", 20, rules=info.rule_count, version=info.version,
                   workers=config.workers, cached=info.cached)
         try:
