@@ -988,6 +988,36 @@ async def test_an_idle_stream_is_dropped_with_a_timeout_and_the_daemon_serves_ot
     stop_cleanly(d)
 
 
+async def test_one_connection_cannot_buffer_more_than_its_share(daemon_factory: Any) -> None:
+    """Half of max_pending_bytes per connection (or one largest file, if more)."""
+    d = daemon_factory(config={"scanner": {
+        "workers": 1, "max_pending_bytes": MIB, "max_stream_bytes": MIB // 4,
+    }})
+    async with connect(d) as a, connect(d) as b:
+        for n in (1, 2):  # exactly its half
+            await a.send(ScanBegin(id=n))
+            await a.send(ScanChunk(id=n, data=b"a" * (MIB // 4)))
+        await a.send(ScanBegin(id=3))
+        await a.send(ScanChunk(id=3, data=b"a"))
+        refused = await a.reply(3, timeout=10)
+        assert isinstance(refused, Error) and refused.code == "busy", refused
+        assert refused.retryable and refused.retry_after_ms
+        assert "per connection" in refused.message
+        # The rest of the budget is another client's.
+        for n in (1, 2):
+            await b.send(ScanBegin(id=n))
+            await b.send(ScanChunk(id=n, data=b"b" * (MIB // 4)))
+            done = await b.call(ScanEnd(id=n))
+            assert isinstance(done, ScanResult) and done.size == MIB // 4, done
+        # Once a stream of its own ends, the first client has room again.
+        first = await a.call(ScanEnd(id=1))
+        assert isinstance(first, ScanResult), first
+        await a.send(ScanBegin(id=4))
+        await a.send(ScanChunk(id=4, data=EICAR))
+        assert_eicar(await a.call(ScanEnd(id=4)), 4)
+    stop_cleanly(d)
+
+
 async def test_open_streams_are_capped_and_descriptors_return_to_baseline(
     daemon_factory: Any,
 ) -> None:

@@ -4,7 +4,7 @@ The path of a scan, and where each resilience decision is taken:
 
 1. admission (here): the peer's token bucket (``rate_limited``), the
    connection's concurrent-scan cap (``rate_limited``), open streams per
-   connection (``busy``);
+   connection and the bytes they buffer (``busy``);
 2. the scanner (``Scanner``): bounded queue, buffer budget and open streams
    (``busy``), idle streams dropped (``timeout``, pushed to the client with
    the stream's id), yara breaker, yara retry on worker crash; if it cannot
@@ -47,6 +47,16 @@ _SCANS_KEY = "scan.active"
 _STREAMS_KEY = "scan.streams"
 _RETRY_AT_KEY = "scan.retry_at"
 MAX_STREAMS_PER_CONNECTION = 8
+
+
+def connection_share(max_pending_bytes: int, max_stream_bytes: int) -> int:
+    """Bytes one connection's open streams may buffer at once: half the scanner's
+    ``max_pending_bytes``, or one largest file if that is more (within the budget).
+
+    Without a share, one client's streams could take the whole budget and every
+    other client's scans would get ``busy`` until that client finished.
+    """
+    return max(max_pending_bytes // 2, min(max_stream_bytes, max_pending_bytes))
 
 
 class ScanAdmission:
@@ -113,6 +123,7 @@ def register(
     from ..scanning import ScanMeta
 
     admission = ScanAdmission(rate_limit)
+    share = connection_share(scanner.config.max_pending_bytes, scanner.config.max_stream_bytes)
 
     def meta_of(req: Scan | ScanBegin | ScanFd) -> ScanMeta:
         return ScanMeta(url=req.url, filename=req.filename, mime_type=req.mime_type)
@@ -176,12 +187,22 @@ def register(
 
         table[req.id] = scanner.open_stream(meta_of(req), req.size, on_idle=dropped_idle)
 
+    def check_share(table: dict[int, ScanStream], more: int) -> None:
+        held = sum(stream.size for stream in table.values() if not stream.closed)
+        if held + more > share:
+            raise BusyError(
+                f"this connection's scan streams buffer {held >> 10} KiB already "
+                f"(limit {share >> 10} KiB per connection)",
+                retry_after=1.0,
+            )
+
     async def scan_chunk(req: ScanChunk, ctx: RequestContext) -> None:
         table = streams(ctx)
         stream = table.get(req.id)
         if stream is None:
             raise NotFoundError(f"no open scan stream with id {req.id} (send scan_begin first)")
         try:
+            check_share(table, len(req.data))
             stream.write(req.data)
         except Exception:
             # Over a limit, dropped for idleness, or the buffer failed: the stream
@@ -228,4 +249,4 @@ def register(
     return admission
 
 
-__all__ = ["ScanAdmission", "register"]
+__all__ = ["MAX_STREAMS_PER_CONNECTION", "ScanAdmission", "connection_share", "register"]
