@@ -17,7 +17,7 @@ import trio.lowlevel
 import trio.testing
 
 from sentinel_ipc.codec import encode_framed
-from sentinel_ipc.errors import BusyError, InvalidMessageError
+from sentinel_ipc.errors import BusyError, InvalidMessageError, NotFoundError
 from sentinel_ipc.messages import Error, Event, Ping, Pong, Reply, Subscribe, Subscribed
 from sentinel_ipc.observability.events import (
     MAX_SUBSCRIPTIONS_PER_CONNECTION,
@@ -28,6 +28,7 @@ from sentinel_ipc.observability.events import (
     check_connection_room,
     notice_text,
     open_event_bus,
+    take_subscriptions,
 )
 from sentinel_ipc.transport import FramedConnection, open_framed_connection
 
@@ -225,6 +226,43 @@ async def test_a_connection_past_its_subscriptions_gets_a_busy_that_is_not_retry
         held[3].close()  # a subscription that ended (its connection's send failed)
         check_connection_room(held)
         assert len(held) == MAX_SUBSCRIPTIONS_PER_CONNECTION - 1
+
+
+async def test_unsubscribe_lets_the_frame_being_written_finish_and_frees_the_slot_at_once(
+) -> None:
+    """``unsubscribe`` leaves the connection open, so ending a subscription must
+    not cancel its pump half-way through writing a frame (the stream would be
+    corrupt for every later reply); the daemon-wide slot is free at once."""
+    async with open_event_bus(max_subscribers=1, clock=lambda: 0.0) as bus:
+        c = Collector()
+        c.gate = trio.Event()  # the pump is blocked inside send
+        sub = bus.subscribe(1, ["services"], c.send)
+        bus.publish("services", "service_state", reason="being written")
+        await trio.testing.wait_all_tasks_blocked()
+        bus.publish("services", "service_state", reason="queued")
+        bus.unsubscribe(sub)
+        assert sub.closed and bus.subscribers == 0
+        assert bus.publish("services", "service_state", reason="after") == 0
+        other = Collector()
+        bus.subscribe(2, ["services"], other.send)  # the only slot is free already
+        c.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [e.reason for e in c.events] == ["being written"]
+        assert sub.delivered == 1 and not sub.buffer
+
+
+async def test_take_subscriptions_finds_only_the_live_ones_with_that_id() -> None:
+    async with open_event_bus(clock=lambda: 0.0) as bus:
+        c = Collector()
+        held = [bus.subscribe(n, ["services"], c.send) for n in (1, 2, 2, 3)]
+        held[3].close()  # ended on its own (a failed send)
+        taken = take_subscriptions(held, 2)
+        assert [s.request_id for s in taken] == [2, 2]  # a reused id: both end
+        assert [s.request_id for s in held] == [1]
+        for missing in (2, 3, 99):  # already taken, already ended, never made
+            with pytest.raises(NotFoundError, match=f"no subscription with id {missing}"):
+                take_subscriptions(held, missing)
+        assert [s.request_id for s in held] == [1]
 
 
 async def _replies(conn: FramedConnection, count: int) -> list[Reply]:

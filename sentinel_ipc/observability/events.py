@@ -23,6 +23,15 @@ connection cannot take every slot of the daemon-wide one and lock out
 everyone else (the browser showing the degraded-mode notices) for as long as
 it stays connected.
 
+A subscription ends when its connection closes, or at ``unsubscribe {id,
+subscription}`` (:func:`take_subscriptions` finds it among the connection's,
+:meth:`EventBus.unsubscribe` frees both slots at once). The connection lives
+on then, so :meth:`Subscription.stop` never cancels a pump in the middle of
+writing a frame (a cut frame would corrupt the stream for every later
+reply); the pump leaves after that frame instead. Since the ``ack`` is
+written after it (the connection's writes queue in order), no ``event`` with
+the subscription's id follows the ``ack``.
+
 The notices
 -----------
 When a service leaves ``healthy``, subscribers of ``degraded`` get a notice a
@@ -47,7 +56,7 @@ from typing import Final
 import msgspec
 import trio
 
-from ..errors import BusyError, InvalidMessageError
+from ..errors import BusyError, InvalidMessageError, NotFoundError
 from ..logs import log_event
 from ..messages import Event
 
@@ -63,6 +72,7 @@ __all__ = [
     "check_connection_room",
     "notice_text",
     "open_event_bus",
+    "take_subscriptions",
 ]
 
 TOPICS = frozenset({"services", "degraded", "breakers"})
@@ -156,6 +166,8 @@ class Subscription:
     delivered: int = 0
     dropped_total: int = 0
     closed: bool = False
+    #: The pump is between taking an event and having written it.
+    _sending: bool = False
     _wake: trio.Event = field(default_factory=trio.Event)
     _armed: trio.Event = field(default_factory=trio.Event)
     _scope: trio.CancelScope | None = None
@@ -184,9 +196,21 @@ class Subscription:
         return True
 
     def close(self) -> None:
+        """End at once, even mid-frame: for a connection that is closing anyway."""
         self.closed = True
         self.buffer.clear()
         if self._scope is not None:
+            self._scope.cancel()
+
+    def stop(self) -> None:
+        """End without cutting a frame: for a connection that lives on (``unsubscribe``).
+
+        Nothing more is queued; a pump that is writing an event finishes that
+        frame and then leaves, any other pump is cancelled now.
+        """
+        self.closed = True
+        self.buffer.clear()
+        if self._scope is not None and not self._sending:
             self._scope.cancel()
 
     async def pump(self, clock: Callable[[], float]) -> None:
@@ -196,7 +220,7 @@ class Subscription:
                 return
             try:
                 await self._armed.wait()
-                while True:
+                while not self.closed:
                     while not self.buffer:
                         self._wake = trio.Event()
                         await self._wake.wait()
@@ -212,7 +236,11 @@ class Subscription:
                         )
                     else:
                         event = item
-                    await self.send(event)
+                    self._sending = True
+                    try:
+                        await self.send(event)
+                    finally:
+                        self._sending = False
                     self.delivered += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
@@ -245,6 +273,28 @@ def check_connection_room(
             "they end only when it closes: subscribe once with all the topics you need",
             retryable=False,
         )
+
+
+def take_subscriptions(held: list[Subscription], request_id: int) -> list[Subscription]:
+    """Remove from ``held`` (one connection's) the live subscriptions made by the
+    subscribe with id ``request_id``, and return them (for ``unsubscribe``).
+
+    Usually one; a client that reused the id for several subscribes gets all
+    of them ended, since their events carry the same id and it could not tell
+    them apart anyway. Raises :class:`NotFoundError` when there is none: never
+    made on this connection (ids are per connection, so another connection's
+    are never found), already ended, or sent before its ``subscribed`` reply
+    (the two requests may be handled in either order).
+    """
+    live = [sub for sub in held if not sub.closed]
+    taken = [sub for sub in live if sub.request_id == request_id]
+    if not taken:
+        raise NotFoundError(
+            f"this connection has no subscription with id {request_id} "
+            f"(live ones: {sorted({sub.request_id for sub in live})})"
+        )
+    held[:] = [sub for sub in live if sub.request_id != request_id]
+    return taken
 
 
 class EventBus:
@@ -306,6 +356,11 @@ class EventBus:
         self._subs.add(sub)
         self._nursery.start_soon(sub.pump, self.clock)
         return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """End ``sub`` (see :meth:`Subscription.stop`) and free its slot at once."""
+        sub.stop()
+        self._subs.discard(sub)
 
     def publish(
         self,
