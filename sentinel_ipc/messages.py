@@ -239,6 +239,12 @@ class Subscribe(_Msg, tag="subscribe"):
     topics: list[str] = msgspec.field(default_factory=lambda: ["services", "degraded"])
 
 
+class Unsubscribe(_Msg, tag="unsubscribe"):
+    """End a subscription made on this connection: no `event` with its id follows the `ack`."""
+
+    subscription: int
+
+
 class ServiceRetry(_Msg, tag="service_retry"):
     """The notice's *Retry Connection* button: probe now, half-open the breaker."""
 
@@ -280,6 +286,7 @@ Request = (
     | Breakers
     | BreakerControl
     | Subscribe
+    | Unsubscribe
     | ServiceRetry
     | DegradedAck
     | Reload
@@ -321,6 +328,7 @@ IDEMPOTENT_REQUESTS: frozenset[type[Any]] = frozenset(
         Metrics,
         Breakers,
         Subscribe,
+        Unsubscribe,
         DegradedAck,
     }
 )

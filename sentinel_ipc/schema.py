@@ -90,6 +90,7 @@ from .messages import (
     ThreatRecord,
     Threats,
     ThreatsResult,
+    Unsubscribe,
     Welcome,
     type_tag,
 )
@@ -123,6 +124,7 @@ REPLY_FOR: dict[type[Any], str] = {
     Breakers: "breakers_report",
     BreakerControl: "ack",
     Subscribe: "subscribed, then `event` frames with the same id",
+    Unsubscribe: "ack",
     ServiceRetry: "ack",
     DegradedAck: "ack",
     Reload: "reload_result",
@@ -197,6 +199,10 @@ FIELD_NOTES: dict[str, str] = {
     "ScanResult.policy_id": "the policy that decided the action, if any",
     "ScanResult.scan_ms": "time spent scanning, milliseconds",
     "PolicyResult.queued": "journaled during a database outage; applied later",
+    "Unsubscribe.subscription": (
+        "the `id` of the `subscribe` that made it, on this connection; "
+        "unknown -> `not_found`"
+    ),
     "Event.topic": "`services`, `degraded`, `breakers`, or `events` (for `events_dropped`)",
     "Event.kind": "`service_state`, `degraded_notice`, `degraded_cleared`, "
     "`breaker_transition`, `events_dropped`",
@@ -256,6 +262,7 @@ EXAMPLES: tuple[msgspec.Struct, ...] = (
     Breakers(id=16),
     BreakerControl(id=17, name="database", action="trip"),
     Subscribe(id=18, topics=["services", "degraded"]),
+    Unsubscribe(id=23, subscription=18),
     ServiceRetry(id=19, service="database"),
     DegradedAck(id=20, service="database"),
     Reload(id=21),
@@ -653,6 +660,15 @@ def _invalid_vectors() -> list[dict[str, Any]]:
             close=False,
             contains="$.rule_names[1]",
             note="the path names the element inside the field",
+        ),
+        _invalid(
+            "unsubscribe_without_subscription",
+            _frame(_pack({"type": "unsubscribe", "id": 50})),
+            c.INVALID_MESSAGE,
+            request_id=50,
+            close=False,
+            contains="subscription",
+            note="`subscription` is required: there is no 'end all of them'",
         ),
         _invalid(
             "id_wrong_type",

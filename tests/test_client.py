@@ -30,6 +30,7 @@ from sentinel_ipc.client import (
     IPC_BREAKER,
     ClientConfig,
     ConnectionLostError,
+    SyncClient,
     error_from_reply,
     open_client,
 )
@@ -52,6 +53,7 @@ from sentinel_ipc.messages import (
     BreakersReport,
     DegradedAck,
     Error,
+    Event,
     Health,
     HealthReport,
     Hello,
@@ -85,6 +87,7 @@ from sentinel_ipc.messages import (
     Subscribed,
     Threats,
     ThreatsResult,
+    Unsubscribe,
     type_tag,
 )
 
@@ -265,6 +268,79 @@ async def test_large_scans_pass_a_memfd_and_each_verdict_is_its_own(
         assert not result.degraded, result
     assert [bool(r.matches) for r in results] == [False, True, False, False]
     assert results[1].action == "block"
+
+
+# --- subscriptions against the real daemon: closing one ends it there ---------------------
+
+
+async def test_a_client_opens_and_closes_a_subscription_twenty_times(
+    shared_daemon: DaemonProcess,
+) -> None:
+    """A browser UI panel opens and closes subscriptions for as long as the
+    browser runs, on the client's one connection, and the daemon holds at most
+    8 per connection: every way of closing one (``aclose``, ``async with``,
+    the plain ``close()``) must end it on the daemon too, or the 9th
+    subscribe fails with ``busy``."""
+    d = shared_daemon
+    async with open_client(d.socket_path) as client:
+        for n in range(20):
+            sub = await client.subscribe(["services", "degraded"])
+            assert not sub.closed
+            if n % 3 == 0:
+                await sub.aclose()
+            elif n % 3 == 1:
+                async with sub:
+                    pass
+            else:
+                sub.close()  # unsubscribes in the background
+            assert sub.closed
+        assert client.connects == 1  # one connection all along: no reconnect freed slots
+
+
+def test_a_sync_client_opens_and_closes_a_subscription_twenty_times(
+    shared_daemon: DaemonProcess,
+) -> None:
+    """The blocking twin closes through the same path (the same 9th-subscribe
+    failure before ``unsubscribe`` existed)."""
+    with SyncClient(shared_daemon.socket_path) as client:
+        for _ in range(20):
+            with client.subscribe(["services"]) as sub:
+                pass
+            sub.close()  # again: harmless
+        assert client.connects == 1
+
+
+async def test_open_subscriptions_keep_their_events_while_others_come_and_go(
+    daemon_factory: Any,
+) -> None:
+    """Ending one subscription must end exactly that one: with 7 held open and
+    the 8th slot opened and closed 20 times, a kept one still gets the
+    ``breaker_transition`` of a breaker tripped through the daemon, and the
+    closed ones get nothing."""
+    d = daemon_factory()
+    async with open_client(d.socket_path) as client:
+        breakers = (await client.breakers()).breakers
+        assert breakers, "the daemon registers no breaker"
+        kept = await client.subscribe(["breakers"])
+        fillers = [await client.subscribe(["services"]) for _ in range(6)]
+        closed_saw: list[Event] = []
+        for _ in range(20):
+            async with await client.subscribe(["breakers"], callback=closed_saw.append):
+                pass
+        await client.breaker_trip(breakers[0].name)
+        try:
+            with trio.fail_after(10):
+                async for event in kept:
+                    if event.kind == "breaker_transition":
+                        break
+            assert event.state == "forced_open", event
+            assert closed_saw == []
+        finally:
+            await client.breaker_reset(breakers[0].name)
+        for sub in (kept, *fillers):
+            await sub.aclose()
+        assert client.connects == 1
+    d.stop()
 
 
 # --- reply matching, framing, descriptors (scripted peer) ----------------------------------
@@ -739,7 +815,7 @@ def _canned(request: object) -> object | None:
             return Subscribed(id=rid, topics=request.topics)
         case Reload():
             return ReloadResult(id=rid, rules_version="v1")
-        case BreakerControl() | ServiceRetry() | DegradedAck() | Shutdown():
+        case BreakerControl() | Unsubscribe() | ServiceRetry() | DegradedAck() | Shutdown():
             return Ack(id=rid)
     raise AssertionError(f"no canned reply for {request!r}")
 

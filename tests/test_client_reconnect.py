@@ -1,9 +1,12 @@
 """Connection loss: kill -9 and restart, daemon absent (breaker), EOF mid-reply,
-socket removed, outcome-unknown writes, subscription renewal."""
+socket removed, outcome-unknown writes, subscription renewal, and closing a
+subscription (``unsubscribe``) across reconnects and unanswering daemons."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import time
@@ -16,6 +19,7 @@ import trio.testing
 from client_peer import PeerConn, start_peer
 
 from sentinel_ipc.client import IPC_BREAKER, ClientConfig, ConnectionLostError, open_client
+from sentinel_ipc.client.reconnect import UNSUBSCRIBE_TIMEOUT
 from sentinel_ipc.codec import encode_framed
 from sentinel_ipc.errors import (
     CircuitOpenError,
@@ -28,6 +32,7 @@ from sentinel_ipc.errors import (
 )
 from sentinel_ipc.messages import (
     Ack,
+    Error,
     Event,
     Ping,
     Pong,
@@ -35,6 +40,7 @@ from sentinel_ipc.messages import (
     ReloadResult,
     Subscribe,
     Subscribed,
+    Unsubscribe,
 )
 from sentinel_ipc.resilience import RETRY_PRESETS
 
@@ -271,8 +277,9 @@ async def test_subscriptions_are_renewed_after_a_reconnect(tmp_path: Path) -> No
         )
         if conn.number == 1:
             return  # the daemon goes away; the client must come back by itself
-        while (await conn.recv())[0] is not None:
-            pass
+        while (request := (await conn.recv())[0]) is not None:
+            if isinstance(request, Unsubscribe):
+                await conn.send(Ack(id=request.id))
 
     async with trio.open_nursery() as nursery:
         await start_peer(nursery, path, script)
@@ -294,6 +301,145 @@ async def test_subscriptions_are_renewed_after_a_reconnect(tmp_path: Path) -> No
             ]
             assert len(seen) == 4  # the callback saw the same events
             assert client.connects == 2
+        nursery.cancel_scope.cancel()
+
+
+def _received(conn: PeerConn, kind: type[Any]) -> list[Any]:
+    return [r for r in conn.received if isinstance(r, kind)]
+
+
+async def test_closing_a_renewed_subscription_unsubscribes_the_renewals_id(
+    tmp_path: Path,
+) -> None:
+    """After a reconnect the daemon knows the subscription by the id of the
+    renewing ``subscribe``; the first id ended with the old connection. So
+    ``unsubscribe`` must name the renewal's id, on the new connection only,
+    and a closed subscription is not renewed on the next one."""
+    path = tmp_path / "peer.sock"
+    unsubscribed = trio.Event()
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        while (request := (await conn.recv())[0]) is not None:
+            if isinstance(request, Subscribe):
+                await conn.send(Subscribed(id=request.id, topics=request.topics))
+                if conn.number == 1:
+                    return  # the daemon goes away after the first subscribe
+            elif isinstance(request, Unsubscribe):
+                unsubscribed.set()
+                await conn.send(Ack(id=request.id))
+            elif isinstance(request, Ping):
+                await conn.send(Pong(id=request.id))
+
+    async with trio.open_nursery() as nursery:
+        peer = await start_peer(nursery, path, script)
+        async with open_client(path, config=fast_breaker(open_timeout=0.3)) as client:
+            sub = await client.subscribe(["services"])
+            with trio.fail_after(10):
+                async for event in sub:
+                    if event.kind == "resubscribed":
+                        break
+            await sub.aclose()
+            first, second = peer.connections[:2]
+            (renewal,) = _received(second, Subscribe)
+            with trio.fail_after(5):  # usually sent by aclose; by the renewal if it raced it
+                await unsubscribed.wait()
+            assert [u.subscription for u in _received(second, Unsubscribe)] == [renewal.id]
+            assert _received(first, Unsubscribe) == []
+            second.close()
+            with trio.fail_after(10):
+                while len(peer.connections) < 3:
+                    with contextlib.suppress(SentinelError):
+                        await client.ping()
+            assert _received(peer.connections[2], Subscribe) == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_subscription_closed_while_its_renewal_is_in_flight_is_unsubscribed(
+    tmp_path: Path,
+) -> None:
+    """Closed between sending the renewing ``subscribe`` and its reply, a
+    subscription has no id the daemon acknowledged yet: the reply, when it
+    comes, must be followed by an ``unsubscribe`` for it, or the daemon keeps
+    a slot for a subscription nobody holds."""
+    path = tmp_path / "peer.sock"
+    renewal_arrived = trio.Event()
+    answer_renewal = trio.Event()
+    unsubscribed = trio.Event()
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        while (request := (await conn.recv())[0]) is not None:
+            if isinstance(request, Subscribe):
+                if conn.number == 1:
+                    await conn.send(Subscribed(id=request.id, topics=request.topics))
+                    return
+                renewal_arrived.set()
+                await answer_renewal.wait()
+                await conn.send(Subscribed(id=request.id, topics=request.topics))
+            elif isinstance(request, Unsubscribe):
+                unsubscribed.set()
+                await conn.send(Ack(id=request.id))
+
+    async with trio.open_nursery() as nursery:
+        peer = await start_peer(nursery, path, script)
+        async with open_client(path, config=fast_breaker(open_timeout=0.3)) as client:
+            sub = await client.subscribe(["services"])
+            with trio.fail_after(10):
+                await renewal_arrived.wait()
+            await sub.aclose()  # nothing acknowledged on this link: nothing to name yet
+            second = peer.connections[1]
+            assert _received(second, Unsubscribe) == []
+            answer_renewal.set()
+            (renewal,) = _received(second, Subscribe)
+            with trio.fail_after(5):
+                await unsubscribed.wait()
+            assert [u.subscription for u in _received(second, Unsubscribe)] == [renewal.id]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("daemon", ["silent", "unknown_type", "hangs_up"])
+async def test_closing_a_subscription_never_raises_and_stays_quick(
+    tmp_path: Path, daemon: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ``unsubscribe`` is best effort: a daemon that never answers it, one
+    too old to know it, or one that hangs up on it cost at most
+    ``UNSUBSCRIBE_TIMEOUT``, are logged at debug level, never raised, and the
+    client stays usable."""
+    path = tmp_path / "peer.sock"
+
+    async def script(conn: PeerConn) -> None:
+        await conn.greet()
+        while (request := (await conn.recv())[0]) is not None:
+            if isinstance(request, Subscribe):
+                await conn.send(Subscribed(id=request.id, topics=request.topics))
+            elif isinstance(request, Ping):
+                await conn.send(Pong(id=request.id))
+            elif isinstance(request, Unsubscribe):
+                if daemon == "hangs_up":
+                    return
+                if daemon == "unknown_type":
+                    await conn.send(Error(id=request.id, code="unknown_type",
+                                          message="unsubscribe is not served by this daemon"))
+
+    caplog.set_level(logging.DEBUG, logger="sentinel")
+    async with trio.open_nursery() as nursery:
+        peer = await start_peer(nursery, path, script)
+        async with open_client(path, config=fast_breaker(open_timeout=0.3)) as client:
+            sub = await client.subscribe(["services"])
+            (subscribe,) = _received(peer.connections[0], Subscribe)
+            started = trio.current_time()
+            await sub.aclose()
+            took = trio.current_time() - started
+            assert took < UNSUBSCRIBE_TIMEOUT + 0.5
+            if daemon == "silent":
+                assert took >= UNSUBSCRIBE_TIMEOUT * 0.9  # it did wait for the ack
+            (unsubscribe,) = _received(peer.connections[0], Unsubscribe)
+            assert unsubscribe.subscription == subscribe.id
+            failed = [r for r in caplog.records if r.getMessage() == "client_unsubscribe_failed"]
+            assert [r.levelno for r in failed] == [logging.DEBUG]
+            await client.ping()  # usable (after a reconnect, for the one that hung up)
+            assert client.connects == (2 if daemon == "hangs_up" else 1)
         nursery.cancel_scope.cancel()
 
 

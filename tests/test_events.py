@@ -1,9 +1,10 @@
 """Event bus and degraded-mode notices: bounded per-subscriber buffers, one
 ``events_dropped`` per overflow, a stuck subscriber never blocks the
 publisher, acknowledgements that lapse when the state changes, at most
-``MAX_SUBSCRIPTIONS_PER_CONNECTION`` subscriptions per connection. Real trio
-socket pairs where a slow reader matters; a real ``sentineld`` for the
-per-connection bound."""
+``MAX_SUBSCRIPTIONS_PER_CONNECTION`` subscriptions per connection, and
+``unsubscribe`` ending one of them. Real trio socket pairs where a slow
+reader matters; a real ``sentineld`` for the per-connection bound and
+``unsubscribe`` on the wire."""
 
 from __future__ import annotations
 
@@ -18,7 +19,20 @@ import trio.testing
 
 from sentinel_ipc.codec import encode_framed
 from sentinel_ipc.errors import BusyError, InvalidMessageError, NotFoundError
-from sentinel_ipc.messages import Error, Event, Ping, Pong, Reply, Subscribe, Subscribed
+from sentinel_ipc.messages import (
+    Ack,
+    BreakerControl,
+    Breakers,
+    BreakersReport,
+    Error,
+    Event,
+    Ping,
+    Pong,
+    Reply,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+)
 from sentinel_ipc.observability.events import (
     MAX_SUBSCRIPTIONS_PER_CONNECTION,
     NOTICE_ACTIONS,
@@ -212,8 +226,8 @@ def test_event_bus_needs_a_nursery_type() -> None:
 
 
 async def test_a_connection_past_its_subscriptions_gets_a_busy_that_is_not_retryable() -> None:
-    """The protocol has no unsubscribe: on the same connection the same request
-    can never succeed, so the refusal must not invite a retry."""
+    """Waiting never frees a slot (only the client's own unsubscribe or its
+    connection closing does), so the refusal must not invite a retry."""
     async with open_event_bus(clock=lambda: 0.0) as bus:
         c = Collector()
         held: list[Subscription] = []
@@ -305,4 +319,80 @@ async def test_one_connection_cannot_take_every_subscriber_slot(daemon_factory: 
             (reply,) = await _replies(browser, 1)
             assert isinstance(reply, Subscribed), reply
             assert reply.topics == ["degraded"]
+    d.stop()
+
+
+async def _until_transitions(
+    conn: FramedConnection, want: set[int], state: str
+) -> tuple[list[Event], list[Reply]]:
+    """Frames until every subscribe id in ``want`` got a ``breaker_transition``
+    to ``state``: (every event, every other reply) read meanwhile."""
+    events: list[Event] = []
+    others: list[Reply] = []
+    seen: set[int] = set()
+    with trio.fail_after(15):
+        while not want <= seen:
+            frame = await conn.receive()
+            if isinstance(frame, Event):
+                events.append(frame)
+                if frame.kind == "breaker_transition" and frame.state == state:
+                    seen.add(frame.id)
+            else:
+                others.append(frame)
+    return events, others
+
+
+async def test_unsubscribe_frees_a_slot_and_ends_only_that_subscription(
+    daemon_factory: Any,
+) -> None:
+    """A long-lived client (a browser UI panel) opens and closes subscriptions
+    on one connection for hours; with 8 per connection it needs
+    ``unsubscribe`` to get past its 9th. After the ``ack`` the slot is free at
+    once, no event carries the ended id, and the other subscriptions go on;
+    an id the connection does not hold (unknown, another connection's, ended
+    already) is ``not_found`` and the connection stays usable."""
+    d = daemon_factory()
+    async with open_framed_connection(d.socket_path) as conn, \
+            open_framed_connection(d.socket_path) as other:
+        await other.send(Breakers(id=1))
+        (report,) = await _replies(other, 1)
+        assert isinstance(report, BreakersReport) and report.breakers, report
+        breaker = report.breakers[0].name
+
+        subscribed = list(range(1, MAX_SUBSCRIPTIONS_PER_CONNECTION + 1))
+        for n in subscribed:
+            await conn.send(Subscribe(id=n, topics=["breakers"]))
+        replies = await _replies(conn, len(subscribed))
+        assert sorted(r.id for r in replies if isinstance(r, Subscribed)) == subscribed
+        await conn.send(Subscribe(id=9, topics=["breakers"]))
+        (refused,) = await _replies(conn, 1)
+        assert isinstance(refused, Error) and refused.code == "busy" and not refused.retryable
+
+        await other.send(BreakerControl(id=2, name=breaker, action="trip"))
+        assert isinstance((await _replies(other, 1))[0], Ack)
+        await _until_transitions(conn, set(subscribed), "forced_open")  # 3 among them
+
+        await conn.send(Unsubscribe(id=10, subscription=3))
+        (ack,) = await _replies(conn, 1)
+        assert isinstance(ack, Ack) and ack.id == 10, ack
+        await conn.send(Subscribe(id=11, topics=["breakers"]))  # the 9th now fits
+        (again,) = await _replies(conn, 1)
+        assert isinstance(again, Subscribed) and again.id == 11, again
+
+        await other.send(Unsubscribe(id=3, subscription=1))  # conn's id 1, not other's
+        (foreign,) = await _replies(other, 1)
+        for n, wanted in ((12, 3), (13, 999)):  # ended already; never made
+            await conn.send(Unsubscribe(id=n, subscription=wanted))
+        await conn.send(Ping(id=14))
+        unknown = sorted(await _replies(conn, 3), key=lambda r: r.id)  # by id: ping is inline
+        for reply in (foreign, *unknown[:2]):
+            assert isinstance(reply, Error), reply
+            assert (reply.code, reply.retryable) == ("not_found", False), reply
+        assert [r.id for r in unknown] == [12, 13, 14] and unknown[2] == Pong(id=14)
+
+        await other.send(BreakerControl(id=4, name=breaker, action="reset"))
+        assert isinstance((await _replies(other, 1))[0], Ack)
+        live = {1, 2, 4, 5, 6, 7, 8, 11}  # 1 still live: other's unsubscribe missed it
+        events, _ = await _until_transitions(conn, live, "closed")
+        assert {e.id for e in events} <= live, [e.id for e in events]
     d.stop()

@@ -606,7 +606,9 @@ class Client:
         """Receive pushed events (``async for event in sub``, and/or ``callback``).
 
         Renewed on every reconnect; local ``client`` events announce the gaps.
-        Close it to stop.
+        Close it (``await sub.aclose()`` or ``async with``) when done: that
+        also ends it on the daemon, which holds at most 8 per connection (a
+        9th raises ``BusyError`` with ``retryable`` false).
         """
         return await self._connector.subscribe(
             topics, callback=callback,

@@ -10,13 +10,18 @@ can say "reconnecting..." instead of showing stale state.
 A slow consumer never blocks the reader: the buffer is bounded and on
 overflow the oldest event is dropped and counted (``dropped``; the next event
 handed out carries the count in its ``dropped`` field).
+
+Closing one ends it on the daemon too (``unsubscribe``), because the daemon
+holds at most 8 subscriptions per connection and the client keeps one
+connection for its whole life: a UI panel that opens and closes
+subscriptions for hours would otherwise be refused its 9th.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -43,9 +48,17 @@ def local_event(kind: str, message: str, at: float) -> Event:
 class Subscription:
     """Events for ``topics``; iterate with ``async for``, or pass ``callback``.
 
-    Close it (``await sub.aclose()`` or ``async with``) to stop delivery. The
-    daemon has no unsubscribe message: it stops sending on that connection only
-    when it closes; until then the client drops the frames.
+    Close it to stop delivery: ``await sub.aclose()`` (or leaving ``async
+    with``) stops it at once here and sends ``unsubscribe`` for its current
+    daemon-side subscription, waiting for the ``ack`` (at most about a second)
+    so that the daemon's slot is free when it returns. That part is best
+    effort and never raises because the daemon is gone: with no link up
+    nothing is sent (the daemon's side ended with the connection); a daemon
+    that does not answer in time, hangs up, or is too old to know
+    ``unsubscribe`` is logged at debug level and ``aclose`` returns normally.
+    ``close()`` (for code that cannot await) sends the same ``unsubscribe``
+    in the background. A closed subscription is never renewed after a
+    reconnect.
     """
 
     def __init__(
@@ -55,6 +68,7 @@ class Subscription:
         buffer: int,
         callback: EventCallback | None,
         on_close: Callable[[Subscription], None],
+        on_aclose: Callable[[Subscription], Awaitable[None]] | None = None,
     ) -> None:
         self.topics = topics
         self.callback = callback
@@ -62,11 +76,15 @@ class Subscription:
         self.closed = False
         #: Generation of the link this subscription is registered on (-1: none).
         self.generation = -1
+        #: Id of its ``subscribe`` on that link once the daemon acknowledged it
+        #: (what ``unsubscribe`` names); None while none is acknowledged.
+        self.remote_id: int | None = None
         self._buffer: collections.deque[Event] = collections.deque()
         self._limit = buffer
         self._unreported_drops = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._on_close = on_close
+        self._on_aclose = on_aclose
 
     def deliver(self, event: Event) -> None:
         """Called by the reader task; never blocks, never raises."""
@@ -116,16 +134,30 @@ class Subscription:
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
-    def close(self) -> None:
+    def _end_locally(self) -> bool:
+        """Stop delivery; False if it was already closed."""
         if self.closed:
-            return
+            return False
         self.closed = True
         self._lot.unpark_all()
-        self._on_close(self)
+        return True
+
+    def close(self) -> None:
+        """Stop delivery now; the daemon-side ``unsubscribe`` goes out in the
+        background. Never raises."""
+        if self._end_locally():
+            self._on_close(self)
 
     async def aclose(self) -> None:
-        self.close()
-        await trio.lowlevel.checkpoint()
+        """Stop delivery and end the daemon-side subscription (see the class
+        docstring: bounded, best effort, never raises because the daemon is gone)."""
+        if not self._end_locally():
+            await trio.lowlevel.checkpoint()
+        elif self._on_aclose is None:
+            self._on_close(self)
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._on_aclose(self)
 
     async def __aenter__(self) -> Subscription:
         return self

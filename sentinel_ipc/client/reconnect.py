@@ -44,6 +44,12 @@ sleep outlives the call.
 Subscriptions belong to the connector: every new link re-subscribes them, and
 while any exist a keeper task reconnects (under the same policy and breaker)
 even when nobody is calling, and an idle reader reads events between calls.
+Closing one drops it from the renewals and sends ``unsubscribe`` for the
+``subscribe`` id the current link acknowledged: one attempt on that link
+only, bounded by :data:`UNSUBSCRIBE_TIMEOUT`, no retry, no reconnect (a lost
+link took the daemon's side of it along) and errors logged at debug level,
+never raised. One closed while its (re)subscribe is still in flight is
+unsubscribed as soon as the ``subscribed`` reply arrives.
 
 Concurrent callers share one connect attempt: callers queued behind a connect
 that failed get its error at once instead of each waiting their own timeout.
@@ -78,6 +84,7 @@ from ..messages import (
     Reply,
     Subscribe,
     Subscribed,
+    Unsubscribe,
     Welcome,
     type_tag,
 )
@@ -98,6 +105,10 @@ _OPERATION = "ipc"
 #: that the timer (which counts the timeout against the breaker) fires first.
 _SCOPE_GRACE = 0.05
 _RNG = random.Random()
+#: Longest wait for the daemon's ``ack`` to an ``unsubscribe`` (capped by
+#: ``ClientConfig.timeout``): closing a subscription must stay quick even
+#: when the daemon is stuck; the daemon's side ends with the link anyway.
+UNSUBSCRIBE_TIMEOUT = 1.0
 
 
 class Connector:
@@ -436,6 +447,7 @@ class Connector:
             buffer=self.config.event_buffer,
             callback=callback,
             on_close=self._forget,
+            on_aclose=self._release,
         )
         try:
             await self.run(self._subscribe_attempt, sub, timeout=timeout, what="subscribe")
@@ -460,6 +472,7 @@ class Connector:
         if sub.closed or sub.generation == link.generation:
             return
         sub.generation = link.generation
+        sub.remote_id = None  # an id of an older link means nothing on this one
         request_id = next(self._ids)
         link.event_routes[request_id] = sub.deliver
         try:
@@ -481,6 +494,13 @@ class Connector:
             if sub.generation == link.generation:
                 sub.generation = -1
             raise
+        if sub.closed:
+            # Closed while this subscribe was in flight: its close found no
+            # acknowledged id to unsubscribe, so the daemon's side ends here.
+            link.event_routes.pop(request_id, None)
+            await self._unsubscribe_on(link, request_id)
+        elif sub.generation == link.generation:
+            sub.remote_id = request_id
 
     @staticmethod
     def _announce_renewal(sub: Subscription, reply: Reply) -> None:
@@ -524,6 +544,22 @@ class Connector:
                     await trio.sleep(self.retry.max_delay)
 
     def _forget(self, sub: Subscription) -> None:
+        """``Subscription.close()``: forget it now, unsubscribe in the background."""
+        target = self._detach(sub)
+        if target is not None:
+            self._tasks.start_soon(self._unsubscribe_on, *target)
+
+    async def _release(self, sub: Subscription) -> None:
+        """``Subscription.aclose()``: forget it now, and wait for the unsubscribe."""
+        target = self._detach(sub)
+        if target is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._unsubscribe_on(*target)
+
+    def _detach(self, sub: Subscription) -> tuple[Link, int] | None:
+        """Drop a closed ``sub`` from the renewals and the event routes; return
+        the live link and the id to unsubscribe there, if its daemon side is up."""
         if sub in self._subs:
             self._subs.remove(sub)
         link = self._link
@@ -534,6 +570,50 @@ class Connector:
         if not self._subs and self._keeper is not None:
             self._keeper.cancel()
             self._keeper = None
+        remote, sub.remote_id = sub.remote_id, None
+        if (
+            remote is None
+            or self._closing  # the link is about to close, which ends them all
+            or link is None
+            or link.closed
+            or link.generation != sub.generation
+        ):
+            return None
+        return link, remote
+
+    async def _unsubscribe_on(self, link: Link, subscription: int) -> None:
+        """Send ``unsubscribe {subscription}`` on ``link`` and wait for the ack.
+
+        Best effort, never raises (but for cancellation): one attempt,
+        bounded by :data:`UNSUBSCRIBE_TIMEOUT`; ``not_found`` (already gone),
+        ``unknown_type`` (a daemon from before ``unsubscribe``), a lost link
+        or no answer in time are logged at debug level and dropped.
+        """
+        request_id = next(self._ids)
+        limit = min(UNSUBSCRIBE_TIMEOUT, self.config.timeout)
+        error: str | None = None
+        with trio.move_on_after(limit) as scope:
+            try:
+                await link.wait_for_slot()
+                link.in_flight += 1
+                try:
+                    pending = link.register(request_id)
+                    frame = link.encode(Unsubscribe(id=request_id, subscription=subscription))
+                    await link.send(frame, (), pending)
+                    pending.sent = True
+                    await link.wait(pending)
+                finally:
+                    link.unregister(request_id)
+                    link.release_slot()
+            except SentinelError as exc:
+                error = f"{exc.code}: {exc.message}"
+        if scope.cancelled_caught:
+            error = f"no ack within {limit:g} s"
+        if error is not None:
+            log_event(
+                "client_unsubscribe_failed", logging.DEBUG, subscription=subscription,
+                generation=link.generation, error=error,
+            )
 
     # --- closing -----------------------------------------------------------------
 

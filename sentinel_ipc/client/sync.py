@@ -89,9 +89,12 @@ class SyncSubscription:
                 continue
 
     def close(self) -> None:
+        """Stop delivery and end it on the daemon (``Subscription.aclose``: bounded,
+        best effort). Never raises, also once the client is closed."""
         sub = self._sub
         if sub is not None and not sub.closed:
-            self._owner._run_sync(sub.close)
+            with contextlib.suppress(TransportError, trio.RunFinishedError):
+                self._owner._run(sub.aclose)
 
     def __enter__(self) -> SyncSubscription:
         return self

@@ -260,17 +260,18 @@ def check_connection_room(
     ``busy`` means on the wire. ``invalid_message`` would tell the client its
     frame was wrong and send its developer looking at the encoding.
 
-    Why not retryable (and no ``retry_after``): the protocol has no
-    unsubscribe, so a connection's subscriptions end only when it closes;
-    the same request on the same connection can never succeed, and a client
-    that honours ``retryable`` must not loop on it. Closing the connection
-    and subscribing anew (with all the topics in one subscription) does.
+    Why not retryable (and no ``retry_after``): the same request on the same
+    connection succeeds only once the client itself ends one of its
+    subscriptions (``unsubscribe``, or closing the connection); waiting and
+    re-sending changes nothing, and a client that honours ``retryable`` must
+    not loop on it.
     """
     held[:] = [sub for sub in held if not sub.closed]
     if len(held) >= limit:
         raise BusyError(
             f"this connection already holds {len(held)} subscriptions (limit {limit}); "
-            "they end only when it closes: subscribe once with all the topics you need",
+            "unsubscribe one it no longer needs, or subscribe once with all the topics "
+            "you need",
             retryable=False,
         )
 
