@@ -226,7 +226,7 @@ class Quarantine:
                 return self._read_item(hit[0])
             if hit is not None:  # removed behind our back: count afresh
                 self._index = None
-                index = self._loaded_index()
+                self._loaded_index()
             if self._used_items + 1 > self.max_items or self._used_bytes + want > self.max_bytes:
                 raise QuarantineFullError(
                     f"the quarantine is full ({self._used_items} items, {self._used_bytes} "
@@ -245,7 +245,8 @@ class Quarantine:
             raise
         with self._lock:
             self._used_bytes += item.size - want
-            index[sha256] = (item.quarantine_id, item.size)
+            if self._index is not None:  # (rebuilt meanwhile: the current one)
+                self._index[sha256] = (item.quarantine_id, item.size)
         return item
 
     def _loaded_index(self) -> dict[str, tuple[str, int]]:
