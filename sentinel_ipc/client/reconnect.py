@@ -476,19 +476,10 @@ class Connector:
         request_id = next(self._ids)
         link.event_routes[request_id] = sub.deliver
         try:
-            await link.wait_for_slot()
-            link.in_flight += 1
-            try:
-                pending = link.register(request_id)
-                if renewal:
-                    pending.on_reply = partial(self._announce_renewal, sub)
-                frame = link.encode(Subscribe(id=request_id, topics=list(sub.topics)))
-                await link.send(frame, (), pending)
-                pending.sent = True
-                await link.wait(pending)
-            finally:
-                link.unregister(request_id)
-                link.release_slot()
+            await self._exchange(
+                link, request_id, Subscribe(id=request_id, topics=list(sub.topics)),
+                on_reply=partial(self._announce_renewal, sub) if renewal else None,
+            )
         except BaseException:
             link.event_routes.pop(request_id, None)
             if sub.generation == link.generation:
@@ -581,6 +572,26 @@ class Connector:
             return None
         return link, remote
 
+    @staticmethod
+    async def _exchange(
+        link: Link, request_id: int, message: msgspec.Struct,
+        on_reply: Callable[[Reply], None] | None = None,
+    ) -> None:
+        """Send ``message`` on ``link`` itself (not through :meth:`run`: no retry,
+        no reconnect) in one of its in-flight slots, and wait for the reply."""
+        await link.wait_for_slot()
+        link.in_flight += 1
+        try:
+            pending = link.register(request_id)
+            if on_reply is not None:
+                pending.on_reply = on_reply
+            await link.send(link.encode(message), (), pending)
+            pending.sent = True
+            await link.wait(pending)
+        finally:
+            link.unregister(request_id)
+            link.release_slot()
+
     async def _unsubscribe_on(self, link: Link, subscription: int) -> None:
         """Send ``unsubscribe {subscription}`` on ``link`` and wait for the ack.
 
@@ -594,17 +605,9 @@ class Connector:
         error: str | None = None
         with trio.move_on_after(limit) as scope:
             try:
-                await link.wait_for_slot()
-                link.in_flight += 1
-                try:
-                    pending = link.register(request_id)
-                    frame = link.encode(Unsubscribe(id=request_id, subscription=subscription))
-                    await link.send(frame, (), pending)
-                    pending.sent = True
-                    await link.wait(pending)
-                finally:
-                    link.unregister(request_id)
-                    link.release_slot()
+                await self._exchange(
+                    link, request_id, Unsubscribe(id=request_id, subscription=subscription)
+                )
             except SentinelError as exc:
                 error = f"{exc.code}: {exc.message}"
         if scope.cancelled_caught:
