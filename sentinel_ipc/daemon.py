@@ -267,17 +267,36 @@ class Daemon:
         persistence, degraded notices), with an ``external`` health check and
         their own metrics collector."""
         from . import __version__
-        from .external import ExternalMetrics, open_event_forwarder, open_reputation_client
+        from .external import (
+            ExternalMetrics,
+            external_retry_policy,
+            open_event_forwarder,
+            open_reputation_client,
+        )
         from .external.metrics import ExternalCollector, external_check
 
         self.external_metrics = metrics = ExternalMetrics()
+        # [resilience.breakers.external] and [resilience.retries.external]; each
+        # integration gets a breaker of its own with these numbers. (Disabled,
+        # with breakers_enabled = false, when the hub registers it below.)
+        resilience = self.config.resilience
+        breaker_config = resilience.breaker_config("external")
+        retry = external_retry_policy(
+            resilience.retries.get("external"), enabled=resilience.retries_enabled
+        )
         if self.config.reputation.enabled:
             self.reputation = await stack.enter_async_context(
-                open_reputation_client(self.config.reputation, self.data_dir, metrics=metrics)
+                open_reputation_client(
+                    self.config.reputation, self.data_dir, metrics=metrics,
+                    breaker_config=breaker_config, retry=retry,
+                )
             )
         if self.config.forward.enabled:
             self.forwarder = await stack.enter_async_context(
-                open_event_forwarder(self.config.forward, self.data_dir, metrics=metrics)
+                open_event_forwarder(
+                    self.config.forward, self.data_dir, metrics=metrics,
+                    breaker_config=breaker_config, retry=retry,
+                )
             )
             self.forwarder.emit(
                 "daemon_started", "low", {"pid": os.getpid(), "version": __version__}

@@ -372,3 +372,40 @@ def test_real_daemon_forwards_and_reports_external_state(
     assert 'sentinel_outbox_events{state="pending"}' in metrics.text
     daemon.stop()
     assert json.dumps(event)  # plain JSON all the way
+
+
+async def test_real_daemon_forwards_under_the_configured_external_breaker_and_retry(
+    receiver: HttpFixture, daemon_factory: Any
+) -> None:
+    """``[resilience.breakers.external]`` and ``[resilience.retries.external]``
+    reach the forwarder the daemon builds: against a receiver that refuses every
+    connection, one attempt per round (``attempts = 1``) and ``failure_threshold
+    = 1`` open its breaker after a single failed POST. SPEC's defaults would make
+    three attempts, three failures, before it opened."""
+    from sentinel_ipc.client import open_client
+
+    receiver.go_away()
+    daemon = daemon_factory(config={
+        "forward": {"url": receiver.url + "/events"},
+        "resilience": {
+            "breakers": {"external": {
+                "failure_threshold": 1, "open_timeout": 60.0, "success_threshold": 2,
+            }},
+            "retries": {"external": {
+                "attempts": 1, "initial": 0.01, "max_delay": 0.01, "multiplier": 1.0,
+            }},
+        },
+    })
+    async with open_client(daemon.socket_path) as client:
+        with trio.fail_after(15):
+            while True:
+                report = await client.breakers(timeout=5)
+                info = {b.name: b for b in report.breakers}["external.forward"]
+                if info.state != "closed":
+                    break
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)  # a retry the policy should not make would land here
+        report = await client.breakers(timeout=5)
+    info = {b.name: b for b in report.breakers}["external.forward"]
+    assert info.state == "open" and info.failures_total == 1, info
+    daemon.stop()

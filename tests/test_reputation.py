@@ -8,6 +8,7 @@ import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -22,6 +23,7 @@ from sentinel_ipc.external.reputation import (
     ReputationCache,
     parse_reputation_answer,
 )
+from sentinel_ipc.messages import BreakerInfo
 from sentinel_ipc.resilience import BreakerState
 
 
@@ -263,3 +265,99 @@ def test_unreadable_answers_are_errors_not_unknown(body: bytes) -> None:
     with pytest.raises(ExternalServiceError) as info:
         parse_reputation_answer(200, body)
     assert not info.value.retryable
+
+
+# --- the daemon builds its external breaker and retry from [resilience] ------------------
+
+
+def _dead_reputation_daemon(
+    daemon_factory: Any, server: HttpFixture, resilience: dict[str, Any]
+) -> Any:
+    """A real sentineld whose reputation service refuses every connection (the
+    fixture stopped listening: ECONNREFUSED at once, a retryable failure)."""
+    server.go_away()
+    return daemon_factory(
+        config={"reputation": {"url": server.url + "/reputation"}, "resilience": resilience}
+    )
+
+
+async def _scan_and_read_breaker(daemon: Any, scans: int) -> BreakerInfo:
+    """``scans`` scans of distinct bytes (each one reputation lookup, never cached
+    since it fails), then the daemon's own ``breakers`` entry for the lookup."""
+    from sentinel_ipc.client import open_client
+
+    async with open_client(daemon.socket_path) as client:
+        for n in range(scans):
+            result = await client.scan(f"harmless file {n}".encode(), timeout=30)
+            assert result.reputation == "unavailable", result
+        report = await client.breakers(timeout=5)
+    return {b.name: b for b in report.breakers}["external.reputation"]
+
+
+async def test_daemon_opens_the_external_breaker_at_the_configured_threshold(
+    daemon_factory: Any, server: HttpFixture
+) -> None:
+    """``[resilience.breakers.external] failure_threshold = 1`` reaches the
+    reputation client the daemon builds: one refused connection opens its
+    breaker, where SPEC's default (3) would keep it closed. With one attempt
+    per lookup (``[resilience.retries.external]``) one scan is one failure."""
+    daemon = _dead_reputation_daemon(daemon_factory, server, {
+        "breakers": {"external": {
+            "failure_threshold": 1, "open_timeout": 60.0, "success_threshold": 2,
+        }},
+        "retries": {"external": {
+            "attempts": 1, "initial": 0.01, "max_delay": 0.01, "multiplier": 1.0,
+        }},
+    })
+    info = await _scan_and_read_breaker(daemon, 1)
+    assert info.failures_total == 1, info
+    assert info.state == "open", info
+    assert info.retry_after_s is not None and 50 < info.retry_after_s <= 60, info
+    daemon.stop()
+
+
+async def test_daemon_retries_external_calls_as_configured(
+    daemon_factory: Any, server: HttpFixture
+) -> None:
+    """``[resilience.retries.external] attempts = 4`` (short delays, well inside
+    the 500 ms lookup deadline) makes one lookup four attempts, each a breaker
+    failure: the built-in policy would make two (its second backoff passes the
+    deadline). The breaker threshold is raised so it does not cut them short."""
+    daemon = _dead_reputation_daemon(daemon_factory, server, {
+        "breakers": {"external": {
+            "failure_threshold": 50, "open_timeout": 60.0, "success_threshold": 2,
+        }},
+        "retries": {"external": {
+            "attempts": 4, "initial": 0.01, "max_delay": 0.01, "multiplier": 1.0,
+            "jitter": 0.0,
+        }},
+    })
+    info = await _scan_and_read_breaker(daemon, 1)
+    assert info.failures_total == 4 and info.state == "closed", info
+    daemon.stop()
+
+
+async def test_daemon_without_retries_makes_one_external_attempt(
+    daemon_factory: Any, server: HttpFixture
+) -> None:
+    """``retries_enabled = false`` holds for the external calls too: one attempt."""
+    daemon = _dead_reputation_daemon(daemon_factory, server, {"retries_enabled": False})
+    info = await _scan_and_read_breaker(daemon, 2)
+    assert info.failures_total == 2 and info.state == "closed", info
+    daemon.stop()
+
+
+async def test_daemon_with_breakers_disabled_disables_the_external_ones(
+    daemon_factory: Any, server: HttpFixture
+) -> None:
+    """``breakers_enabled = false`` with ``failure_threshold = 1``: the external
+    breaker is disabled like the others, and failures never open it."""
+    daemon = _dead_reputation_daemon(daemon_factory, server, {
+        "breakers_enabled": False,
+        "breakers": {"external": {
+            "failure_threshold": 1, "open_timeout": 60.0, "success_threshold": 2,
+        }},
+    })
+    info = await _scan_and_read_breaker(daemon, 2)
+    assert info.state == "disabled", info
+    daemon.stop()

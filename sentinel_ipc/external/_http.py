@@ -24,6 +24,7 @@ breaker; a 503 is the service's and does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email.utils
 import logging
 import math
@@ -32,6 +33,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 import trio
@@ -50,6 +52,9 @@ from sentinel_ipc.resilience.instruments import BreakerTransition
 
 from .config import HttpTimeouts
 from .metrics import ExternalMetrics
+
+if TYPE_CHECKING:
+    from sentinel_ipc.observability.config import RetrySettings
 
 __all__ = [
     "HttpAnswer",
@@ -71,28 +76,38 @@ class HttpAnswer:
     headers: Mapping[str, str]
 
 
-def external_breaker(name: str) -> CircuitBreaker:
-    """A breaker with SPEC's external preset (3 failures, 60 s open, 2 successes),
-    on trio's clock, so ``guarded_call`` and ``statistics()`` agree."""
-    config = BREAKER_PRESETS.get("external") or BreakerConfig(
-        failure_threshold=3,
-        open_timeout=60.0,
-        success_threshold=2,
-        half_open_max_wait=30.0,
-        is_failure=failure_if_retryable(transient),
-    )
+def external_breaker(name: str, config: BreakerConfig | None = None) -> CircuitBreaker:
+    """A breaker on trio's clock, so ``guarded_call`` and ``statistics()`` agree.
+
+    ``config``: the daemon's ``[resilience.breakers.external]``
+    (``ResilienceConfig.breaker_config("external")``); without it, SPEC's
+    external preset (3 failures, 60 s open, 2 successes)."""
+    if config is None:
+        config = BREAKER_PRESETS.get("external") or BreakerConfig(
+            failure_threshold=3,
+            open_timeout=60.0,
+            success_threshold=2,
+            half_open_max_wait=30.0,
+            is_failure=failure_if_retryable(transient),
+        )
     return CircuitBreaker(name, config, clock=trio.current_time)
 
 
-def external_retry_policy() -> RetryPolicy:
-    """``RETRY_PRESETS["external"]`` if the resilience core defines one; else the
+def external_retry_policy(
+    settings: RetrySettings | None = None, *, enabled: bool = True
+) -> RetryPolicy:
+    """The retry policy of every external call.
+
+    ``RETRY_PRESETS["external"]`` if the resilience core defines one; else the
     network classifier (connection errors, timeouts, 5xx, 429; never other 4xx)
     with a short jittered exponential backoff: 0.2 s, 0.4 s (x 1..1.25), at most
-    3 attempts or 30 s in all."""
-    preset = RETRY_PRESETS.get("external")
-    if preset is not None:
-        return preset
-    return RetryPolicy(
+    3 attempts or 30 s in all. ``settings`` (the daemon's
+    ``[resilience.retries.external]``) replaces the numbers, keeping the
+    classifier and the total-time cap; ``enabled=False``
+    (``resilience.retries_enabled = false``) leaves one attempt. The daemon
+    builds it here rather than with ``ResilienceConfig.retry_policy``, which
+    knows only the core's presets and has none for ``external``."""
+    policy = RETRY_PRESETS.get("external") or RetryPolicy(
         on=transient,
         attempts=3,
         initial=0.2,
@@ -101,6 +116,18 @@ def external_retry_policy() -> RetryPolicy:
         jitter=0.25,
         timeout=30.0,
     )
+    if settings is not None:
+        policy = dataclasses.replace(
+            policy,
+            attempts=settings.attempts,
+            initial=settings.initial,
+            max_delay=settings.max_delay,
+            multiplier=settings.multiplier,
+            jitter=settings.jitter,
+        )
+    if not enabled:
+        policy = dataclasses.replace(policy, attempts=1)
+    return policy
 
 
 def api_key_value(api_key: str, api_key_env: str) -> str:

@@ -56,6 +56,7 @@ import trio
 from sentinel_ipc.errors import CircuitOpenError, ExternalServiceError, RetryGaveUpError
 from sentinel_ipc.logs import log_event
 from sentinel_ipc.resilience import (
+    BreakerConfig,
     BreakerState,
     BreakerTransition,
     CircuitBreaker,
@@ -117,6 +118,7 @@ class EventForwarder:
         client: httpx.AsyncClient,
         *,
         breaker: CircuitBreaker | None = None,
+        breaker_config: BreakerConfig | None = None,
         retry: RetryPolicy | None = None,
         metrics: ExternalMetrics | None = None,
         rng: RandomSource | None = None,
@@ -125,7 +127,7 @@ class EventForwarder:
         self.config = config
         self.outbox = outbox
         self.client = client
-        self.breaker = breaker or external_breaker("external.forward")
+        self.breaker = breaker or external_breaker("external.forward", breaker_config)
         self.retry = retry or external_retry_policy()
         self.metrics = metrics or ExternalMetrics()
         self._rng: RandomSource = rng or random.Random()
@@ -410,6 +412,7 @@ async def open_event_forwarder(
     data_dir: str | os.PathLike[str],
     *,
     breaker: CircuitBreaker | None = None,
+    breaker_config: BreakerConfig | None = None,
     retry: RetryPolicy | None = None,
     metrics: ExternalMetrics | None = None,
     rng: RandomSource | None = None,
@@ -420,6 +423,9 @@ async def open_event_forwarder(
     the writer and sender; on exit stop them, write what is staged, close.
 
     Events still pending at exit stay in the outbox for the next start.
+    ``breaker`` (a breaker of your own) or ``breaker_config`` (the numbers for the
+    one built here), and ``retry``: default SPEC's external preset and
+    :func:`~._http.external_retry_policy`.
     Raises :class:`~.outbox.OutboxLockedError` if another process holds the outbox.
     """
     directory = Path(data_dir) / config.outbox_dir
@@ -448,6 +454,7 @@ async def open_event_forwarder(
             outbox,
             http,
             breaker=breaker,
+            breaker_config=breaker_config,
             retry=retry,
             metrics=metrics,
             rng=rng,

@@ -42,7 +42,7 @@ import trio
 
 from sentinel_ipc.errors import CircuitOpenError, ExternalServiceError, RetryGaveUpError
 from sentinel_ipc.logs import log_event
-from sentinel_ipc.resilience import CircuitBreaker, RetryPolicy, guarded_call
+from sentinel_ipc.resilience import BreakerConfig, CircuitBreaker, RetryPolicy, guarded_call
 
 from ._http import (
     HttpAnswer,
@@ -307,13 +307,14 @@ class ReputationClient:
         cache: ReputationCache,
         *,
         breaker: CircuitBreaker | None = None,
+        breaker_config: BreakerConfig | None = None,
         retry: RetryPolicy | None = None,
         metrics: ExternalMetrics | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.cache = cache
-        self.breaker = breaker or external_breaker("external.reputation")
+        self.breaker = breaker or external_breaker("external.reputation", breaker_config)
         self.retry = retry or external_retry_policy()
         self.metrics = metrics or ExternalMetrics()
         self.source = urllib.parse.urlsplit(config.url).hostname or "reputation"
@@ -451,11 +452,16 @@ async def open_reputation_client(
     data_dir: str | os.PathLike[str],
     *,
     breaker: CircuitBreaker | None = None,
+    breaker_config: BreakerConfig | None = None,
     retry: RetryPolicy | None = None,
     metrics: ExternalMetrics | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[ReputationClient]:
-    """Open the HTTP client and the on-disk cache; close both (cache flushed) on exit."""
+    """Open the HTTP client and the on-disk cache; close both (cache flushed) on exit.
+
+    ``breaker`` (a breaker of your own) or ``breaker_config`` (the numbers for
+    the one built here), and ``retry``: default SPEC's external preset and
+    :func:`~._http.external_retry_policy`."""
     directory = Path(data_dir)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     cache = ReputationCache(
@@ -472,7 +478,10 @@ async def open_reputation_client(
         ca_file=config.ca_file,
         headers=headers,
     )
-    client = ReputationClient(config, http, cache, breaker=breaker, retry=retry, metrics=metrics)
+    client = ReputationClient(
+        config, http, cache, breaker=breaker, breaker_config=breaker_config, retry=retry,
+        metrics=metrics,
+    )
     client.breaker.add_listener(log_breaker_transition)
     try:
         async with http, open_service_nursery() as nursery:
