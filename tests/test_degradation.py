@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import threading
@@ -57,9 +58,12 @@ from sentinel_ipc.messages import (
     Metrics,
     MetricsReport,
     Ping,
+    PolicyAdd,
+    PolicyDecision,
     PolicyList,
     PolicyListResult,
     PolicyQuery,
+    PolicyResult,
     Scan,
     ScanResult,
     ServiceRetry,
@@ -401,6 +405,72 @@ async def test_health_metrics_format(daemon_factory: Any) -> None:
                                         stdin=text_reply.text.encode(), capture_stdout=True,
                                         capture_stderr=True, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
+    d.stop()
+
+
+def sample_value(text: str, name: str) -> float:
+    """The unlabelled sample ``name`` (e.g. a histogram's ``..._count``) in ``text``."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and not s.labels:
+                return float(s.value)
+    raise AssertionError(f"no sample {name!r} in the metrics")
+
+
+@needs_policy
+async def test_database_query_duration_counts_the_policy_store_calls(
+    daemon_factory: Any, dbdir: Path
+) -> None:
+    """``sentinel_database_query_duration_seconds`` measures the policy
+    database's own queries (SPEC section 4), not only the health probe: N
+    policy requests that reach the database (adds, queries a policy decides,
+    lists) add at least N observations. The checks run hourly and the store's
+    own verification likewise, so nothing else adds any meanwhile."""
+    policy = {**policy_config(dbdir), "verify_interval": 3600.0}
+    d = daemon_factory(config={"resilience": {"check_interval": 3600.0}, "policy": policy})
+    count = "sentinel_database_query_duration_seconds_count"
+    before = sample_value(await metrics_text(d.socket_path), count)
+    hashes = [hashlib.sha256(f"file {n}".encode()).hexdigest() for n in range(3)]
+    async with wire(d.socket_path) as w:
+        for sha in hashes:
+            added = await w.call(PolicyAdd(id=next(_ids), action="block", sha256=sha))
+            assert isinstance(added, PolicyResult) and not added.queued, added
+        for sha in hashes:
+            decided = await w.call(PolicyQuery(id=next(_ids), sha256=sha))
+            assert isinstance(decided, PolicyDecision), decided
+            assert decided.policy_id is not None and not decided.degraded, decided
+        for _ in range(2):
+            listed = await w.call(PolicyList(id=next(_ids)))
+            assert isinstance(listed, PolicyListResult) and len(listed.policies) == 3
+    requests = 2 * len(hashes) + 2
+    after = sample_value(await metrics_text(d.socket_path), count)
+    assert after - before >= requests, (before, after)
+    d.stop()
+
+
+@needs_policy
+async def test_database_query_duration_counts_failed_attempts_too(
+    daemon_factory: Any, dbdir: Path
+) -> None:
+    """A query that fails is still a query the histogram should show: with
+    another connection holding ``BEGIN EXCLUSIVE``, one add fails its three
+    attempts (database retry policy) on the lock, is journaled, and every
+    attempt was observed."""
+    policy = {**policy_config(dbdir), "verify_interval": 3600.0}
+    d = daemon_factory(config={"resilience": {"check_interval": 3600.0}, "policy": policy})
+    count = "sentinel_database_query_duration_seconds_count"
+    before = sample_value(await metrics_text(d.socket_path), count)
+    holder = sqlite3.connect(dbdir / "policy_graph.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        async with wire(d.socket_path) as w:
+            sha = hashlib.sha256(b"written while locked").hexdigest()
+            added = await w.call(PolicyAdd(id=next(_ids), action="block", sha256=sha))
+        assert isinstance(added, PolicyResult) and added.queued, added
+        after = sample_value(await metrics_text(d.socket_path), count)
+    finally:
+        holder.close()
+    assert after - before >= 3, (before, after)
     d.stop()
 
 

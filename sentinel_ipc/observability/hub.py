@@ -113,6 +113,8 @@ class PolicyLike(Protocol):
 
     def add_state_listener(self, cb: Callable[[bool, str | None], object]) -> None: ...
 
+    def add_query_observer(self, cb: Callable[[str, float], object]) -> None: ...
+
     def statistics(self) -> dict[str, Any]: ...
 
 
@@ -297,6 +299,10 @@ class Observability:
         self.policy = policy
         self.add_breaker(policy.breaker, "database")
         policy.add_state_listener(self._on_policy_state)
+        # Every call on the store thread (requests, recovery, the check below).
+        policy.add_query_observer(
+            lambda _operation, seconds: self.metrics.observe_database_query(seconds)
+        )
         name = Path(policy.db_path).name
 
         async def verify() -> CheckOutcome:
@@ -305,7 +311,6 @@ class Observability:
             except (SentinelError, trio.TooSlowError) as exc:
                 text = getattr(exc, "message", "") or "the database did not answer in time"
                 return CheckOutcome(ok=False, message=text)
-            self.metrics.observe_database_query(seconds)
             return CheckOutcome(
                 ok=True, message=f"{name} verified afresh in {seconds * 1000:.1f} ms"
             )

@@ -189,6 +189,9 @@ class PolicyConfig(msgspec.Struct, kw_only=True):
 
 
 StateListener = Callable[[bool, str | None], object]
+#: ``observer(operation, seconds)``: one call on the store thread finished (see
+#: :meth:`PolicyService.add_query_observer`).
+QueryObserver = Callable[[str, float], object]
 
 #: Errors that say something about the caller's request, not the database.
 _CALLER_ERRORS = (PolicyConflictError, NotFoundError, PolicyValidationError)
@@ -268,6 +271,7 @@ class PolicyService:
         self._degraded = False
         self._reason: str | None = None
         self._listeners: _List[StateListener] = []
+        self._query_observers: _List[QueryObserver] = []
         self._write_lock = trio.Lock()
         self._recover_lock = trio.Lock()
         self._journal_lock = trio.Lock()
@@ -306,6 +310,24 @@ class PolicyService:
     def add_state_listener(self, cb: StateListener) -> None:
         """``cb(degraded, reason)`` on every change of state (or of its reason)."""
         self._listeners.append(cb)
+
+    def add_query_observer(self, cb: QueryObserver) -> None:
+        """``cb(operation, seconds)`` after every call that reached the store thread:
+        each attempt of a store call under the breaker and retry, the health
+        verification, recovery, start-up and close, whether it succeeded or
+        failed (one that timed out counts its ``op_timeout``). A call the open
+        breaker refused, or one cancelled from outside, made no query and is
+        not counted. The observability hub feeds
+        ``sentinel_database_query_duration_seconds`` from it (this package does
+        not import observability). An observer that raises is logged and skipped."""
+        self._query_observers.append(cb)
+
+    def _observe_query(self, operation: str, seconds: float) -> None:
+        for cb in list(self._query_observers):
+            try:
+                cb(operation, seconds)
+            except Exception:
+                log.exception("policy query observer failed")
 
     def _set_state(self, degraded: bool, reason: str | None) -> None:
         if degraded == self._degraded and (not degraded or reason == self._reason):
@@ -361,8 +383,7 @@ class PolicyService:
         """One store call on the store thread, bounded, retried and behind the breaker."""
 
         async def attempt() -> T:
-            with trio.fail_after(self.config.op_timeout):
-                return await self._thread.run(fn)
+            return await self._thread_call(fn, operation)
 
         return await guarded_call(
             attempt,
@@ -779,15 +800,26 @@ class PolicyService:
             )
         start = trio.current_time()
         try:
-            await self._thread_call(self._store.verify)
+            await self._thread_call(self._store.verify, "verify")
         except (SentinelError, trio.TooSlowError) as exc:
             self._enter_degraded(exc)
             raise
         return trio.current_time() - start
 
-    async def _thread_call(self, fn: Callable[[], T]) -> T:
-        with trio.fail_after(self.config.op_timeout):
-            return await self._thread.run(fn)
+    async def _thread_call(self, fn: Callable[[], T], operation: str) -> T:
+        """``fn`` on the store thread, bounded by ``op_timeout``, timed for the
+        query observers (not when cancelled from outside: no duration to tell)."""
+        start = trio.current_time()
+        cancelled = False
+        try:
+            with trio.fail_after(self.config.op_timeout):
+                return await self._thread.run(fn)
+        except trio.Cancelled:
+            cancelled = True
+            raise
+        finally:
+            if not cancelled:
+                self._observe_query(operation, trio.current_time() - start)
 
     # --- recovery ---------------------------------------------------------------
 
@@ -1034,7 +1066,8 @@ class PolicyService:
                     self._store.recover,
                     self._snapshot.real_policies(),
                     self._snapshot.max_policy_id,
-                )
+                ),
+                "open",
             )
         except (SentinelError, trio.TooSlowError) as exc:
             self._enter_degraded(exc)
@@ -1043,7 +1076,9 @@ class PolicyService:
             self._report_events(self._store.drain_events())
         try:
             await self._replay()
-            policies, max_id = await self._thread_call(partial(self._store.load_active, now))
+            policies, max_id = await self._thread_call(
+                partial(self._store.load_active, now), "load"
+            )
         except (SentinelError, trio.TooSlowError) as exc:
             self._enter_degraded(exc)
             return
@@ -1056,7 +1091,7 @@ class PolicyService:
             if not self._degraded:
                 await self._persist_snapshot()
             with contextlib.suppress(SentinelError, trio.TooSlowError):
-                await self._thread_call(self._store.close)
+                await self._thread_call(self._store.close, "close")
             await self._thread.aclose()
             if self._journal is not None:
                 await trio.to_thread.run_sync(self._journal.close)
