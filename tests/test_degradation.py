@@ -353,6 +353,67 @@ async def test_readiness_false_with_the_database_down_says_why(
 
 
 @needs_policy
+async def test_readiness_follows_the_database_breaker_at_once(daemon_factory: Any) -> None:
+    """The database breaker tripped by an admin (``breaker_control``, as the
+    daemon's own uid) puts the database service in ``failed``: the ``ready``
+    probe says no at once, naming the database, though no request has failed
+    and the periodic check (hourly here) has not run; reset, it is ready again
+    at once. Liveness never changes."""
+    from sentinel_ipc.client import open_client
+
+    d = daemon_factory(config={"resilience": {"check_interval": 3600.0}})
+    async with open_client(d.socket_path) as client:
+        before = await client.ready(timeout=5)
+        assert before.ready, before.reason
+        await client.breaker_trip("database", timeout=5)
+        tripped = await client.ready(timeout=5)
+        assert tripped.ready is False and tripped.alive is True
+        assert tripped.reason is not None and "database" in tripped.reason, tripped.reason
+        assert "forced_open" in tripped.reason, tripped.reason
+        assert (await client.health(timeout=5)).ready is False
+        await client.breaker_reset("database", timeout=5)
+        reset = await client.ready(timeout=5)
+        assert reset.ready, reset.reason
+    d.stop()
+
+
+@needs_policy
+async def test_readiness_after_a_restart_that_ended_the_outage(
+    daemon_factory: Any, dbdir: Path
+) -> None:
+    """The database service failed (a write hit another connection's ``BEGIN
+    EXCLUSIVE``; its breaker stayed closed) and the daemon died in that state.
+    Restarted with the lock gone, the policy store opens the file fine: that
+    ends the restored ``failed`` state, so the daemon is ready, even with the
+    periodic checks off (nothing else would ever clear it)."""
+    config = {"resilience": {"health_checks_enabled": False},
+              "policy": {**policy_config(dbdir), "verify_interval": 3600.0}}
+    d = daemon_factory(config=config)
+    state_file = d.data_dir / "resilience_state.json"
+    holder = sqlite3.connect(dbdir / "policy_graph.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        async with wire(d.socket_path) as w:
+            sha = hashlib.sha256(b"written while locked").hexdigest()
+            added = await w.call(PolicyAdd(id=next(_ids), action="block", sha256=sha))
+            assert isinstance(added, PolicyResult) and added.queued, added
+        report = await health(d.socket_path, "ready")
+        assert not report.ready and "database" in (report.reason or ""), report
+        deadline = time.monotonic() + 5
+        while b'"failed"' not in (state_file.read_bytes() if state_file.exists() else b""):
+            assert time.monotonic() < deadline, "the failed state was never saved"
+            await trio.sleep(0.05)
+        d.kill()
+    finally:
+        holder.close()
+    d.start()
+    report = await health(d.socket_path, "ready")
+    assert report.ready, report.reason
+    assert service_states(await metrics_text(d.socket_path))["database"] == "healthy"
+    d.stop()
+
+
+@needs_policy
 @needs_chattr
 async def test_health_database_unhealthy(daemon_factory: Any, dbdir: Path) -> None:
     d = daemon_factory(config={"resilience": FAST_CHECKS, "policy": policy_config(dbdir)})

@@ -25,7 +25,8 @@ progress instead of starting another, so an on-demand burst cannot pile up
 probes of a dependency that is already struggling.
 
 Readiness is false while a check registered ``required_for_ready`` is failing
-or a readiness condition (no rules loaded, no worker) names a reason. Liveness
+or a readiness condition (no rules loaded, no worker, the database down: see
+``Observability._ready_database``) names a reason. Liveness
 depends on nothing: if the daemon can answer, it is alive.
 """
 

@@ -319,10 +319,38 @@ class Observability:
             "database",
             verify,
             timeout=self.settings.health.database_timeout,
-            required_for_ready=True,
+            # With the checks off it never runs ("not checked yet" forever);
+            # _ready_database answers for the database then.
+            required_for_ready=self.settings.health_checks_enabled,
         )
+        # The store opened (and read) the database at start, or failed to: either
+        # way that is news for a state restored from the last run, which may say
+        # "failed" for an outage that is over (and keep the daemon unready).
+        self._on_policy_state(policy.degraded, policy.degraded_reason)
+
+    def _ready_database(self) -> str | None:
+        """SPEC section 4, "readiness fails when the database is down": down while
+        the policy store says so (a call failed), while the database service is
+        failed or critical (its fallback serves: breaker open or on trial, a
+        failed check), or while its breaker is open or forced open (no call
+        would reach the database; a manual trip fails no request). Cheap and
+        exact even with the checks disabled, and true again the moment the
+        service recovers."""
+        policy = self.policy
+        if policy is None:
+            return None
         if policy.degraded:
-            self._on_policy_state(True, policy.degraded_reason)
+            return f"database is down: {policy.degraded_reason}"
+        status = self.fallback.status("database")
+        if status.state in (ServiceState.FAILED, ServiceState.CRITICAL):
+            return f"database is down: service {status.state}" + (
+                f" ({status.reason})" if status.reason else ""
+            )
+        for name, service in self._breaker_service.items():
+            state = self.breakers[name].statistics().state
+            if service == "database" and state in _OPEN_STATES:
+                return f"database is down: breaker {name} is {state}"
+        return None
 
     def _worker_pids(self) -> list[int]:
         return self.scanner.worker_pids() if self.scanner is not None else []
@@ -359,10 +387,7 @@ class Observability:
             observers.append(self.observe_verdict)
         self.health.add_ready_condition(self._ready_scanner)
         if policy is not None:
-            # Cheap and exact even with the checks disabled: the store knows.
-            self.health.add_ready_condition(
-                lambda: f"database is down: {policy.degraded_reason}" if policy.degraded else None
-            )
+            self.health.add_ready_condition(self._ready_database)
         self._started = True
         await self._nursery.start(self._background)
         self._mark_dirty()
