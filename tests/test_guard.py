@@ -3,6 +3,7 @@ real time, yet every backoff, open timeout and deadline really elapses."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from sentinel_ipc.resilience import (
     BreakerState,
     CircuitBreaker,
     RetryBudget,
+    RetryCounters,
     RetryFinished,
     RetryOutcome,
     RetryPolicy,
@@ -196,6 +198,81 @@ async def test_retry_metrics_count_every_outcome(autojump_clock: trio.testing.Mo
     assert after.retries[op] == 2
 
 
+def _named(name: str, **kwargs: object) -> RetryPolicy:
+    """A no-jitter policy carrying ``name``, as the presets carry theirs."""
+    return dataclasses.replace(no_jitter(**kwargs), name=name)
+
+
+async def test_retries_are_counted_under_the_policy_name_when_made(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """sentinel_retries_total{operation} is per retry policy, and counts the
+    attempts after the first: 0 for a first-try success, 1 for a success on
+    the 2nd attempt. The call site keeps its own label in the outcomes."""
+    policy = _named(f"policy-{uuid.uuid4().hex}")
+    call = "database_add"
+    await guarded_call(Dependency(), retry=policy, operation=call)
+    first = RETRY_COUNTERS.statistics()
+    assert first.retries.get(policy.name, 0) == 0
+    assert first.calls[(policy.name, call, RetryOutcome.SUCCESS_NO_RETRY)] == 1
+
+    rec = Recorder()
+    await guarded_call(Dependency(failures=1), retry=policy, operation=call, observer=rec)
+    second = RETRY_COUNTERS.statistics()
+    assert second.retries[policy.name] == 1
+    assert second.calls[(policy.name, call, RetryOutcome.SUCCESS_WITH_RETRY)] == 1
+    assert rec.scheduled[0].policy == rec.finished[0].policy == policy.name
+    assert rec.scheduled[0].operation == rec.finished[0].operation == call
+
+
+async def test_a_retry_cancelled_in_its_backoff_was_not_made(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A retry counts when its attempt starts, not when it is scheduled: a call
+    cancelled while waiting made one attempt and no retry."""
+    policy = _named(f"policy-{uuid.uuid4().hex}", initial=1.0)
+    dep = Dependency(failures=99)
+    before = dict(RETRY_COUNTERS.statistics().retries)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(guarded_call, dep, retry=policy, operation="scan"))
+            await trio.sleep(0.5)  # inside the 1 s backoff
+            scope.cancel()
+    assert dep.calls == 1
+    assert dict(RETRY_COUNTERS.statistics().retries) == before  # under no label at all
+
+
+async def test_a_policy_with_a_history_makes_its_first_attempt_a_retry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The IPC client makes the first attempt itself and hands guarded_call the
+    incremented policy: that attempt is a retry, and its success is a success
+    with retry (it used to count as a first-try success, and the retry was
+    counted before the wait, made or not)."""
+    policy = _named(f"policy-{uuid.uuid4().hex}")
+    continued = policy.increment(Flaky("refused"), now=trio.current_time(), rng=random.Random(1))
+    await trio.sleep(continued.next_delay)
+    assert await guarded_call(Dependency(), retry=continued, operation="ipc") == "ok"
+    stats = RETRY_COUNTERS.statistics()
+    assert stats.retries[policy.name] == 1
+    assert stats.calls[(policy.name, "ipc", RetryOutcome.SUCCESS_WITH_RETRY)] == 1
+    assert stats.calls[(policy.name, "ipc", RetryOutcome.SUCCESS_NO_RETRY)] == 0
+
+
+async def test_retry_counters_as_an_observer_count_retries_when_the_call_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A caller's own RetryCounters (observer=) sees no "retry made" hook, so it
+    counts attempts - 1 when the call ends, and nothing for a scheduled retry."""
+    own = RetryCounters()
+    policy = _named("mine")
+    await guarded_call(Dependency(failures=2), retry=policy, operation="x", observer=own)
+    stats = own.statistics()
+    assert stats.retries == {"mine": 2}
+    assert stats.calls[("mine", "x", RetryOutcome.SUCCESS_WITH_RETRY)] == 1
+    assert stats.outcome("x", RetryOutcome.SUCCESS_WITH_RETRY) == 1
+
+
 # --- deadlines and cancellation ------------------------------------------------------
 
 
@@ -367,6 +444,35 @@ async def test_recovery_within_one_open_timeout(autojump_clock: trio.testing.Moc
 # --- the blocking twin --------------------------------------------------------------
 
 
+def test_guarded_call_sync_counts_retries_made_under_the_policy() -> None:
+    """The blocking driver counts like the trio one: 0 retries for a first-try
+    success, 1 for a success on the 2nd attempt, under the policy's name."""
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    failures = [Flaky("busy")]
+
+    def fails_once() -> str:
+        if failures:
+            raise failures.pop()
+        return "ok"
+
+    policy = _named(f"policy-{uuid.uuid4().hex}")
+    run = partial(guarded_call_sync, retry=policy, operation="file_read",
+                  clock=lambda: now[0], sleep=sleep)
+    assert run(lambda: "ok") == "ok"
+    assert RETRY_COUNTERS.statistics().retries.get(policy.name, 0) == 0
+    assert run(fails_once) == "ok" and slept == pytest.approx([0.1])
+    stats = RETRY_COUNTERS.statistics()
+    assert stats.retries[policy.name] == 1
+    assert stats.calls[(policy.name, "file_read", RetryOutcome.SUCCESS_WITH_RETRY)] == 1
+    assert stats.calls[(policy.name, "file_read", RetryOutcome.SUCCESS_NO_RETRY)] == 1
+
+
 def test_guarded_call_sync_with_an_injected_clock_and_sleep() -> None:
     now = [100.0]
     slept: list[float] = []
@@ -397,6 +503,7 @@ def test_guarded_call_sync_with_an_injected_clock_and_sleep() -> None:
     )
     assert result == "ok" and slept == pytest.approx([0.1, 0.2])
     assert rec.outcomes == [RetryOutcome.SUCCESS_WITH_RETRY]
+    assert rec.finished[0].attempts == 3
     stats = b.statistics()
     assert (stats.successes, stats.failures) == (1, 2)
     attempts = 0

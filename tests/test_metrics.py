@@ -4,15 +4,28 @@ counters, in a text that prometheus_client's parser reads back (and, when
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterable
 
 import pytest
+import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from sentinel_ipc.observability.metrics import SentinelMetrics
-from sentinel_ipc.resilience import RETRY_COUNTERS, BreakerConfig, CircuitBreaker, RetryOutcome
+from sentinel_ipc.resilience import (
+    RETRY_COUNTERS,
+    RETRY_POLICIES,
+    RETRY_PRESETS,
+    BreakerConfig,
+    CircuitBreaker,
+    RetryCounters,
+    RetryOutcome,
+    guarded_call,
+)
 
 REQUIRED_FAMILIES = {
     # family name as the parser reports it (counters lose "_total")
@@ -31,6 +44,7 @@ REQUIRED_FAMILIES = {
     "sentinel_circuit_breaker_transitions": "counter",
     "sentinel_circuit_breaker_calls": "counter",
     "sentinel_retries": "counter",
+    "sentinel_retry_outcomes": "counter",
     "sentinel_service_state": "gauge",
     "sentinel_errors": "counter",
 }
@@ -77,9 +91,13 @@ def fed_metrics() -> tuple[SentinelMetrics, CircuitBreaker]:
     metrics.rss = lambda: 123_456_789
     metrics.service_states = lambda: {"database": "failed", "yara": "healthy"}
     metrics.errors = lambda: {"busy": 2, "circuit_open": 1}
-    metrics.retry_outcomes = lambda: {
-        ("database", "success_with_retry"): 4, ("ipc", "failed_with_retry"): 1
-    }
+    counters = RetryCounters(RETRY_POLICIES)
+    for _ in range(4):  # four calls that each needed one retry
+        counters.count_retry("database")
+        counters.count_outcome("database_add", RetryOutcome.SUCCESS_WITH_RETRY, "database")
+    for _ in range(7):  # and seven that did not
+        counters.count_first_try_success("database_decide", "database")
+    metrics.retry_counters = counters.statistics
     metrics.observe_scan("block", 0.02, 68, yara_seconds=0.004)
     metrics.observe_scan("allow", 0.01, 1000)
     metrics.observe_scan("bogus-from-a-bug", 0.01, 0)
@@ -133,8 +151,16 @@ def test_values_are_what_the_sources_say() -> None:
     assert calls("failure") == stats.failures == 2
     assert calls("rejected") == stats.rejected == 1
     assert calls("success") == stats.successes == 1
-    assert s[("sentinel_retries_total",
-              (("operation", "database"), ("outcome", "success_with_retry")))] == 4
+    retries = {dict(k[1])["operation"]: v for k, v in s.items()
+               if k[0] == "sentinel_retries_total"}
+    assert retries == {"database": 4, "ipc": 0, "file": 0, "yara": 0, "external": 0}
+    outcome = lambda call, name: s[(  # noqa: E731
+        "sentinel_retry_outcomes_total",
+        (("call", call), ("operation", "database"), ("outcome", name)),
+    )]
+    assert outcome("database_add", "success_with_retry") == 4
+    assert outcome("database_decide", "success_no_retry") == 7
+    assert outcome("database_decide", "failed_no_retry") == 0  # every outcome, from the start
     assert s[("sentinel_service_state", (("service", "database"), ("state", "failed")))] == 1
     assert s[("sentinel_service_state", (("service", "database"), ("state", "healthy")))] == 0
     assert s[("sentinel_errors_total", (("code", "busy"),))] == 2
@@ -160,15 +186,63 @@ def test_unset_sources_leave_families_empty_but_valid() -> None:
 
 
 def test_retry_counters_of_the_resilience_core_flow_through() -> None:
+    """By default the metrics read the process-wide counters the drivers feed."""
     metrics = SentinelMetrics()
-    metrics.retry_outcomes = lambda: {
-        (op, str(outcome)): n for (op, outcome), n in RETRY_COUNTERS.statistics().outcomes.items()
-    }
-    RETRY_COUNTERS.count_outcome("metrics-test", RetryOutcome.BUDGET_EXHAUSTED)
+    call = f"metrics-test-{uuid.uuid4().hex}"  # a label no other test uses
+    RETRY_COUNTERS.count_outcome(call, RetryOutcome.BUDGET_EXHAUSTED, "database")
+    RETRY_COUNTERS.count_retry("database")
     s = samples(metrics.render()[1])
-    labels = (("operation", "metrics-test"), ("outcome", "budget_exhausted"))
-    key = ("sentinel_retries_total", labels)
-    assert s[key] >= 1
+    labels = (("call", call), ("operation", "database"), ("outcome", "budget_exhausted"))
+    assert s[("sentinel_retry_outcomes_total", labels)] == 1
+    expected = RETRY_COUNTERS.statistics().retries["database"]
+    assert expected >= 1
+    assert s[("sentinel_retries_total", (("operation", "database"),))] == expected
+
+
+class Flaky(Exception):
+    pass
+
+
+async def test_retries_total_counts_retries_made_by_policy_not_calls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """SPEC section 4 asks for "retries per operation": a call that succeeds at
+    once is traffic and adds 0 (else rate() alerts on every clean scan); one
+    that succeeds on its 2nd attempt adds 1, under its retry policy's name
+    ("database"), not its call site's ("database_add")."""
+    metrics = SentinelMetrics()
+    policy = dataclasses.replace(RETRY_PRESETS["database"], on=Flaky, jitter=0.0)
+
+    def retries_total() -> dict[str, float]:
+        return {dict(labels)["operation"]: value
+                for (name, labels), value in samples(metrics.render()[1]).items()
+                if name == "sentinel_retries_total"}
+
+    async def ok() -> str:
+        return "ok"
+
+    failed = False
+
+    async def fails_once() -> str:
+        nonlocal failed
+        if not failed:
+            failed = True
+            raise Flaky("database is locked")
+        return "ok"
+
+    start = retries_total()
+    assert await guarded_call(ok, retry=policy, operation="database_list") == "ok"
+    assert retries_total() == start
+
+    began = trio.current_time()
+    assert await guarded_call(fails_once, retry=policy, operation="database_add") == "ok"
+    assert trio.current_time() - began == pytest.approx(0.1)  # the backoff elapsed, mock time
+    after = retries_total()
+    assert after["database"] == start["database"] + 1
+    assert {k: v for k, v in after.items() if k != "database"} == {
+        k: v for k, v in start.items() if k != "database"
+    }
+    assert "database_add" not in after and set(RETRY_POLICIES) <= set(after)
 
 
 def _promtool(text: str) -> subprocess.CompletedProcess[str]:

@@ -218,7 +218,7 @@ class Connector:
             )
             RETRY_COUNTERS.count_outcome(_OPERATION, outcome)
             raise
-        RETRY_COUNTERS.count_retry(_OPERATION)
+        # guarded_call counts the retry when it starts (the policy has a history).
         with trio.CancelScope(deadline=deadline + _SCOPE_GRACE):
             await trio.sleep(policy.next_delay)
             return await guarded_call(

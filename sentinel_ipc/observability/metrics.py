@@ -6,11 +6,19 @@ Two kinds of metric live here:
   scan and YARA durations (histograms), bytes scanned, database query time,
   breaker transitions (a breaker listener);
 * **read at scrape time** by a custom collector: uptime, active connections,
-  disk free, RSS, breaker states and calls by outcome
-  (``CircuitBreaker.statistics()``), retries by operation and outcome
-  (``RETRY_COUNTERS``), service states (the FallbackManager) and errors by
-  code (the server's counter). Reading at scrape time is exact and costs the
-  call path nothing.
+  disk free, the daemon's RSS, breaker states and calls by outcome
+  (``CircuitBreaker.statistics()``), retries made per retry policy and
+  retried calls by outcome (``RETRY_COUNTERS``), service states (the
+  FallbackManager) and errors by code (the server's counter). Reading at
+  scrape time is exact and costs the call path nothing.
+
+Retries: ``sentinel_retries_total{operation}`` is SPEC's "retries per
+operation": the attempts after the first, by retry policy (database, ipc,
+file, yara, external), so a call that succeeds at once adds nothing and
+``rate()`` of it alerts on trouble, not on traffic.
+``sentinel_retry_outcomes_total{operation,call,outcome}`` counts how every
+call with a retry policy ended, by policy, call site (``database_add``,
+``yara``, ``reputation``, ...) and outcome, first-try successes included.
 
 Every label is bounded: actions, breaker names, states, outcomes, services,
 error codes and mount points come from fixed or configured sets, never from a
@@ -33,6 +41,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as _OPE
 from prometheus_client.openmetrics.exposition import generate_latest as _generate_openmetrics
 
 from ..messages import ACTIONS
+from ..resilience.instruments import RETRY_COUNTERS, RetryCountersStatistics
 
 if TYPE_CHECKING:
     from sentinel_ipc.resilience.breaker import CircuitBreaker
@@ -60,7 +69,10 @@ Format = Literal["prometheus", "openmetrics"]
 class SentinelMetrics:
     """The daemon's metrics. Sources read at scrape time are plain callables the
     composition root sets (``connections``, ``disk_free``, ``rss``, ``breakers``,
-    ``service_states``, ``errors``); unset ones are simply not exported."""
+    ``service_states``, ``errors``); unset ones are simply not exported.
+    ``retry_counters`` reads the process-wide ``RETRY_COUNTERS`` unless replaced.
+    ``rss`` is the daemon process's own resident memory (SPEC's "process RSS"),
+    not its workers'."""
 
     def __init__(self, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._mono = monotonic
@@ -99,6 +111,11 @@ class SentinelMetrics:
         self.breakers: Callable[[], Iterable[CircuitBreaker]] | None = None
         self.service_states: Callable[[], Mapping[str, str]] | None = None
         self.errors: Callable[[], Mapping[str, int]] | None = None
+        self.retry_counters: Callable[[], RetryCountersStatistics] | None = (
+            RETRY_COUNTERS.statistics
+        )
+        #: Not read any more (``retry_counters`` feeds both retry families); kept
+        #: only so a composition root that still sets it type-checks.
         self.retry_outcomes: Callable[[], Mapping[tuple[str, str], int]] | None = None
         self.registry.register(_ScrapeCollector(self))
 
@@ -177,7 +194,9 @@ class _ScrapeCollector:
             labels=["mount"],
         )
         rss = GaugeMetricFamily(
-            "sentinel_memory_rss_bytes", "Resident memory of the daemon and its workers."
+            "sentinel_memory_rss_bytes",
+            "Resident memory of the daemon process itself (its scan workers not included),"
+            " as of the last memory health check.",
         )
         state = GaugeMetricFamily(
             "sentinel_circuit_breaker_state",
@@ -196,8 +215,15 @@ class _ScrapeCollector:
         )
         retries = CounterMetricFamily(
             "sentinel_retries",
-            "Retried operations, by operation and how they ended.",
-            labels=["operation", "outcome"],
+            "Retries made (attempts after the first), by retry policy"
+            " (database, ipc, file, yara, external). A first-try success adds nothing.",
+            labels=["operation"],
+        )
+        retry_outcomes = CounterMetricFamily(
+            "sentinel_retry_outcomes",
+            "Calls that ran under a retry policy, by policy (operation), call site (call)"
+            " and how they ended (outcome; success_no_retry is a first-try success).",
+            labels=["operation", "call", "outcome"],
         )
         services = GaugeMetricFamily(
             "sentinel_service_state",
@@ -231,9 +257,12 @@ class _ScrapeCollector:
                     calls.add_metric([stats.name, "rejected"], stats.rejected)
             for (breaker_name, old, new), count in sorted(m.transitions().items()):
                 transitions.add_metric([breaker_name, old, new], count)
-            if m.retry_outcomes is not None:
-                for (operation, outcome), count in sorted(m.retry_outcomes().items()):
-                    retries.add_metric([operation, str(outcome)], count)
+            if m.retry_counters is not None:
+                counts = m.retry_counters()
+                for policy, count in sorted(counts.retries.items()):
+                    retries.add_metric([policy], count)
+                for (policy, call, outcome), count in sorted(counts.calls.items()):
+                    retry_outcomes.add_metric([policy, call, str(outcome)], count)
             if m.service_states is not None:
                 for service, current in sorted(m.service_states().items()):
                     for name in SERVICE_STATES:
@@ -242,4 +271,4 @@ class _ScrapeCollector:
                 for code, count in sorted(m.errors().items()):
                     errors.add_metric([code], count)
         yield from (uptime, connections, receive_reserved, receive_waiting, disk, rss, state,
-                    transitions, calls, retries, services, errors)
+                    transitions, calls, retries, retry_outcomes, services, errors)

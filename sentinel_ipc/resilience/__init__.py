@@ -30,6 +30,7 @@ from sentinel_ipc.resilience.fallback import (
 from sentinel_ipc.resilience.guard import guarded_call, guarded_call_sync
 from sentinel_ipc.resilience.instruments import (
     RETRY_COUNTERS,
+    RETRY_POLICIES,
     BreakerTransition,
     CallOutcome,
     RetryCounters,
@@ -55,6 +56,7 @@ __all__ = [
     "NO_RETRY",
     "RETRY",
     "RETRY_COUNTERS",
+    "RETRY_POLICIES",
     "RETRY_PRESETS",
     "Backoff",
     "BreakerConfig",

@@ -231,18 +231,31 @@ class failure_if_retryable:
 
 # --- presets (SPEC section 3) -------------------------------------------------
 
+# Each preset carries its key as ``name``: the label its retries are counted
+# under (``sentinel_retries_total{operation}``), kept by dataclasses.replace.
+# "external" (SPEC: future HTTP integrations) has no row in SPEC's retry table;
+# its numbers are the ones external/_http.py used before this preset existed.
 RETRY_PRESETS: dict[str, RetryPolicy] = {
     "database": RetryPolicy(
-        on=database, attempts=3, initial=0.1, max_delay=1.0, multiplier=2.0, timeout=5.0
+        name="database",
+        on=database, attempts=3, initial=0.1, max_delay=1.0, multiplier=2.0, timeout=5.0,
     ),
     "ipc": RetryPolicy(
-        on=ipc, attempts=5, initial=0.05, max_delay=2.0, multiplier=1.5, timeout=10.0
+        name="ipc",
+        on=ipc, attempts=5, initial=0.05, max_delay=2.0, multiplier=1.5, timeout=10.0,
     ),
     "file": RetryPolicy(
-        on=file, attempts=3, initial=0.2, max_delay=5.0, multiplier=2.0, timeout=15.0
+        name="file",
+        on=file, attempts=3, initial=0.2, max_delay=5.0, multiplier=2.0, timeout=15.0,
     ),
     "yara": RetryPolicy(
-        on=yara, attempts=2, initial=1.0, max_delay=5.0, multiplier=3.0, timeout=30.0
+        name="yara",
+        on=yara, attempts=2, initial=1.0, max_delay=5.0, multiplier=3.0, timeout=30.0,
+    ),
+    "external": RetryPolicy(
+        name="external",
+        on=transient, attempts=3, initial=0.2, max_delay=2.0, multiplier=2.0, jitter=0.25,
+        timeout=30.0,
     ),
 }
 

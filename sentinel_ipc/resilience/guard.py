@@ -21,6 +21,13 @@ driver keeps:
 * A breaker that opens between attempts ends the call with
   :class:`CircuitOpenError` chained from the last error.
 
+Counting (``RETRY_COUNTERS``, see ``instruments``): every attempt after the
+first is one retry of the policy (``RetryPolicy.name``, else ``operation``),
+counted as it starts; every call with a policy ends in one outcome, counted
+under (policy, ``operation``, outcome). A policy passed in with a history
+(a caller that made the first attempt itself, as the IPC client does) makes
+its first attempt here a retry.
+
 Time is ``trio.current_time()`` (so trio's ``MockClock`` drives everything in
 tests). A breaker driven here and also read elsewhere (``statistics()``) must
 be read on the same time base: construct it with ``clock=trio.current_time``.
@@ -46,7 +53,7 @@ from sentinel_ipc.resilience.instruments import (
     RetryOutcome,
     RetryScheduled,
 )
-from sentinel_ipc.resilience.retry import RandomSource, RetryPolicy
+from sentinel_ipc.resilience.retry import RandomSource, RetryAttempt, RetryPolicy
 
 __all__ = ["guarded_call", "guarded_call_sync"]
 
@@ -71,8 +78,9 @@ async def guarded_call(
 ) -> T:
     """``await fn(*args)`` under ``breaker``, ``retry`` and ``budget`` (each optional).
 
-    ``operation`` is the bounded metric label for the retry counters
-    (``RETRY_COUNTERS`` always; ``observer`` too if given).
+    ``operation`` is the call site's bounded label for the retry counters
+    (``RETRY_COUNTERS`` always; ``observer`` too if given); retries are
+    counted under ``retry.name``, or ``operation`` for an unnamed policy.
 
     Raises :class:`CircuitOpenError` (breaker open or half-open and full),
     :class:`RetryGaveUpError` (a ``RetryExhaustedError``: retryable but out of
@@ -83,6 +91,8 @@ async def guarded_call(
     if budget is not None:
         budget.deposit(now)
     permit = breaker.acquire(now) if breaker is not None else None
+    if retry is not None and retry.history:
+        RETRY_COUNTERS.count_retry(retry.name or operation)
     try:
         result = await fn(*args)
     except BaseException as exc:
@@ -92,13 +102,17 @@ async def guarded_call(
             # A shared permit (closed breaker, nothing measured) needs no end time.
             breaker.record_success(permit, None if permit.started is None else _current_time())
         if retry is not None:
-            RETRY_COUNTERS.count_first_try_success(operation)
-            if observer is not None:
+            if observer is None and not retry.history:
+                RETRY_COUNTERS.count_first_try_success(operation, retry.name or operation)
+            else:
                 _finish(
                     observer,
                     operation,
-                    RetryOutcome.SUCCESS_NO_RETRY,
-                    1,
+                    retry,
+                    RetryOutcome.SUCCESS_WITH_RETRY
+                    if retry.history
+                    else RetryOutcome.SUCCESS_NO_RETRY,
+                    retry.attempt,
                     _current_time() - now,
                     None,
                 )
@@ -144,6 +158,7 @@ async def _retry_loop(
             _finish(
                 observer,
                 operation,
+                previous,
                 _failed_outcome(final, previous),
                 previous.attempt,
                 now - started,
@@ -151,7 +166,7 @@ async def _retry_loop(
             )
             raise
         attempt = policy.history[-1]
-        _scheduled(observer, operation, attempt.attempt, attempt.delay, error, now, attempt.hinted)
+        _scheduled(observer, operation, policy, attempt, error, now)
         await trio.sleep(attempt.delay)
         if breaker is not None:
             try:
@@ -160,12 +175,14 @@ async def _retry_loop(
                 _finish(
                     observer,
                     operation,
+                    policy,
                     RetryOutcome.FAILED_WITH_RETRY,
                     policy.attempt - 1,
                     trio.current_time() - started,
                     rejected,
                 )
                 raise rejected from error
+        RETRY_COUNTERS.count_retry(policy.name or operation)
         try:
             result = await fn(*args)
         except BaseException as exc:
@@ -178,6 +195,7 @@ async def _retry_loop(
         _finish(
             observer,
             operation,
+            policy,
             RetryOutcome.SUCCESS_WITH_RETRY,
             policy.attempt,
             end - started,
@@ -213,6 +231,8 @@ def guarded_call_sync(
     rng = rng or _RNG
     deadline = math.inf if deadline is None else deadline
     while True:
+        if policy is not None and policy.history:
+            RETRY_COUNTERS.count_retry(policy.name or operation)
         try:
             result = fn(*args)
         except BaseException as exc:
@@ -222,14 +242,17 @@ def guarded_call_sync(
                 breaker.record_success(permit, None if permit.started is None else clock())
             if policy is not None:
                 if not policy.history and observer is None:
-                    RETRY_COUNTERS.count_first_try_success(operation)
+                    RETRY_COUNTERS.count_first_try_success(operation, policy.name or operation)
                 else:
                     outcome = (
                         RetryOutcome.SUCCESS_WITH_RETRY
                         if policy.history
                         else RetryOutcome.SUCCESS_NO_RETRY
                     )
-                    _finish(observer, operation, outcome, policy.attempt, clock() - started, None)
+                    _finish(
+                        observer, operation, policy, outcome, policy.attempt,
+                        clock() - started, None,
+                    )
             return result
         now = clock()
         _settle_error(breaker, permit, error, now)
@@ -250,6 +273,7 @@ def guarded_call_sync(
             _finish(
                 observer,
                 operation,
+                previous,
                 _failed_outcome(final, previous),
                 previous.attempt,
                 now - started,
@@ -257,7 +281,7 @@ def guarded_call_sync(
             )
             raise
         attempt = policy.history[-1]
-        _scheduled(observer, operation, attempt.attempt, attempt.delay, error, now, attempt.hinted)
+        _scheduled(observer, operation, policy, attempt, error, now)
         sleep(attempt.delay)
         if breaker is not None:
             try:
@@ -266,6 +290,7 @@ def guarded_call_sync(
                 _finish(
                     observer,
                     operation,
+                    policy,
                     RetryOutcome.FAILED_WITH_RETRY,
                     policy.attempt - 1,
                     clock() - started,
@@ -298,25 +323,33 @@ def _failed_outcome(final: BaseException, policy: RetryPolicy) -> RetryOutcome:
 def _finish(
     observer: RetryObserver | None,
     operation: str,
+    policy: RetryPolicy,
     outcome: RetryOutcome,
     attempts: int,
     elapsed: float,
     error: BaseException | None,
 ) -> None:
-    RETRY_COUNTERS.count_outcome(operation, outcome)
+    name = policy.name or operation
+    RETRY_COUNTERS.count_outcome(operation, outcome, name)
     if observer is not None:
-        observer.on_retry_finished(RetryFinished(operation, outcome, attempts, elapsed, error))
+        observer.on_retry_finished(
+            RetryFinished(operation, outcome, attempts, elapsed, error, name)
+        )
 
 
 def _scheduled(
     observer: RetryObserver | None,
     operation: str,
-    attempt: int,
-    delay: float,
+    policy: RetryPolicy,
+    attempt: RetryAttempt,
     error: BaseException,
     at: float,
-    hinted: bool,
 ) -> None:
-    RETRY_COUNTERS.count_retry(operation)
+    # Counted when the retry starts, not here: it may yet be cancelled in its wait.
     if observer is not None:
-        observer.on_retry_scheduled(RetryScheduled(operation, attempt, delay, error, at, hinted))
+        observer.on_retry_scheduled(
+            RetryScheduled(
+                operation, attempt.attempt, attempt.delay, error, at, attempt.hinted,
+                policy.name or operation,
+            )
+        )

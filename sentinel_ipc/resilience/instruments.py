@@ -23,19 +23,28 @@ Calls by outcome (``sentinel_circuit_breaker_calls_total{breaker,outcome}``)
     ``ignored`` and ``rejected`` (the four :class:`CallOutcome` values). Read them
     in a custom collector at scrape time: exact, and it costs the call path nothing.
 
-Retries by operation and outcome (``sentinel_retries_total{operation,outcome}``)
+Retries by retry policy (``sentinel_retries_total{operation}``)
+    The retries *made*: every attempt after the first, counted as it starts
+    (after its backoff, once the breaker admitted it), under the retry
+    policy's name (``RetryPolicy.name``: database, ipc, file, yara, external;
+    an unnamed policy under the caller's ``operation``). A call that succeeds
+    at once adds nothing, so ``rate()`` of it is quiet on normal traffic.
+    Read ``RETRY_COUNTERS.statistics().retries[policy]``; the five SPEC
+    policies are there from the start, at 0.
+
+Calls by policy, call site and outcome (``sentinel_retry_outcomes_total{operation,call,outcome}``)
     Every driver call that has a retry policy and makes at least one attempt
     ends in exactly one :class:`RetryOutcome` (``success_no_retry``,
     ``success_with_retry``, ``failed_no_retry``, ``failed_with_retry``,
     ``budget_exhausted``); a call the breaker rejects before its first attempt
     counts as ``rejected`` on the breaker only, and a cancelled call counts
-    nowhere (cancellation is not an outcome of the dependency). The drivers
-    count it in the process-wide :data:`RETRY_COUNTERS` (read
-    ``RETRY_COUNTERS.statistics().outcomes[(operation, outcome)]``), and, if the
-    caller passed ``observer=``, call ``observer.on_retry_finished(RetryFinished)``.
-    Each retry about to be slept for calls ``observer.on_retry_scheduled(RetryScheduled)``
-    and bumps ``RETRY_COUNTERS.statistics().retries[operation]``.
-    ``operation`` is the caller's bounded label ("database", "ipc", ...).
+    nowhere (cancellation is not an outcome of the dependency). ``call`` is
+    the caller's bounded ``operation`` argument ("database_add", "yara",
+    "reputation", ...). The drivers count it in the process-wide
+    :data:`RETRY_COUNTERS` (``statistics().calls[(policy, call, outcome)]``)
+    and, if the caller passed ``observer=``, call
+    ``observer.on_retry_finished(RetryFinished)``. Each retry about to be
+    slept for calls ``observer.on_retry_scheduled(RetryScheduled)``.
 
 Example (the metrics layer)::
 
@@ -45,8 +54,12 @@ Example (the metrics layer)::
             for outcome in CallOutcome:
                 yield ("sentinel_circuit_breaker_calls_total",
                        {"breaker": s.name, "outcome": outcome}, s.total(outcome))
-        for (operation, outcome), n in RETRY_COUNTERS.statistics().outcomes.items():
-            yield ("sentinel_retries_total", {"operation": operation, "outcome": outcome}, n)
+        stats = RETRY_COUNTERS.statistics()
+        for policy, n in stats.retries.items():
+            yield ("sentinel_retries_total", {"operation": policy}, n)
+        for (policy, call, outcome), n in stats.calls.items():
+            yield ("sentinel_retry_outcomes_total",
+                   {"operation": policy, "call": call, "outcome": outcome}, n)
 
     breaker.add_listener(lambda t: transitions.labels(t.breaker, t.from_state, t.to_state).inc())
 
@@ -68,6 +81,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RETRY_COUNTERS",
+    "RETRY_POLICIES",
     "BreakerTransition",
     "CallOutcome",
     "RetryCounters",
@@ -112,7 +126,10 @@ class BreakerTransition:
 
 @dataclass(frozen=True, slots=True)
 class RetryScheduled:
-    """A retry is about to wait ``delay`` seconds after attempt ``attempt`` failed."""
+    """A retry is about to wait ``delay`` seconds after attempt ``attempt`` failed.
+
+    ``operation`` is the call site's label, ``policy`` the retry policy's name
+    (the call site's label for an unnamed policy)."""
 
     operation: str
     attempt: int
@@ -120,17 +137,21 @@ class RetryScheduled:
     error: BaseException
     at: float
     hinted: bool  # delay came from the error's retry_after hint, not the backoff
+    policy: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class RetryFinished:
-    """A retried operation ended; ``error`` is what the caller got (None on success)."""
+    """A retried operation ended; ``error`` is what the caller got (None on success).
+
+    ``attempts`` counts the attempts made, so ``attempts - 1`` retries."""
 
     operation: str
     outcome: RetryOutcome
     attempts: int
     elapsed: float
     error: BaseException | None
+    policy: str = ""
 
 
 class RetryObserver(Protocol):
@@ -141,71 +162,95 @@ class RetryObserver(Protocol):
     def on_retry_finished(self, record: RetryFinished) -> None: ...
 
 
+#: SPEC's retry policies (section 3) plus "external": the values of the
+#: ``operation`` label of ``sentinel_retries_total``, exported from the start.
+RETRY_POLICIES = ("database", "ipc", "file", "yara", "external")
+
+
 @dataclass(frozen=True, slots=True)
 class RetryCountersStatistics:
     """Frozen copy of a :class:`RetryCounters`.
 
-    ``outcomes[(operation, outcome)]`` counts finished operations;
-    ``retries[operation]`` counts retries (sleeps) scheduled.
+    ``retries[policy]`` counts retries made (attempts after the first) under
+    each retry policy; ``calls[(policy, call, outcome)]`` counts finished
+    calls by policy, call site and outcome (first-try successes included).
     """
 
-    outcomes: Mapping[tuple[str, RetryOutcome], int]
     retries: Mapping[str, int]
+    calls: Mapping[tuple[str, str, RetryOutcome], int]
 
-    def outcome(self, operation: str, outcome: RetryOutcome) -> int:
-        return self.outcomes.get((operation, outcome), 0)
+    @property
+    def outcomes(self) -> Mapping[tuple[str, RetryOutcome], int]:
+        """Finished calls by (call site, outcome), whatever their policy."""
+        out: dict[tuple[str, RetryOutcome], int] = {}
+        for (_policy, call, outcome), n in self.calls.items():
+            out[(call, outcome)] = out.get((call, outcome), 0) + n
+        return MappingProxyType(out)
+
+    def outcome(self, call: str, outcome: RetryOutcome) -> int:
+        """Finished calls of call site ``call`` that ended in ``outcome``."""
+        return sum(
+            n for (_policy, c, o), n in self.calls.items() if c == call and o is outcome
+        )
 
 
 class RetryCounters:
-    """A :class:`RetryObserver` that only counts. Cheap enough for every call.
+    """Counts retries made and how calls ended. Cheap enough for every call.
 
-    Counts live in one small list per operation, indexed by outcome, so the
-    per-call cost is a dict lookup and an integer add (hashing an enum member
-    costs more than that).
+    Outcome counts live in one small list per (policy, call site), indexed by
+    outcome, so the per-call cost is a dict lookup and an integer add
+    (hashing an enum member costs more than that). ``policy`` defaults to the
+    call site's label, which is what an unnamed policy is counted under.
+
+    As a :class:`RetryObserver` (for a caller that wants counts of its own) it
+    counts on ``on_retry_finished``: the outcome, and ``attempts - 1`` retries.
     """
 
     __slots__ = ("_outcomes", "_retries")
 
-    def __init__(self) -> None:
-        self._outcomes: dict[str, list[int]] = {}
-        self._retries: dict[str, int] = {}
+    def __init__(self, policies: tuple[str, ...] = ()) -> None:
+        self._outcomes: dict[tuple[str, str], list[int]] = {}
+        self._retries: dict[str, int] = dict.fromkeys(policies, 0)
 
-    def _row(self, operation: str) -> list[int]:
-        row = self._outcomes.get(operation)
+    def _row(self, call: str, policy: str | None) -> list[int]:
+        key = (call if policy is None else policy, call)
+        row = self._outcomes.get(key)
         if row is None:
-            row = self._outcomes[operation] = [0] * len(_OUTCOMES)
+            row = self._outcomes[key] = [0] * len(_OUTCOMES)
         return row
 
-    def count_outcome(self, operation: str, outcome: RetryOutcome) -> None:
-        self._row(operation)[_OUTCOME_INDEX[outcome]] += 1
+    def count_outcome(self, call: str, outcome: RetryOutcome, policy: str | None = None) -> None:
+        self._row(call, policy)[_OUTCOME_INDEX[outcome]] += 1
 
-    def count_first_try_success(self, operation: str) -> None:
-        """``count_outcome(operation, SUCCESS_NO_RETRY)``, for the drivers' hot path."""
-        row = self._outcomes.get(operation)
-        if row is None:
-            row = self._outcomes[operation] = [0] * len(_OUTCOMES)
-        row[0] += 1
+    def count_first_try_success(self, call: str, policy: str | None = None) -> None:
+        """``count_outcome(call, SUCCESS_NO_RETRY, policy)``, for the drivers' hot path."""
+        self._row(call, policy)[0] += 1
 
-    def count_retry(self, operation: str) -> None:
-        self._retries[operation] = self._retries.get(operation, 0) + 1
+    def count_retry(self, policy: str, n: int = 1) -> None:
+        """``n`` more attempts after the first were made under ``policy``."""
+        self._retries[policy] = self._retries.get(policy, 0) + n
 
     def on_retry_scheduled(self, record: RetryScheduled) -> None:
-        self.count_retry(record.operation)
+        """Nothing: a scheduled retry may still be cancelled in its backoff."""
 
     def on_retry_finished(self, record: RetryFinished) -> None:
-        self.count_outcome(record.operation, record.outcome)
+        policy = record.policy or record.operation
+        self.count_outcome(record.operation, record.outcome, policy)
+        if record.attempts > 1:
+            self.count_retry(policy, record.attempts - 1)
 
     def statistics(self) -> RetryCountersStatistics:
-        """Every outcome of every operation seen so far (zeros included, as
-        Prometheus prefers series that exist from the start)."""
-        outcomes = {
-            (operation, outcome): row[i]
-            for operation, row in self._outcomes.items()
+        """Every outcome of every (policy, call site) seen so far, zeros included,
+        and the retries of every policy (the preset ones from the start): as
+        Prometheus prefers series that exist from the start."""
+        calls = {
+            (policy, call, outcome): row[i]
+            for (policy, call), row in self._outcomes.items()
             for i, outcome in enumerate(_OUTCOMES)
         }
         return RetryCountersStatistics(
-            outcomes=MappingProxyType(outcomes),
             retries=MappingProxyType(dict(self._retries)),
+            calls=MappingProxyType(calls),
         )
 
 
@@ -214,8 +259,9 @@ _OUTCOME_INDEX = {outcome: i for i, outcome in enumerate(_OUTCOMES)}
 assert _OUTCOMES[0] is RetryOutcome.SUCCESS_NO_RETRY
 
 
-#: Process-wide counters every driver feeds (what ``sentinel_retries_total`` exposes).
-RETRY_COUNTERS = RetryCounters()
+#: Process-wide counters every driver feeds (what ``sentinel_retries_total`` and
+#: ``sentinel_retry_outcomes_total`` expose).
+RETRY_COUNTERS = RetryCounters(RETRY_POLICIES)
 
 
 class SlidingWindow:

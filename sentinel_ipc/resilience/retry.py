@@ -149,6 +149,11 @@ class RetryPolicy:
 
     ``on`` is a classifier (error -> RetryDecision | bool), an exception type
     or a tuple of types. See the module docstring for the delay formulas.
+    ``name`` says which of SPEC's retry policies this is ("database", "ipc",
+    "file", "yara", "external"; the presets carry theirs, and
+    ``dataclasses.replace`` keeps it): the drivers count retries under it
+    (``sentinel_retries_total{operation}``), whatever call site used it. An
+    unnamed policy is counted under the caller's ``operation`` label.
     Raises ``ValueError`` for settings that make no sense.
     """
 
@@ -160,6 +165,7 @@ class RetryPolicy:
     jitter: float = 0.1
     timeout: float | None = None
     backoff: Backoff = Backoff.EXPONENTIAL
+    name: str = ""
     history: tuple[RetryAttempt, ...] = ()
 
     def __post_init__(self) -> None:
