@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
 
+import psutil
 import pytest
 import trio
 import trio.lowlevel
@@ -366,9 +368,19 @@ async def test_disk_check_reports_free_bytes_and_is_unhealthy_below_the_minimum(
     assert "below" in result.message
 
 
-async def test_memory_check_sums_the_daemon_and_real_worker_processes() -> None:
-    child = await trio.lowlevel.open_process([sys.executable, "-c", "import time; time.sleep(60)"])
+async def test_memory_check_judges_the_daemon_alone_and_reports_its_workers() -> None:
+    """SPEC: "process RSS < 2 GB, else degraded" is the daemon's own RSS; its
+    workers are only reported (the pool holds each to its own limit). Adding
+    them in made the daemon look about twice its size."""
+    child = await trio.lowlevel.open_process(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )
     try:
+        assert child.stdout is not None
+        assert (await child.stdout.receive_some()).startswith(b"up")  # interpreter loaded
+        child_rss = psutil.Process(child.pid).memory_info().rss
+        assert child_rss > 4 * 1024 * 1024
         check = MemoryCheck(lambda: [child.pid], limit=2 * 1024**3)
         own_only = MemoryCheck(lambda: [], limit=2 * 1024**3)
         outcome = await check()
@@ -376,7 +388,11 @@ async def test_memory_check_sums_the_daemon_and_real_worker_processes() -> None:
         assert outcome.ok, outcome.message
         assert "1 worker(s)" in outcome.message
         assert outcome.value is not None and alone.value is not None
-        assert outcome.value > alone.value  # the child's RSS counted
+        assert abs(outcome.value - alone.value) < child_rss / 2  # the child's RSS not added
+        assert check.last_rss == outcome.value and check.last_workers_rss > 0
+        # A limit between the daemon's RSS and the daemon's plus the worker's passes.
+        between = MemoryCheck(lambda: [child.pid], limit=int(alone.value) + child_rss // 2)
+        assert (await between()).ok
         tight = MemoryCheck(lambda: [child.pid], limit=1024)
         over = await tight()
         assert not over.ok and "limit" in over.message

@@ -8,8 +8,11 @@ not the sum with its scan workers).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import psutil
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from sentinel_ipc.client import open_client
@@ -50,4 +53,38 @@ async def test_clean_scans_add_nothing_to_retries_total(daemon_factory: Any) -> 
     key = ("sentinel_retry_outcomes_total",
            (("call", "yara"), ("operation", "yara"), ("outcome", "success_no_retry")))
     assert after[key] - before.get(key, 0.0) == 2
+    d.stop()
+
+
+def _statm_rss(pid: int) -> int:
+    """Resident set of ``pid`` in bytes, from /proc/<pid>/statm (second field, pages)."""
+    with open(f"/proc/{pid}/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_memory_rss_is_the_daemon_process_alone(daemon_factory: Any) -> None:
+    """SPEC: "process RSS < 2 GB, else degraded" and ``sentinel_memory_rss_bytes``
+    are the daemon's own memory; the workers have their own per-worker limit.
+    Summed with the workers the figure was about twice the process RSS."""
+    d = daemon_factory(config={"scanner": {"workers": 2},
+                               "resilience": {"check_interval": 0.2}})
+    daemon = psutil.Process(d.pid)
+    async with open_client(d.socket_path) as client:
+        await client.scan(b"warm the workers up" * 100, timeout=30)
+        workers = daemon.children(recursive=True)
+        assert workers, "the daemon should have scan worker processes"
+        workers_rss = sum(w.memory_info().rss for w in workers)
+        await trio.sleep(0.5)  # a memory check round after the scan
+        own_rss = _statm_rss(d.pid)
+        text = (await client.metrics(timeout=10)).text
+        report = await client.health(timeout=10)
+    exported = parse(text)[("sentinel_memory_rss_bytes", ())]
+
+    tolerance = max(8 * 1024 * 1024, 0.15 * own_rss)
+    assert abs(exported - own_rss) <= tolerance, (exported, own_rss, workers_rss)
+    assert workers_rss > 2 * tolerance  # so the sum would have been told apart
+    memory = report.components["memory"]
+    assert memory.value is not None and abs(memory.value - own_rss) <= tolerance
+    assert memory.status == "healthy"
     d.stop()

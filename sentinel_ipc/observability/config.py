@@ -101,7 +101,8 @@ class HealthSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
     max_connections: int = 1000
     #: disk is unhealthy when the data dir or the temp dir has less free space.
     min_free_bytes: int = GIB
-    #: memory is degraded when the daemon and its workers use more (RSS, bytes).
+    #: memory is degraded when the daemon process itself uses more (RSS, bytes; its
+    #: workers are held to [scanner] max_worker_rss_bytes each).
     max_rss_bytes: int = 2 * GIB
     #: Extra directories whose free space counts (the temp dir and data dir always do).
     extra_disk_paths: list[str] = []
