@@ -406,8 +406,8 @@ EXAMPLES: tuple[msgspec.Struct, ...] = (
         previous="healthy",
         reason="circuit open after 5 failures",
         at=1767140000.5,
-        message="Sentinel operating in degraded mode. Database connection lost. "
-        "Using cached security policies. Some features unavailable.",
+        message="Sentinel operating in degraded mode — database connection lost, "
+        "using cached security policies",
         actions=["Retry Connection", "Continue with Cache"],
         dropped=0,
     ),

@@ -72,9 +72,9 @@ from sentinel_ipc.messages import (
 )
 from sentinel_ipc.transport import FramedConnection, open_framed_connection
 
-DATABASE_NOTICE = (
-    "Sentinel operating in degraded mode. Database connection lost. "
-    "Using cached security policies. Some features unavailable."
+DATABASE_NOTICE = (  # SPEC section 3, with its em dash
+    "Sentinel operating in degraded mode — database connection lost, "
+    "using cached security policies"
 )
 FAST_CHECKS = {"check_interval": 0.5, "failing_check_interval": 0.2}
 _ids = itertools.count(1000)
@@ -612,7 +612,7 @@ async def test_notification_reaches_a_subscribed_client_and_ack_silences_it(
         assert state.id == 5 and state.state == "degraded" and state.topic == "services"
         notice = await w.wait_event(lambda e: e.kind == "degraded_notice" and e.service == "disk")
         assert notice.message is not None
-        assert notice.message.startswith("Sentinel operating in degraded mode.")
+        assert notice.message.startswith("Sentinel operating in degraded mode — ")
         assert notice.actions == ["Retry Connection", "Continue with Cache"]
         # Unacknowledged: reminded.
         await w.wait_event(lambda e: e.kind == "degraded_notice" and e.service == "disk")

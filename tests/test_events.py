@@ -58,18 +58,43 @@ class Collector:
         self.events.append(event)
 
 
-def test_database_notice_text_is_exactly_the_issue_s() -> None:
-    assert notice_text("database", "failed") == (
-        "Sentinel operating in degraded mode. Database connection lost. "
-        "Using cached security policies. Some features unavailable."
-    )
+#: SPEC section 3, character for character (U+2014 EM DASH, no final period).
+SPEC_DATABASE_NOTICE = (
+    "Sentinel operating in degraded mode \u2014 database connection lost, "
+    "using cached security policies"
+)
+
+
+def test_database_notice_text_is_exactly_the_spec_s() -> None:
+    """A UI may match or translate the SPEC's sentence: it must be that sentence."""
+    assert notice_text("database", "failed") == SPEC_DATABASE_NOTICE
+    assert notice_text("database", "degraded") == SPEC_DATABASE_NOTICE
+    assert "\u2014" in SPEC_DATABASE_NOTICE
     assert NOTICE_ACTIONS == ("Retry Connection", "Continue with Cache")
 
 
-def test_scanner_notice_follows_the_fail_mode() -> None:
-    assert "allowed with a warning" in notice_text("yara", "failed", fail_open=True)
-    assert "blocked" in notice_text("yara", "failed", fail_open=False)
-    assert notice_text("whatever", "degraded").startswith("Sentinel operating in degraded mode.")
+@pytest.mark.parametrize("service, state, fail_open, rest", [
+    ("database", "critical", True,
+     "database connection lost, cached security policies unavailable (only scan results decide)"),
+    ("yara", "failed", True, "scanner unavailable, downloads allowed with a warning"),
+    ("yara", "failed", False, "scanner unavailable, downloads blocked until the scanner recovers"),
+    ("yara", "critical", True, "scanner unavailable, hash policies cannot be applied either"),
+    ("ipc", "degraded", True,
+     "IPC link unstable, operations queued and delivered after reconnect"),
+    ("disk", "degraded", True, "disk space low, logs and quarantine may fail"),
+    ("memory", "degraded", True, "memory use high, workers recycled"),
+    ("external", "failed", True,
+     "network service external unreachable, outgoing operations queued for retry"),
+    ("whatever", "degraded", True, "whatever unavailable"),
+])
+def test_every_notice_has_the_spec_s_shape(
+    service: str, state: str, fail_open: bool, rest: str
+) -> None:
+    """The other services' notices read like the database's: the SPEC's prefix
+    with its em dash, what is wrong, a comma, what the daemon does instead."""
+    text = notice_text(service, state, fail_open=fail_open)
+    assert text == "Sentinel operating in degraded mode \u2014 " + rest
+    assert not text.endswith(".")
 
 
 def test_noticeboard_spaces_reminders_and_never_reminds_of_an_acknowledged_notice() -> None:

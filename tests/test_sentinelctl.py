@@ -89,15 +89,15 @@ def test_watch_shows_the_degraded_notice_with_its_two_actions() -> None:
     watch = Watch(ctl)  # type: ignore[arg-type]
     notice = Event(
         id=3, topic="degraded", kind="degraded_notice", service="database", state="failed",
-        message="Sentinel operating in degraded mode. Database connection lost. "
-        "Using cached security policies. Some features unavailable.",
+        message="Sentinel operating in degraded mode — database connection lost, "
+        "using cached security policies",
         actions=["Retry Connection", "Continue with Cache"], at=1.8e9,
     )
     watch.on_event(notice)
     console = Console(file=io.StringIO(), width=120, record=True, color_system=None)
     console.print(watch.render())
     text = console.export_text()
-    assert "Database connection lost" in text
+    assert "database connection lost, using cached security policies" in text
     assert "Retry Connection / Continue with Cache" in text
     assert "service retry|ack database" in text
     watch.on_event(Event(id=3, topic="degraded", kind="degraded_cleared", service="database"))

@@ -35,9 +35,10 @@ the subscription's id follows the ``ack``.
 The notices
 -----------
 When a service leaves ``healthy``, subscribers of ``degraded`` get a notice a
-person can read, e.g. "Sentinel operating in degraded mode. Database
-connection lost. Using cached security policies. Some features unavailable."
-with the two actions *Retry Connection* (the client sends ``service_retry``)
+person can read, SPEC section 3's sentence for the database: "Sentinel
+operating in degraded mode — database connection lost, using cached security
+policies" (an em dash; every service's notice has that shape), with the two
+actions *Retry Connection* (the client sends ``service_retry``)
 and *Continue with Cache* (``degraded_ack``). Acknowledging suppresses
 repeats (reminders, the replay to a new subscriber) until the service's state
 changes again (the FallbackManager keeps and persists that flag);
@@ -84,38 +85,39 @@ NOTICE_ACTIONS = (ACTION_RETRY, ACTION_CONTINUE)
 #: daemon-wide ``max_subscribers`` (256), and filling those takes 32 connections.
 MAX_SUBSCRIPTIONS_PER_CONNECTION: Final = 8
 
-_PREFIX = "Sentinel operating in degraded mode."
-_SUFFIX = "Some features unavailable."
+#: SPEC section 3 quotes the database's notice: "Sentinel operating in degraded
+#: mode — database connection lost, using cached security policies". Every
+#: notice is this prefix, what is wrong, a comma, and what the daemon does instead.
+_PREFIX = "Sentinel operating in degraded mode — "
 
 
 def notice_text(service: str, state: str, *, fail_open: bool = True) -> str:
     """The sentence a UI shows for ``service`` in ``state`` (not ``healthy``)."""
     if service == "database":
         if state == "critical":
-            middle = ("Database connection lost. Cached security policies unavailable: "
-                      "only scan results decide.")
+            rest = ("database connection lost, cached security policies unavailable"
+                    " (only scan results decide)")
         else:
-            middle = "Database connection lost. Using cached security policies."
+            rest = "database connection lost, using cached security policies"
     elif service in ("yara", "scanner"):
-        fallback = (
-            "Downloads are allowed with a warning."
-            if fail_open
-            else "Downloads are blocked until the scanner recovers."
-        )
         if state == "critical":
-            fallback = "Hash policies cannot be applied either."
-        middle = f"Scanner unavailable. {fallback}"
+            instead = "hash policies cannot be applied either"
+        elif fail_open:
+            instead = "downloads allowed with a warning"
+        else:
+            instead = "downloads blocked until the scanner recovers"
+        rest = f"scanner unavailable, {instead}"
     elif service == "ipc":
-        middle = "IPC link unstable. Operations are queued and delivered after reconnect."
+        rest = "IPC link unstable, operations queued and delivered after reconnect"
     elif service == "disk":
-        middle = "Disk space low. Logs and quarantine may fail."
+        rest = "disk space low, logs and quarantine may fail"
     elif service == "memory":
-        middle = "Memory use high. Workers are recycled."
+        rest = "memory use high, workers recycled"
     elif service in ("network", "external") or service.startswith("http"):
-        middle = f"Network service {service} unreachable. Outgoing operations are queued for retry."
+        rest = f"network service {service} unreachable, outgoing operations queued for retry"
     else:
-        middle = f"{service.capitalize()} unavailable."
-    return f"{_PREFIX} {middle} {_SUFFIX}"
+        rest = f"{service} unavailable"
+    return _PREFIX + rest
 
 
 class NoticeBoard:
