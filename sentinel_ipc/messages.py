@@ -111,6 +111,10 @@ class BreakerInfo(msgspec.Struct, kw_only=True):
     opened_at: float | None = None
     retry_after_s: float | None = None
     availability: float = 1.0
+    #: Unix time (seconds) the breaker entered its current state (a breaker that
+    #: has not changed state since the daemon started: the start). Daemons before
+    #: this field omit it: None.
+    state_since: float | None = None
 
 
 class Limits(msgspec.Struct, kw_only=True):

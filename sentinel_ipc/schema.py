@@ -210,6 +210,10 @@ FIELD_NOTES: dict[str, str] = {
     "`Continue with Cache` (send `degraded_ack`)",
     "Event.dropped": "in `events_dropped`: how many events this subscriber missed",
     "Event.at": "Unix time (seconds)",
+    "BreakerInfo.state_since": (
+        "Unix time (seconds) the breaker entered its current state (unchanged since "
+        "the daemon started: the start); nil from older daemons"
+    ),
 }
 
 _SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -391,6 +395,7 @@ EXAMPLES: tuple[msgspec.Struct, ...] = (
                 opened_at=1767140000.5,
                 retry_after_s=12.5,
                 availability=0.875,
+                state_since=1767140000.5,
             )
         ],
     ),

@@ -11,14 +11,17 @@ import argparse
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from daemon_harness import DaemonProcess
 from rich.console import Console
@@ -58,22 +61,29 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 # --- golden output ------------------------------------------------------------------
 
 
+NOW = 1_767_140_000.0
+
+
 def _breakers_text() -> str:
+    """Every "In state" case: seconds, days, minutes, and "-" from an older
+    daemon that does not send ``state_since``."""
     report = BreakersReport(
         id=1,
         breakers=[
             BreakerInfo(name="database", state="open", consecutive_failures=5,
                         failures_total=17, successes_total=480, rejected_total=12,
-                        opened_at=100.0, retry_after_s=23.4, availability=0.9311),
-            BreakerInfo(name="ipc", state="closed", failures_total=0, successes_total=9000),
+                        opened_at=100.0, retry_after_s=23.4, availability=0.9311,
+                        state_since=NOW - 6.6),
+            BreakerInfo(name="ipc", state="closed", failures_total=0, successes_total=9000,
+                        state_since=NOW - 3 * 86400 - 5 * 3600),
             BreakerInfo(name="reputation", state="half_open", consecutive_failures=0,
                         failures_total=3, successes_total=40, availability=0.930233),
             BreakerInfo(name="yara", state="forced_open", failures_total=2, rejected_total=7,
-                        successes_total=98, availability=0.915888),
+                        successes_total=98, availability=0.915888, state_since=NOW - 192),
         ],
     )
     console = Console(file=io.StringIO(), width=100, record=True, color_system=None)
-    console.print(render_breakers(report))
+    console.print(render_breakers(report, now=NOW))
     return console.export_text()
 
 
@@ -213,6 +223,51 @@ def test_breakers_and_manual_control(daemon: Any, capsys: Capture) -> None:
     assert code == 0, err
     code, out, _ = run(capsys, daemon.socket_path, "--json", "breakers")
     assert {b["name"]: b["state"] for b in json.loads(out)["breakers"]}[name] == "closed"
+
+
+def _seconds(duration: str) -> int:
+    """Back from sentinelctl's "3m12s" / "2h05m" / "1d03h" to seconds (the lower bound)."""
+    match = re.fullmatch(r"(\d+)([dhm])(\d{2})([hms])", duration)
+    assert match, duration
+    unit = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return int(match[1]) * unit[match[2]] + int(match[3]) * unit[match[4]]
+
+
+def test_breakers_table_shows_how_long_each_breaker_is_in_its_state(
+    daemon_factory: Any, capsys: Capture
+) -> None:
+    """SPEC section 4: the breaker table shows service, state, failures and
+    uptime. "In state" is the time since the breaker entered its state: the
+    daemon's age for one that never changed, a few seconds for one just tripped."""
+    d = daemon_factory()
+    started = psutil.Process(d.pid).create_time()
+    code, out, _ = run(capsys, d.socket_path, "--json", "breakers")
+    assert code == 0
+    since = {b["name"]: b["state_since"] for b in json.loads(out)["breakers"]}
+    assert {"database", "yara"} <= set(since)
+    for name, at in since.items():
+        assert started - 1.0 <= at <= time.time(), (name, at, started)
+
+    tripped = time.time()
+    code, _, err = run(capsys, d.socket_path, "breaker", "trip", "yara")
+    assert code == 0, err
+    code, out, _ = run(capsys, d.socket_path, "breakers")
+    shown = time.time()
+    assert code == 0 and "In state" in out
+    rows = {
+        cells[0]: cells
+        for line in out.splitlines() if line.startswith("\u2502")
+        for cells in [[c.strip() for c in line.strip("\u2502").split("\u2502")]]
+    }
+    assert rows["yara"][1] == "forced_open"
+    assert _seconds(rows["yara"][2]) <= shown - tripped + 1  # entered forced_open just now
+    untouched = _seconds(rows["database"][2])
+    assert abs(untouched - (shown - since["database"])) <= 2  # closed since the start
+    code, out, _ = run(capsys, d.socket_path, "--json", "breakers")
+    after = {b["name"]: b["state_since"] for b in json.loads(out)["breakers"]}
+    assert after["yara"] >= tripped - 1.0
+    assert after["database"] == pytest.approx(since["database"], abs=1.0)
+    d.stop()
 
 
 def test_service_buttons(daemon: Any, capsys: Capture) -> None:

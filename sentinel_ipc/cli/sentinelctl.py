@@ -23,6 +23,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -166,31 +167,40 @@ def _styled(value: str, styles: dict[str, str] | None = None) -> Text:
     return Text(value, style=(styles or _STATE_STYLES).get(value, ""))
 
 
-def render_breakers(report: BreakersReport) -> Table:
-    """The breaker table: service, state, failures, availability, retry in."""
+def render_breakers(report: BreakersReport, *, now: float) -> Table:
+    """The breaker table: service, state, time in that state (SPEC's "uptime"),
+    failures (consecutive / total), rejected calls, availability, retry in.
+    ``now`` is Unix time (the daemon's ``state_since`` is too); "-" for a
+    daemon that does not send it. A default daemon's table fits 80 columns."""
     table = Table(title="Circuit breakers", title_justify="left")
-    table.add_column("Service")
-    table.add_column("State")
-    table.add_column("Failures", justify="right")
+    # A narrow terminal squeezes the figures, never the names and states.
+    table.add_column("Service", no_wrap=True, min_width=max(
+        (len(info.name) for info in report.breakers), default=7))
+    table.add_column("State", no_wrap=True, min_width=max(
+        (len(info.state) for info in report.breakers), default=5))
+    table.add_column("In state", justify="right")
+    table.add_column("Failures\nnow/total", justify="right")
     table.add_column("Rejected", justify="right")
-    table.add_column("Availability", justify="right")
+    table.add_column("Avail.", justify="right")
     table.add_column("Retry in", justify="right")
     for info in report.breakers:
-        failures = f"{info.consecutive_failures} now / {info.failures_total} total"
+        failures = f"{info.consecutive_failures} / {info.failures_total}"
         if info.state == "forced_open":
             retry = "on reset"
         else:
             retry = "-" if info.retry_after_s is None else f"{info.retry_after_s:.1f} s"
+        since = "-" if info.state_since is None else _duration(max(0.0, now - info.state_since))
         table.add_row(
             info.name,
             _styled(info.state),
+            since,
             failures,
             str(info.rejected_total),
-            f"{info.availability * 100:.1f} %",
+            f"{info.availability * 100:.1f}%",
             retry,
         )
     if not report.breakers:
-        table.add_row("(none)", "", "", "", "", "")
+        table.add_row("(none)", "", "", "", "", "", "")
     return table
 
 
@@ -382,7 +392,7 @@ class Ctl:
 
     async def cmd_breakers(self) -> int:
         report = await self.client.breakers(timeout=self.args.timeout)
-        self.show(report, render_breakers(report))
+        self.show(report, render_breakers(report, now=time.time()))
         return EXIT_OK
 
     async def cmd_breaker(self) -> int:
@@ -597,7 +607,7 @@ class Watch:
         if self.health is not None:
             parts.append(render_health(self.health))
         if self.breakers is not None:
-            parts.append(render_breakers(self.breakers))
+            parts.append(render_breakers(self.breakers, now=time.time()))
         table = Table(title="Recent events", title_justify="left")
         for column in ("At", "Topic", "Kind", "Service", "State", "Message"):
             table.add_column(column)

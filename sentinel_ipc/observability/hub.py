@@ -597,6 +597,9 @@ class Observability:
                     opened_at=_wall_time(s.opened_at),
                     retry_after_s=s.retry_after,
                     availability=round(s.successes / calls, 6) if calls else 1.0,
+                    state_since=_wall_time(s.state_changed_at)
+                    if s.state_changed_at is not None
+                    else time.time() - self.health.uptime(),  # unchanged since the start
                 )
             )
         return infos
