@@ -96,26 +96,13 @@ def external_breaker(name: str, config: BreakerConfig | None = None) -> CircuitB
 def external_retry_policy(
     settings: RetrySettings | None = None, *, enabled: bool = True
 ) -> RetryPolicy:
-    """The retry policy of every external call.
-
-    ``RETRY_PRESETS["external"]`` if the resilience core defines one; else the
-    network classifier (connection errors, timeouts, 5xx, 429; never other 4xx)
-    with a short jittered exponential backoff: 0.2 s, 0.4 s (x 1..1.25), at most
-    3 attempts or 30 s in all. ``settings`` (the daemon's
-    ``[resilience.retries.external]``) replaces the numbers, keeping the
-    classifier and the total-time cap; ``enabled=False``
-    (``resilience.retries_enabled = false``) leaves one attempt. The daemon
-    builds it here rather than with ``ResilienceConfig.retry_policy``, which
-    knows only the core's presets and has none for ``external``."""
-    policy = RETRY_PRESETS.get("external") or RetryPolicy(
-        on=transient,
-        attempts=3,
-        initial=0.2,
-        max_delay=2.0,
-        multiplier=2.0,
-        jitter=0.25,
-        timeout=30.0,
-    )
+    """The retry policy of every external call: ``RETRY_PRESETS["external"]``
+    (the network classifier: connection errors, timeouts, 5xx, 429, never
+    other 4xx; 0.2 s, 0.4 s (x 1..1.25), at most 3 attempts or 30 s in all).
+    ``settings`` (the daemon's ``[resilience.retries.external]``) replaces the
+    numbers, keeping the classifier and the total-time cap; ``enabled=False``
+    (``resilience.retries_enabled = false``) leaves one attempt."""
+    policy = RETRY_PRESETS["external"]
     if settings is not None:
         policy = dataclasses.replace(
             policy,

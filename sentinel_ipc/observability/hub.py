@@ -57,7 +57,7 @@ from ..logs import log_event
 from ..messages import BreakerInfo, Event, HealthReport, ScanResult
 from ..resilience.breaker import BreakerState, CircuitBreaker
 from ..resilience.fallback import FallbackManager, ServiceState, ServiceTransition
-from ..resilience.instruments import RETRY_COUNTERS, BreakerTransition
+from ..resilience.instruments import BreakerTransition
 from .checks import DiskCheck, MemoryCheck, http_check, ipc_check, yara_check
 from .events import NOTICE_ACTIONS, EventBus, NoticeBoard, Subscription, notice_text, open_event_bus
 from .health import CheckOutcome, CheckResult, HealthRegistry
@@ -189,10 +189,6 @@ class Observability:
         m.service_states = lambda: {
             name: str(status.state)
             for name, status in self.fallback.statistics().services.items()
-        }
-        m.retry_outcomes = lambda: {
-            (op, str(outcome)): n
-            for (op, outcome), n in RETRY_COUNTERS.statistics().outcomes.items()
         }
 
     def _register_base_checks(self) -> None:

@@ -114,9 +114,6 @@ class SentinelMetrics:
         self.retry_counters: Callable[[], RetryCountersStatistics] | None = (
             RETRY_COUNTERS.statistics
         )
-        #: Not read any more (``retry_counters`` feeds both retry families); kept
-        #: only so a composition root that still sets it type-checks.
-        self.retry_outcomes: Callable[[], Mapping[tuple[str, str], int]] | None = None
         self.registry.register(_ScrapeCollector(self))
 
     # -- observation hooks (cheap; call from the request path) -----------------
