@@ -269,7 +269,6 @@ class Daemon:
         from . import __version__
         from .external import (
             ExternalMetrics,
-            external_retry_policy,
             open_event_forwarder,
             open_reputation_client,
         )
@@ -281,9 +280,7 @@ class Daemon:
         # with breakers_enabled = false, when the hub registers it below.)
         resilience = self.config.resilience
         breaker_config = resilience.breaker_config("external")
-        retry = external_retry_policy(
-            resilience.retries.get("external"), enabled=resilience.retries_enabled
-        )
+        retry = resilience.retry_policy("external")
         if self.config.reputation.enabled:
             self.reputation = await stack.enter_async_context(
                 open_reputation_client(

@@ -24,7 +24,6 @@ breaker; a 503 is the service's and does.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import email.utils
 import logging
 import math
@@ -54,7 +53,7 @@ from .config import HttpTimeouts
 from .metrics import ExternalMetrics
 
 if TYPE_CHECKING:
-    from sentinel_ipc.observability.config import RetrySettings
+    pass
 
 __all__ = [
     "HttpAnswer",
@@ -93,28 +92,13 @@ def external_breaker(name: str, config: BreakerConfig | None = None) -> CircuitB
     return CircuitBreaker(name, config, clock=trio.current_time)
 
 
-def external_retry_policy(
-    settings: RetrySettings | None = None, *, enabled: bool = True
-) -> RetryPolicy:
+def external_retry_policy() -> RetryPolicy:
     """The retry policy of every external call: ``RETRY_PRESETS["external"]``
     (the network classifier: connection errors, timeouts, 5xx, 429, never
     other 4xx; 0.2 s, 0.4 s (x 1..1.25), at most 3 attempts or 30 s in all).
-    ``settings`` (the daemon's ``[resilience.retries.external]``) replaces the
-    numbers, keeping the classifier and the total-time cap; ``enabled=False``
-    (``resilience.retries_enabled = false``) leaves one attempt."""
-    policy = RETRY_PRESETS["external"]
-    if settings is not None:
-        policy = dataclasses.replace(
-            policy,
-            attempts=settings.attempts,
-            initial=settings.initial,
-            max_delay=settings.max_delay,
-            multiplier=settings.multiplier,
-            jitter=settings.jitter,
-        )
-    if not enabled:
-        policy = dataclasses.replace(policy, attempts=1)
-    return policy
+    The daemon passes ``ResilienceConfig.retry_policy("external")`` instead,
+    which is this preset with ``[resilience.retries.external]``'s numbers."""
+    return RETRY_PRESETS["external"]
 
 
 def api_key_value(api_key: str, api_key_env: str) -> str:
