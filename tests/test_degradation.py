@@ -377,6 +377,15 @@ async def test_readiness_follows_the_database_breaker_at_once(daemon_factory: An
     d.stop()
 
 
+async def add_queued_while_locked(socket_path: Path) -> None:
+    """A policy add while another connection holds ``BEGIN EXCLUSIVE``: it fails
+    its attempts on the lock and is journaled (``queued``)."""
+    async with wire(socket_path) as w:
+        sha = hashlib.sha256(b"written while locked").hexdigest()
+        added = await w.call(PolicyAdd(id=next(_ids), action="block", sha256=sha))
+    assert isinstance(added, PolicyResult) and added.queued, added
+
+
 @needs_policy
 async def test_readiness_after_a_restart_that_ended_the_outage(
     daemon_factory: Any, dbdir: Path
@@ -393,10 +402,7 @@ async def test_readiness_after_a_restart_that_ended_the_outage(
     holder = sqlite3.connect(dbdir / "policy_graph.db", isolation_level=None)
     try:
         holder.execute("BEGIN EXCLUSIVE")
-        async with wire(d.socket_path) as w:
-            sha = hashlib.sha256(b"written while locked").hexdigest()
-            added = await w.call(PolicyAdd(id=next(_ids), action="block", sha256=sha))
-            assert isinstance(added, PolicyResult) and added.queued, added
+        await add_queued_while_locked(d.socket_path)
         report = await health(d.socket_path, "ready")
         assert not report.ready and "database" in (report.reason or ""), report
         deadline = time.monotonic() + 5
@@ -524,10 +530,7 @@ async def test_database_query_duration_counts_failed_attempts_too(
     holder = sqlite3.connect(dbdir / "policy_graph.db", isolation_level=None)
     try:
         holder.execute("BEGIN EXCLUSIVE")
-        async with wire(d.socket_path) as w:
-            sha = hashlib.sha256(b"written while locked").hexdigest()
-            added = await w.call(PolicyAdd(id=next(_ids), action="block", sha256=sha))
-        assert isinstance(added, PolicyResult) and added.queued, added
+        await add_queued_while_locked(d.socket_path)
         after = sample_value(await metrics_text(d.socket_path), count)
     finally:
         holder.close()
