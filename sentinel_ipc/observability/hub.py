@@ -185,6 +185,8 @@ class Observability:
         m.errors = lambda: dict(self.server.errors_by_code)
         m.disk_free = lambda: dict(self.disk.free_by_mount)
         m.rss = lambda: self.memory.last_rss or None
+        m.workers_rss = lambda: self.memory.last_workers_rss if self.memory.last_rss else None
+        m.scanner_events = self._scanner_events
         m.breakers = lambda: list(self.breakers.values())
         m.service_states = lambda: {
             name: str(status.state)
@@ -271,6 +273,19 @@ class Observability:
         stats = breaker.statistics(now)
         log_event("breaker_restored", logging.WARNING, breaker=breaker.name,
                   state=str(stats.state), retry_after=stats.retry_after)
+
+    def _scanner_events(self) -> dict[str, int]:
+        """The scanner's counters for ``sentinel_scan_*`` (none before it is attached)."""
+        if self.scanner is None:
+            return {}
+        stats = self.scanner.statistics()
+        pool = stats.pool
+        return {
+            "worker_crashes_total": pool.crashes_total,
+            "hard_timeouts_total": pool.hard_timeouts_total,
+            "workers_recycled_total": pool.recycled_total,
+            "streams_expired_total": stats.streams_expired,
+        }
 
     def attach_scanner(self, scanner: ScannerLike) -> None:
         """The yara service: its breaker, its self-test check, rules/worker readiness."""

@@ -108,6 +108,9 @@ class SentinelMetrics:
         self.receive_buffer: Callable[[], tuple[int, int]] | None = None
         self.disk_free: Callable[[], Mapping[str, int]] | None = None
         self.rss: Callable[[], int | None] | None = None
+        self.workers_rss: Callable[[], int | None] | None = None
+        #: Counts of the scanner's own events, by the names in ``_SCANNER_EVENTS``.
+        self.scanner_events: Callable[[], Mapping[str, int]] | None = None
         self.breakers: Callable[[], Iterable[CircuitBreaker]] | None = None
         self.service_states: Callable[[], Mapping[str, str]] | None = None
         self.errors: Callable[[], Mapping[str, int]] | None = None
@@ -156,6 +159,16 @@ class SentinelMetrics:
         return CONTENT_TYPE_PLAIN_0_0_4, _generate_text(self.registry).decode()
 
 
+#: The scanner's counters, exported as ``sentinel_scan_<name>``: what an
+#: operator alerts on when the scanner is unwell before its breaker opens.
+_SCANNER_EVENTS: dict[str, str] = {
+    "worker_crashes_total": "Scan workers that died unasked (crash, kill -9, out of memory).",
+    "hard_timeouts_total": "Scans past their hard deadline, whose worker was killed.",
+    "workers_recycled_total": "Scan workers retired after their scan count or memory limit.",
+    "streams_expired_total": "Chunked scan streams dropped for getting no chunk in time.",
+}
+
+
 class _ScrapeCollector:
     """Reads the live figures at scrape time (see the module docstring)."""
 
@@ -195,6 +208,15 @@ class _ScrapeCollector:
             "Resident memory of the daemon process itself (its scan workers not included),"
             " as of the last memory health check.",
         )
+        workers_rss = GaugeMetricFamily(
+            "sentinel_scan_workers_rss_bytes",
+            "Resident memory of the scan worker processes together, as of the last memory"
+            " health check (each worker is also recycled past its own limit).",
+        )
+        scanner_events = [
+            CounterMetricFamily(f"sentinel_scan_{name}", text)
+            for name, text in _SCANNER_EVENTS.items()
+        ]
         state = GaugeMetricFamily(
             "sentinel_circuit_breaker_state",
             "1 for the state each circuit breaker is in, 0 for the others.",
@@ -243,6 +265,13 @@ class _ScrapeCollector:
                     disk.add_metric([mount], float(free))
             if m.rss is not None and (value := m.rss()) is not None:
                 rss.add_metric([], float(value))
+            if m.workers_rss is not None and (value := m.workers_rss()) is not None:
+                workers_rss.add_metric([], float(value))
+            if m.scanner_events is not None:
+                scanner_counts = m.scanner_events()
+                for family, name in zip(scanner_events, _SCANNER_EVENTS, strict=True):
+                    if name in scanner_counts:
+                        family.add_metric([], scanner_counts[name])
             if m.breakers is not None:
                 for breaker in m.breakers():
                     stats = breaker.statistics()
@@ -267,5 +296,6 @@ class _ScrapeCollector:
             if m.errors is not None:
                 for code, count in sorted(m.errors().items()):
                     errors.add_metric([code], count)
-        yield from (uptime, connections, receive_reserved, receive_waiting, disk, rss, state,
-                    transitions, calls, retries, retry_outcomes, services, errors)
+        yield from (uptime, connections, receive_reserved, receive_waiting, disk, rss,
+                    workers_rss, *scanner_events, state, transitions, calls, retries,
+                    retry_outcomes, services, errors)
