@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -105,13 +106,77 @@ def test_journal_compaction_is_atomic_and_keeps_pending(tmp_path: Path) -> None:
     j.close()
 
 
+class ManualTime:
+    """A clock and a sleep that only advances it, recording each delay; an
+    optional action runs at a given sleep (the fault ends in the backoff)."""
+
+    def __init__(self, on_sleep: dict[int, Any] | None = None) -> None:
+        self.now = 0.0
+        self.delays: list[float] = []
+        self.on_sleep = on_sleep or {}
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        self.now += seconds
+        action = self.on_sleep.get(len(self.delays))
+        if action is not None:
+            action()
+
+
 def test_journal_is_locked_against_a_second_client(tmp_path: Path) -> None:
+    """A lock held for good: the file retry policy's 3 attempts (0.2 s, then
+    0.4 s, with jitter up to 10 %), then a clear error."""
     path = tmp_path / "outbox.log"
     first = OutboxJournal(path)
+    time_ = ManualTime()
     with pytest.raises(OutboxError, match="in use by another client"):
-        OutboxJournal(path)
+        OutboxJournal(path, sleep=time_.sleep, clock=time_.clock)
+    assert len(time_.delays) == 2, time_.delays
+    assert 0.2 <= time_.delays[0] <= 0.22 and 0.4 <= time_.delays[1] <= 0.44, time_.delays
     first.close()
     OutboxJournal(path).close()
+
+
+def test_a_lock_released_during_the_backoff_is_taken(tmp_path: Path) -> None:
+    """The old process of a restarted program still holds the lock (here a
+    real one, from another process) and lets go while we wait: the journal
+    opens, with its records, instead of failing."""
+    path = tmp_path / "outbox.log"
+    first = OutboxJournal(path)
+    assert first.load() == []
+    first.append(_put("survives the restart"))
+    first.close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, os, sys
+            fd = os.open({str(path) + ".lock"!r}, os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            print("held", flush=True)
+            sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+
+        def release() -> None:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait(10)
+
+        time_ = ManualTime(on_sleep={1: release})
+        journal = OutboxJournal(path, sleep=time_.sleep, clock=time_.clock)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+    assert len(time_.delays) == 1
+    assert [k for k, _, _ in journal.load()] == ["survives the restart"]
+    journal.close()
 
 
 # --- delivery (scripted peer: it records what arrives, and can drop a connection) ------

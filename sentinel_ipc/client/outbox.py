@@ -25,7 +25,10 @@ inspection. When settled records outnumber pending ones the file is compacted:
 the pending ``put``s go to a temporary file, which is fsync'ed and renamed over
 the journal (then the directory is fsync'ed), so a crash leaves either the old
 or the new file, never a mix. A lock file (``flock``) keeps two clients from
-sharing one journal.
+sharing one journal. Taking it runs under the SPEC's ``file`` retry policy
+(EAGAIN: 3 attempts, 0.2 s then 0.4 s): a program restarted while its old
+process is still exiting finds the lock held for a moment, and should wait
+for it rather than start without its journal.
 """
 
 from __future__ import annotations
@@ -48,10 +51,10 @@ import msgspec
 import trio
 
 from ..codec import DecodeFailure, decode_request, encode
-from ..errors import CircuitOpenError, SentinelError
+from ..errors import CircuitOpenError, RetryExhaustedError, SentinelError
 from ..logs import log_event
 from ..messages import Reply, type_tag
-from ..resilience import RetryPolicy
+from ..resilience import RETRY_PRESETS, RetryPolicy, guarded_call_sync
 from .errors import OutboxError, OutboxFullError
 
 _RECORD_HEADER = struct.Struct(">II")
@@ -82,7 +85,14 @@ class OutboxJournal:
     cannot be opened.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        sleep: Callable[[float], object] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``sleep`` and ``clock`` drive the lock's retry backoff (tests inject them)."""
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +103,11 @@ class OutboxJournal:
                 f"cannot open the outbox lock {self.lock_path}: {exc.strerror}"
             ) from exc
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+            guarded_call_sync(
+                fcntl.flock, self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB,
+                retry=RETRY_PRESETS["file"], operation="outbox_lock", sleep=sleep, clock=clock,
+            )
+        except (OSError, RetryExhaustedError) as exc:
             os.close(self._lock_fd)
             raise OutboxError(
                 f"the outbox {path} is in use by another client (lock {self.lock_path})"
