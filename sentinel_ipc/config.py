@@ -17,6 +17,7 @@ from typing import Literal
 
 import msgspec
 
+from .config_checks import at_least, positive
 from .errors import ConfigError
 from .external.config import ForwardConfig, ReputationConfig
 from .framing import MAX_FRAME_LIMIT
@@ -59,10 +60,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 f"max_frame_bytes ({self.max_frame_bytes}) must be in "
                 f"{MIN_FRAME_BYTES}..{MAX_FRAME_LIMIT} (the length header is 4 bytes)"
             )
-        _at_least(self, 1, "max_connections", "max_in_flight_per_connection",
-                  "max_in_flight_total")
-        _positive(self, "frame_read_timeout", "write_timeout")
-        _at_least(self, 0, "shutdown_grace")
+        at_least(self, 1, "max_connections", "max_in_flight_per_connection",
+                 "max_in_flight_total")
+        positive(self, "frame_read_timeout", "write_timeout")
+        at_least(self, 0, "shutdown_grace")
         if not 0 <= self.socket_mode <= 0o777 or self.socket_mode & 0o600 != 0o600:
             raise ValueError(
                 f"socket_mode ({self.socket_mode:#o}) must be a permission mode that lets "
@@ -81,26 +82,12 @@ class RateLimitConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrent_scans_per_connection: int = 5
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "burst", "max_concurrent_scans_per_connection")
-        _positive(self, "scans_per_second")
+        at_least(self, 1, "burst", "max_concurrent_scans_per_connection")
+        positive(self, "scans_per_second")
 
 
 #: The smallest ``max_frame_bytes`` accepted: below it, ordinary requests and replies would not fit.
 MIN_FRAME_BYTES = 4096
-
-
-def _at_least(section: msgspec.Struct, floor: float, *names: str) -> None:
-    """Range checks run at load time: a value that would fail the daemon later (at
-    the first connection, the first scan) must stop start-up naming the key."""
-    for name in names:
-        if getattr(section, name) < floor:
-            raise ValueError(f"{name} must be at least {floor} (got {getattr(section, name)})")
-
-
-def _positive(section: msgspec.Struct, *names: str) -> None:
-    for name in names:
-        if not getattr(section, name) > 0:
-            raise ValueError(f"{name} must be greater than 0 (got {getattr(section, name)})")
 
 
 class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

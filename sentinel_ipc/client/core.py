@@ -266,9 +266,9 @@ class Client:
             fd, capacity = held
             answered = False
             try:
-                by_fd = ScanFd(id=0, url=url, filename=filename, mime_type=mime_type,
-                               size=len(data))
-                result = await self._call(by_fd, ScanResult, timeout, fds=(fd,))
+                result = await self.scan_fd(fd, url=url, filename=filename,
+                                            mime_type=mime_type, size=len(data),
+                                            timeout=timeout)
                 # A daemon that ignored ``size`` scanned stale bytes past the end.
                 answered = result.size == len(data)
                 if answered:
@@ -307,12 +307,15 @@ class Client:
         url: str | None = None,
         filename: str | None = None,
         mime_type: str | None = None,
+        size: int | None = None,
         timeout: float | None = None,
     ) -> ScanResult:
         """Scan the open regular file ``fd``; the descriptor travels with
         SCM_RIGHTS in the same ``sendmsg`` as the frame (the daemon reads it,
-        so it needs no access to the path). ``fd`` stays open and owned by the caller."""
-        request = ScanFd(id=0, url=url, filename=filename, mime_type=mime_type)
+        so it needs no access to the path). ``fd`` stays open and owned by the
+        caller. ``size``: only the file's first ``size`` bytes are this file's
+        (a reused buffer, as :meth:`scan` passes)."""
+        request = ScanFd(id=0, url=url, filename=filename, mime_type=mime_type, size=size)
         timeout = self.config.scan_timeout if timeout is None else timeout
         return await self._call(request, ScanResult, timeout, fds=(fd,))
 

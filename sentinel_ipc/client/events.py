@@ -68,7 +68,7 @@ class Subscription:
         buffer: int,
         callback: EventCallback | None,
         on_close: Callable[[Subscription], None],
-        on_aclose: Callable[[Subscription], Awaitable[None]] | None = None,
+        on_aclose: Callable[[Subscription], Awaitable[None]],
     ) -> None:
         self.topics = topics
         self.callback = callback
@@ -152,9 +152,6 @@ class Subscription:
         """Stop delivery and end the daemon-side subscription (see the class
         docstring: bounded, best effort, never raises because the daemon is gone)."""
         if not self._end_locally():
-            await trio.lowlevel.checkpoint()
-        elif self._on_aclose is None:
-            self._on_close(self)
             await trio.lowlevel.checkpoint()
         else:
             await self._on_aclose(self)

@@ -13,7 +13,6 @@ Both are off by default (no ``url``) and both survive network outages:
 Metrics and the ``external`` health component: :mod:`.metrics`.
 """
 
-from ._http import external_breaker, external_retry_policy
 from .config import ForwardConfig, HttpTimeouts, ReputationConfig
 from .forwarder import EventForwarder, ForwarderStatistics, open_event_forwarder
 from .metrics import ExternalHealth, ExternalMetrics, collect, external_health
@@ -36,9 +35,7 @@ __all__ = [
     "ReputationConfig",
     "ReputationResult",
     "collect",
-    "external_breaker",
     "external_health",
-    "external_retry_policy",
     "open_event_forwarder",
     "open_reputation_client",
 ]

@@ -32,7 +32,6 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import httpx
 import trio
@@ -46,14 +45,10 @@ from sentinel_ipc.resilience import (
     CircuitBreaker,
     RetryPolicy,
 )
-from sentinel_ipc.resilience.classifiers import failure_if_retryable, transient
 from sentinel_ipc.resilience.instruments import BreakerTransition
 
 from .config import HttpTimeouts
 from .metrics import ExternalMetrics
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "HttpAnswer",
@@ -81,15 +76,7 @@ def external_breaker(name: str, config: BreakerConfig | None = None) -> CircuitB
     ``config``: the daemon's ``[resilience.breakers.external]``
     (``ResilienceConfig.breaker_config("external")``); without it, SPEC's
     external preset (3 failures, 60 s open, 2 successes)."""
-    if config is None:
-        config = BREAKER_PRESETS.get("external") or BreakerConfig(
-            failure_threshold=3,
-            open_timeout=60.0,
-            success_threshold=2,
-            half_open_max_wait=30.0,
-            is_failure=failure_if_retryable(transient),
-        )
-    return CircuitBreaker(name, config, clock=trio.current_time)
+    return CircuitBreaker(name, config or BREAKER_PRESETS["external"], clock=trio.current_time)
 
 
 def external_retry_policy() -> RetryPolicy:

@@ -29,14 +29,12 @@ from ..config import RateLimitConfig
 from ..errors import (
     BadFileDescriptorError,
     BusyError,
-    ErrorCode,
     NotFoundError,
     ProtocolError,
     RateLimitedError,
 )
 from ..messages import Scan, ScanBegin, ScanChunk, ScanEnd, ScanFd, ScanResult
 from ..ratelimit import RateLimiter
-from ..server.connection import error_reply
 from ..server.dispatch import Dispatcher, RequestContext
 
 if TYPE_CHECKING:
@@ -176,11 +174,7 @@ def register(
             if table.get(stream_id) is not stream:
                 return  # already answered, or the connection is gone
             try:
-                conn.server.note_error(ErrorCode.TIMEOUT)
-                with contextlib.suppress(
-                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
-                ):
-                    await conn.send(error_reply(stream_id, stream.idle_error()))
+                await conn.send_error(stream_id, stream.idle_error())
             finally:
                 if table.get(stream_id) is stream:
                     del table[stream_id]

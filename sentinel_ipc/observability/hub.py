@@ -358,8 +358,10 @@ class Observability:
                 f" ({status.reason})" if status.reason else ""
             )
         for name, service in self._breaker_service.items():
+            if service != "database":
+                continue
             state = self.breakers[name].statistics().state
-            if service == "database" and state in _OPEN_STATES:
+            if state in _OPEN_STATES:
                 return f"database is down: breaker {name} is {state}"
         return None
 

@@ -7,11 +7,11 @@ Plain values only: the breaker and retry objects come from ``[resilience]``
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Final
 
 import msgspec
 
+from ..config_checks import at_least, positive
 from ..messages import Action
 from .journal import DEFAULT_MAX_BYTES as JOURNAL_MAX_BYTES
 from .quarantine import DEFAULT_MAX_BYTES as QUARANTINE_MAX_BYTES
@@ -67,15 +67,12 @@ class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         loader prefixes the section: ``policy: op_timeout must be ...``), so
         that a bad file stops start-up with exit 2, not a traceback or a
         spinning loop later."""
-        _at_least(self, 0, "quarantine_max_bytes", "quarantine_max_items", "busy_timeout_ms")
+        at_least(self, 0, "quarantine_max_bytes", "quarantine_max_items", "busy_timeout_ms")
         # The journal takes the writes of a database outage: with no room it
         # would refuse every one. A threat history of 0 rows would delete each
         # row as it is written.
-        _at_least(self, 1, "max_journal_bytes", "threat_history_max_rows")
-        for name in _POLICY_SECONDS:
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number greater than 0 (got {value})")
+        at_least(self, 1, "max_journal_bytes", "threat_history_max_rows")
+        positive(self, *_POLICY_SECONDS, finite=True)
 
     def to_config(self, resilience: ResilienceConfig, admin_uids: list[int]) -> PolicyConfig:
         retry = resilience.retry_policy("database")
@@ -101,14 +98,6 @@ class AuditSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         """Range checks at load time, naming the key (``audit: max_bytes must
         be ...``): the audit log would otherwise refuse them at start-up with a
         traceback, or stall its writer (see the two constants)."""
-        _at_least(self, AUDIT_MIN_BYTES, "max_bytes")
+        at_least(self, AUDIT_MIN_BYTES, "max_bytes")
         if not 0 <= self.backups <= AUDIT_MAX_BACKUPS:
             raise ValueError(f"backups must be in 0..{AUDIT_MAX_BACKUPS} (got {self.backups})")
-
-
-def _at_least(section: msgspec.Struct, floor: int, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        if value < floor:
-            bound = "must not be negative" if floor == 0 else f"must be at least {floor}"
-            raise ValueError(f"{name} {bound} (got {value})")

@@ -1083,11 +1083,11 @@ class PolicyStore:
         cutoff = newest - self.threat_history_max_rows
         if cutoff <= 0:
             return
-        oldest = conn.execute("SELECT min(id) FROM threat_history").fetchone()[0]
-        if oldest is None or oldest > cutoff:
-            return
+        # One statement: ids up to the cutoff, but at most a batch above the oldest.
         conn.execute(
-            "DELETE FROM threat_history WHERE id <= ?", (min(cutoff, oldest + _PRUNE_BATCH - 1),)
+            "DELETE FROM threat_history WHERE id <= ? "
+            "AND id < (SELECT min(id) FROM threat_history) + ?",
+            (cutoff, _PRUNE_BATCH),
         )
 
     def add(self, draft: PolicyDraft, *, key: str | None, now: float) -> tuple[PolicyRecord, bool]:

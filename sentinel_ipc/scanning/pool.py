@@ -202,6 +202,8 @@ class WorkerPool:
             raise ValueError("a pool needs at least one worker")
         self.config = config
         self._rules = rules
+        #: Whom workers drop to (looked up once: every spawn and recycle uses it).
+        self._worker_user = worker_user(config.drop_root)
         self._generation = 1
         self._workers: set[WorkerHandle] = set()
         send, recv = trio.open_memory_channel[WorkerHandle](math.inf)
@@ -613,7 +615,7 @@ class WorkerPool:
             "--memory-limit", str(self.config.worker_memory_limit_bytes),
             "--parent-pid", str(os.getpid()),
         ]
-        user = worker_user(self.config.drop_root)
+        user = self._worker_user
         if user is not None:
             cmd += ["--user", f"{user[0]}:{user[1]}"]
         try:

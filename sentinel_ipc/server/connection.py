@@ -498,6 +498,12 @@ class Connection:
         if reply is not None:
             await self._send_quietly(reply, cork=route.ordered)
 
+    async def send_error(self, request_id: int, exc: SentinelError) -> None:
+        """An error reply no request is waiting on right now (a stream the scanner
+        dropped), counted like any other; a peer that is gone is ignored."""
+        self.server.note_error(exc.code)
+        await self._send_quietly(error_reply(request_id, exc))
+
     async def _send_quietly(self, message: msgspec.Struct, *, cork: bool = False) -> None:
         """Send, ignoring a peer that is gone. ``cork``: only from the read loop's
         own task; the reply waits for the loop's next flush (or the next send)."""

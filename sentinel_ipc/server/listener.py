@@ -67,9 +67,8 @@ def prepare_socket_dir(path: Path, *, dir_mode: int = 0o700, group: str | None =
         raise SocketSetupError(f"cannot secure socket directory {directory}: {exc}") from exc
     # A directory we just made gets exactly ``dir_mode``: the umask (sentineld
     # runs under 077) would have taken the group's bits of 0750.
-    remode = stat.S_IMODE(st.st_mode) != dir_mode if not existed else bool(
-        stat.S_IMODE(st.st_mode) & ~dir_mode
-    )
+    mode = stat.S_IMODE(st.st_mode)
+    remode = bool(mode & ~dir_mode) if existed else mode != dir_mode
     regroup = gid != -1 and st.st_gid != gid
     if not (remode or regroup):
         return
@@ -88,7 +87,7 @@ def _refuse_shared_directory(path: Path, st: os.stat_result) -> None:
     """Raise :class:`SocketSetupError` when the socket's existing directory is
     not the socket's own (see :func:`prepare_socket_dir`)."""
     directory = path.parent
-    ours = {path.name, path.name + ".lock"}
+    ours = {path.name, lock_path_of(path).name}
     try:
         others = sorted(name for name in os.listdir(directory) if name not in ours)
     except OSError as exc:
@@ -108,9 +107,14 @@ def _refuse_shared_directory(path: Path, st: os.stat_result) -> None:
     )
 
 
+def lock_path_of(path: Path) -> Path:
+    """``<socket>.lock``, held beside the socket for the daemon's life."""
+    return path.with_name(path.name + ".lock")
+
+
 def acquire_lock(path: Path) -> int:
     """Hold ``<socket>.lock`` exclusively; raise :class:`AlreadyRunningError` if taken."""
-    lock_path = path.with_name(path.name + ".lock")
+    lock_path = lock_path_of(path)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,7 +132,7 @@ def acquire_lock(path: Path) -> int:
 
 def release_lock(path: Path, fd: int) -> None:
     with contextlib.suppress(OSError):
-        os.unlink(path.with_name(path.name + ".lock"))
+        os.unlink(lock_path_of(path))
     with contextlib.suppress(OSError):
         os.close(fd)
 

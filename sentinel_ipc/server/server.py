@@ -139,18 +139,10 @@ class Server:
         try:
             with trio.move_on_after(0.5):
                 sock, _ = await listener.accept()
-                with sock:
-                    self.refused_total[ErrorCode.BUSY] += 1
-                    self.note_error(ErrorCode.BUSY)
-                    refusal = BusyError(
-                        "the daemon is out of file descriptors", retry_after=1.0
-                    )
-                    with contextlib.suppress(
-                        OSError, trio.BrokenResourceError, trio.ClosedResourceError
-                    ):
-                        await trio.SocketStream(sock).send_all(
-                            encode_framed(error_reply(0, refusal))
-                        )
+                await self._refuse(
+                    sock, BusyError("the daemon is out of file descriptors", retry_after=1.0),
+                    timeout=0.5,
+                )
         except OSError:
             pass  # someone else took the descriptor first: the peer stays queued
         finally:
@@ -164,6 +156,17 @@ class Server:
                       failures=self._accept_failures)
             self._accept_failures = 0
             self._accept_logged_at = now
+
+    async def _refuse(
+        self, sock: trio.socket.SocketType, refusal: BusyError | ForbiddenError, *, timeout: float
+    ) -> None:
+        """Count the refusal, send it (id 0) within ``timeout``, close the socket."""
+        self.refused_total[refusal.code] += 1
+        self.note_error(refusal.code)
+        with sock, contextlib.suppress(
+            OSError, trio.BrokenResourceError, trio.ClosedResourceError
+        ), trio.move_on_after(timeout):
+            await trio.SocketStream(sock).send_all(encode_framed(error_reply(0, refusal)))
 
     async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
         try:
@@ -182,12 +185,7 @@ class Server:
             refusal = ForbiddenError(f"uid {peer.uid} may not use this daemon")
             self.audit_refusal(peer, "connect")
         if refusal is not None:
-            self.refused_total[refusal.code] += 1
-            self.note_error(refusal.code)
-            with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                with trio.move_on_after(1.0):
-                    await trio.SocketStream(sock).send_all(encode_framed(error_reply(0, refusal)))
-            sock.close()
+            await self._refuse(sock, refusal, timeout=1.0)
             return
         conn_id = next(self._ids)
         conn = Connection(self, sock, peer, conn_id)
