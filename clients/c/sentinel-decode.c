@@ -5,6 +5,10 @@
  *       decode one complete frame (length header included) read from stdin
  *       and print the reply's fields, one `key=value` per line; exit 2 with a
  *       message on stderr when the frame is refused.
+ *   sentinel-decode --scan FILE
+ *       connect to the default socket (sentinel_connect with a NULL path:
+ *       $SENTINEL_SOCKET, $XDG_RUNTIME_DIR, the temp dir), scan FILE with the
+ *       blocking sentinel_scan_fd() and print the reply's fields.
  *   sentinel-decode --encode-hello ID CLIENT [CAPABILITY...]
  *   sentinel-decode --encode-scan-fd ID URL FILENAME MIME_TYPE
  *       print the frame the library encodes, as hex; `:nil` stands for NULL.
@@ -15,9 +19,11 @@
 
 #include "sentinel_client.h"
 
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static const char *arg_or_null(const char *s) { return strcmp(s, ":nil") == 0 ? NULL : s; }
 
@@ -107,6 +113,36 @@ static void print_reply(const sentinel_reply *r)
     }
 }
 
+static int scan(const char *path)
+{
+    sentinel_conn *conn;
+    sentinel_reply reply;
+    char err[SENTINEL_ERRMSG_MAX];
+    const char *base = strrchr(path, '/');
+    int fd, rc = sentinel_connect(&conn, NULL, "sentinel-decode", err, sizeof err);
+    if (rc != SENTINEL_OK) {
+        fprintf(stderr, "sentinel-decode: %s: %s\n", sentinel_strerror(rc), err);
+        return 2;
+    }
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        perror(path);
+        sentinel_close(conn);
+        return 2;
+    }
+    rc = sentinel_scan_fd(conn, fd, base != NULL ? base + 1 : path, &reply);
+    close(fd);
+    if (rc != SENTINEL_OK) {
+        fprintf(stderr, "sentinel-decode: %s: %s\n", sentinel_strerror(rc),
+                sentinel_conn_error(conn));
+        sentinel_close(conn);
+        return 2;
+    }
+    print_reply(&reply);
+    sentinel_close(conn);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     uint8_t *buf = NULL;
@@ -116,6 +152,8 @@ int main(int argc, char **argv)
     char err[SENTINEL_ERRMSG_MAX];
     int rc;
 
+    if (argc == 3 && strcmp(argv[1], "--scan") == 0)
+        return scan(argv[2]);
     if (argc > 1)
         return encode(argc, argv);
     for (;;) {

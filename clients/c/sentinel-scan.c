@@ -288,6 +288,13 @@ static int start_file(sentinel_conn *conn, struct slot *s, size_t i, const char 
     }
     rc = sentinel_send_scan_fd(conn, (uint64_t)i + 1, fd, wire_name(path, name, sizeof name),
                                NULL, NULL);
+    if (rc == SENTINEL_E_INVALID) { /* this request could not be encoded; nothing was sent */
+        close(fd);
+        if (!quiet)
+            print_error("invalid", sentinel_conn_error(conn), path);
+        st->errors++;
+        return 1;
+    }
     if (rc != SENTINEL_OK) {
         close(fd);
         return rc;
