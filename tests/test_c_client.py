@@ -203,10 +203,17 @@ def test_sixty_files_pipelined_each_get_one_right_line(
     assert 0 < stats["seconds"] < RUN_TIMEOUT
     assert len(proc.stdout.splitlines()) == 61
 
-    quiet = scan(cbin, "-s", d.socket_path, "-q", "-j", "3", "--stats", *names)
+    latencies = tmp_path / "latencies.txt"
+    quiet = scan(cbin, "-s", d.socket_path, "-q", "-j", "3", "--stats",
+                 "--latencies", latencies, *names)
     assert quiet.returncode == 1, quiet.stderr
     assert quiet.stdout.count("\n") == 1
-    assert stats_of(quiet.stdout)["files"] == 60
+    quiet_stats = stats_of(quiet.stdout)
+    assert quiet_stats["files"] == 60
+    # One latency per verdict, each inside the run's wall time.
+    ms = [float(line) for line in latencies.read_text().split()]
+    assert len(ms) == 60
+    assert all(0 < x <= quiet_stats["seconds"] * 1000 + 1 for x in ms), ms
     d.stop()
 
 

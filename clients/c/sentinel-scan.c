@@ -1,7 +1,8 @@
 /*
  * sentinel-scan - scan files through sentineld with the C client.
  *
- *   sentinel-scan [-s SOCKET] [-j DEPTH] [-q] [--stats] [--files-from LIST] FILE...
+ *   sentinel-scan [-s SOCKET] [-j DEPTH] [-q] [--stats] [--latencies OUT]
+ *                 [--files-from LIST] FILE...
  *
  * Each file is opened read-only and passed to the daemon as a descriptor
  * (scan_fd); its path never crosses the socket, only its base name. Up to
@@ -16,6 +17,9 @@
  * --stats adds one line at the end:
  *   sentinel-scan: files=N bytes=N seconds=F errors=N matched=N degraded=N
  * (seconds: from the first request sent to the last reply, connect excluded).
+ * --latencies OUT writes each verdict's latency in milliseconds, one per line
+ * (from the file's first send to its scan_result, retries included), for
+ * tools/bench_scan.py's p50/p99.
  *
  * Exit status: 0 every file allowed, 1 some verdict was not allow, 2 some
  * error (connect, protocol, a file that could not be opened or an error
@@ -57,6 +61,7 @@ struct slot {
     int fd;
     int attempts;  /* times sent */
     double due;    /* > 0: waiting for a retry at this monotonic time */
+    double sent;   /* monotonic time of the first send */
 };
 
 struct stats {
@@ -77,13 +82,15 @@ static double now(void)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: %s [-s SOCKET] [-j DEPTH] [-q] [--stats] [--files-from LIST] FILE...\n"
+            "usage: %s [-s SOCKET] [-j DEPTH] [-q] [--stats] [--latencies OUT]\n"
+            "       [--files-from LIST] FILE...\n"
             "  -s SOCKET          sentineld's socket (default: $SENTINEL_SOCKET, else\n"
             "                     $XDG_RUNTIME_DIR/sentinel/sentinel.sock, else\n"
             "                     <tmp>/sentinel-<uid>/sentinel.sock)\n"
             "  -j DEPTH           requests in flight on the connection (default %d)\n"
             "  -q                 no line per file\n"
             "  --stats            a summary line at the end\n"
+            "  --latencies OUT    each verdict's latency in ms, one per line, into OUT\n"
             "  --files-from LIST  also scan the paths in LIST, one per line ('-': stdin)\n"
             "exit: 0 all allowed, 1 some not allowed, 2 an error, 64 usage\n",
             prog, DEFAULT_DEPTH);
@@ -299,8 +306,9 @@ static int start_file(sentinel_conn *conn, struct slot *s, size_t i, const char 
         close(fd);
         return rc;
     }
+    s->sent = now();
     if (st->first_send < 0)
-        st->first_send = now();
+        st->first_send = s->sent;
     s->busy = 1;
     s->file = i;
     s->fd = fd;
@@ -336,6 +344,9 @@ int main(int argc, char **argv)
     int fatal = 0, rc;
     const char **list_names;
     size_t n_lists = 0;
+    const char *latency_path = NULL;
+    double *latencies = NULL;
+    size_t n_latencies = 0;
 
     memset(&st, 0, sizeof st);
     st.first_send = st.last_reply = -1;
@@ -356,6 +367,13 @@ int main(int argc, char **argv)
         } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
             usage();
             return EXIT_ALLOWED;
+        } else if (strcmp(a, "--latencies") == 0) {
+            if (argi + 1 >= argc) {
+                fprintf(stderr, "%s: %s needs a value\n", prog, a);
+                usage();
+                return EXIT_USAGE;
+            }
+            latency_path = argv[++argi];
         } else if (strcmp(a, "-s") == 0 || strcmp(a, "-j") == 0 ||
                    strcmp(a, "--files-from") == 0) {
             if (argi + 1 >= argc) {
@@ -400,6 +418,13 @@ int main(int argc, char **argv)
         return EXIT_USAGE;
     }
     st.files = paths.n;
+    if (latency_path != NULL) {
+        latencies = calloc(paths.n ? paths.n : 1, sizeof *latencies);
+        if (latencies == NULL) {
+            fprintf(stderr, "%s: out of memory\n", prog);
+            return EXIT_ERROR;
+        }
+    }
 
     rc = sentinel_connect(&conn, socket_path, "sentinel-scan/0.1", errbuf, sizeof errbuf);
     if (rc != SENTINEL_OK) {
@@ -511,6 +536,8 @@ int main(int argc, char **argv)
                 st.matched += reply.scan.match_count > 0;
                 st.degraded += reply.scan.degraded != 0;
                 st.not_allowed += reply.scan.action != SENTINEL_ALLOW;
+                if (latencies != NULL)
+                    latencies[n_latencies++] = (st.last_reply - sl->sent) * 1000.0;
                 if (!quiet)
                     print_verdict(&reply, path);
             } else if (reply.kind == SENTINEL_REPLY_ERROR && is_retryable_load_error(&reply) &&
@@ -568,6 +595,19 @@ report:
                "degraded=%zu\n",
                st.files, st.bytes, seconds, st.errors, st.matched, st.degraded);
     }
+    if (latency_path != NULL) {
+        FILE *out = fopen(latency_path, "w");
+        int failed = out == NULL;
+        for (k = 0; !failed && k < n_latencies; k++)
+            failed = fprintf(out, "%.3f\n", latencies[k]) < 0;
+        if (out != NULL && fclose(out) != 0)
+            failed = 1;
+        if (failed) {
+            fprintf(stderr, "%s: writing %s failed: %s\n", prog, latency_path, strerror(errno));
+            st.errors++;
+        }
+    }
+    free(latencies);
     if (fflush(stdout) != 0 && !fatal) {
         fprintf(stderr, "%s: writing the results failed: %s\n", prog, strerror(errno));
         st.errors++;
