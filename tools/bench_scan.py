@@ -22,6 +22,11 @@ same compiled rules (one namespace per file, externals defined):
              pass descriptors (``memfd_min_bytes=None``);
 * ``daemon_fd`` the same files through sentineld, each passed as a descriptor
              (``scan_fd``): no byte crosses the socket.
+* ``daemon_c`` the same files through sentineld from the native C client
+             (clients/c's ``sentinel-scan``, built here with ``make``): each file
+             passed as a descriptor, ``--concurrency`` requests pipelined on one
+             connection; what a browser's own code does. Skipped without a C
+             compiler.
 
 Prints MB/s, files/s and p50/p99 per-file latency per mode, the ratios to
 ``rawN``, and as its last line (machine-readable):
@@ -113,7 +118,7 @@ def ensure_corpus(corpus: Path, total_mib: float, files: int, seed: int) -> None
 
 def cpu_seconds(processes: Iterable[Any]) -> float:
     """CPU seconds (user + system) of some psutil processes, summed."""
-    return sum(t.user + t.system for t in (p.cpu_times() for p in processes))
+    return float(sum(t.user + t.system for t in (p.cpu_times() for p in processes)))
 
 
 def tree_cpu(process: Any) -> tuple[float, float]:
@@ -278,46 +283,100 @@ def engine_mode(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
 # ---------------------------------------------------------------------------
 
 
+class DaemonUnderTest:
+    """One ``sentineld --rules rules_dir`` for one measurement: started, probed
+    until its scanner answers, stopped (and reaped) on exit.
+
+    The daemon's rate limits are lifted through its config file so that they do
+    not cap the measurement. It uses its own default worker count (the CPU
+    count), like ``--workers`` here by default.
+    """
+
+    def __init__(self, rules_dir: str, data_dir: Path, concurrency: int) -> None:
+        self.run_dir = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
+        self.socket_path = self.run_dir / "s.sock"
+        config_path = self.run_dir / "sentinel.toml"
+        config_path.write_text(
+            "[rate_limit]\nburst = 1000000\nscans_per_second = 1000000.0\n"
+            f"max_concurrent_scans_per_connection = {max(5, concurrency)}\n"
+        )
+        self._log = open(self.run_dir / "sentineld.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sentinel_ipc.cli.sentineld", "--socket",
+             str(self.socket_path), "--data-dir", str(data_dir / "daemon"), "--rules", rules_dir,
+             "--config", str(config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    async def ready(self, client_mod: Any) -> bool:
+        """Wait for the socket, then for a probe scan with a rules version. False
+        (mode skipped) when the daemon does not scan (no scanner wired)."""
+        import trio
+
+        # Plain connects first: the client's ipc breaker would open after ten
+        # refusals and hold the probe off for its 10 s open time.
+        with trio.move_on_after(120):
+            while self.proc.poll() is None:
+                try:
+                    await (await trio.open_unix_socket(str(self.socket_path))).aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        config = client_mod.ClientConfig(scan_timeout=600.0, timeout=30.0)
+        async with client_mod.open_client(self.socket_path, config=config) as probe:
+            try:
+                result = await probe.scan(b"bench probe", filename="probe.txt", timeout=60.0)
+            except Exception as exc:
+                print(f"daemon: probe scan failed ({type(exc).__name__}: {exc})",
+                      file=sys.stderr)
+                return False
+        if not result.rules_version:
+            print("daemon: scan_result without rules_version; scanner not wired",
+                  file=sys.stderr)
+            return False
+        return True
+
+    def cpu(self) -> tuple[float, float, frozenset[int]]:
+        """CPU seconds of the daemon and of its workers, and the workers' pids
+        (a replaced worker takes its CPU time with it: compare the pid sets)."""
+        import psutil
+
+        daemon = psutil.Process(self.proc.pid)
+        own, workers = tree_cpu(daemon)
+        return own, workers, frozenset(c.pid for c in daemon.children())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
 def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
                     workers: int, concurrency: int,
                     fd_dir: Path | None = None, frames: bool = False) -> ModeResult | None:
-    """The daemon path: start ``sentineld --rules rules_dir``, scan every corpus file
-    through its socket with ``concurrency`` client connections (``Client.scan``:
+    """The daemon path: scan every corpus file through sentineld's socket with
+    ``concurrency`` client connections of the Python library (``Client.scan``:
     a pooled memfd from 64 KiB on; with ``frames``, always a ``scan`` frame, or a
-    chunked stream past the frame limit), stop it.
+    chunked stream past the frame limit).
 
     With ``fd_dir``, each file is opened there and passed as a descriptor
     (``scan_fd``, SCM_RIGHTS): what a browser that has the download on disk does;
     no byte crosses the socket.
 
     Returns None (mode skipped) when there is no client library, or when the
-    daemon does not answer a probe scan with a ``scan_result`` yet (the scanner
-    is wired into sentineld by the daemon-side step). The daemon's rate limits
-    are lifted through its config file so that they do not cap the measurement.
-    The daemon uses its own default worker count (the CPU count), like ``workers``
-    here by default.
+    daemon does not answer a probe scan with a ``scan_result``.
     """
     try:
         client_mod = importlib.import_module("sentinel_ipc.client")
     except ImportError:
         return None
-    import psutil
     import trio
 
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
-    socket_path = run_dir / "s.sock"
-    config_path = run_dir / "sentinel.toml"
-    config_path.write_text(
-        "[rate_limit]\nburst = 1000000\nscans_per_second = 1000000.0\n"
-        f"max_concurrent_scans_per_connection = {max(5, concurrency)}\n"
-    )
-    log = open(run_dir / "sentineld.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sentinel_ipc.cli.sentineld", "--socket", str(socket_path),
-         "--data-dir", str(data_dir / "daemon"), "--rules", rules_dir,
-         "--config", str(config_path)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    daemon = DaemonUnderTest(rules_dir, data_dir, concurrency)
     lat: list[float] = []
     matched = 0
     unscanned = 0
@@ -328,35 +387,17 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
 
     async def main() -> None:
         nonlocal matched, unscanned, seconds, cpu, cpu_note, available
+        if not await daemon.ready(client_mod):
+            return
+        available = True
         config = client_mod.ClientConfig(scan_timeout=600.0, timeout=30.0)
         if frames:
             config = dataclasses.replace(config, memfd_min_bytes=None)
-        # Wait for the socket with plain connects: the client's ipc breaker would
-        # open after ten refusals and hold the probe off for its 10 s open time.
-        with trio.move_on_after(120):
-            while proc.poll() is None:
-                try:
-                    await (await trio.open_unix_socket(str(socket_path))).aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
-        async with client_mod.open_client(socket_path, config=config) as probe:
-            try:
-                result = await probe.scan(b"bench probe", filename="probe.txt", timeout=60.0)
-            except Exception as exc:
-                print(f"daemon: probe scan failed ({type(exc).__name__}: {exc})",
-                      file=sys.stderr)
-                return
-            if not result.rules_version:
-                print("daemon: scan_result without rules_version; scanner not wired",
-                      file=sys.stderr)
-                return
-            available = True
         next_index = 0
 
         async def one_client() -> None:
             nonlocal next_index, matched, unscanned
-            async with client_mod.open_client(socket_path, config=config) as client:
+            async with client_mod.open_client(daemon.socket_path, config=config) as client:
                 while next_index < len(corpus):
                     i = next_index
                     next_index += 1
@@ -374,17 +415,14 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
                     matched += bool(reply.matches)
                     unscanned += bool(reply.degraded)
 
-        daemon = psutil.Process(proc.pid)
-        workers_before = {c.pid for c in daemon.children()}
-        client0, (daemon0, workers0) = _cpu_self(), tree_cpu(daemon)
+        client0, (daemon0, workers0, pids0) = _cpu_self(), daemon.cpu()
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for _ in range(concurrency):
                 nursery.start_soon(one_client)
         seconds = time.perf_counter() - start
-        # A replaced worker takes its CPU time with it: then no figure.
-        if {c.pid for c in daemon.children()} == workers_before:
-            daemon1, workers1 = tree_cpu(daemon)
+        daemon1, workers1, pids1 = daemon.cpu()
+        if pids1 == pids0:
             split = (_cpu_self() - client0, daemon1 - daemon0, workers1 - workers0)
             cpu = sum(split)
             cpu_note = "cpu s: client {:.2f} daemon {:.2f} workers {:.2f}".format(*split)
@@ -392,19 +430,90 @@ def scan_via_daemon(rules_dir: str, data_dir: Path, corpus: list[tuple[str, byte
     try:
         trio.run(main)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        daemon.stop()
     if not available:
         return None
     note = "; ".join(x for x in (f"{unscanned} degraded" if unscanned else "", cpu_note) if x)
     name = "daemon_fd" if fd_dir is not None else "daemon_frames" if frames else "daemon"
     return ModeResult(name, seconds, sum(len(d) for _, d in corpus), lat, len(corpus),
                       matched, note, cpu_seconds=cpu)
+
+
+NATIVE_CLIENT_DIR = Path(__file__).resolve().parents[1] / "clients" / "c"
+
+
+def build_native_client(out_dir: Path) -> Path | None:
+    """Build clients/c's ``sentinel-scan`` into ``out_dir``; None (mode skipped)
+    without a C compiler or when the build fails."""
+    try:
+        subprocess.run(["make", "-s", "-C", str(NATIVE_CLIENT_DIR), f"O={out_dir}",
+                        str(out_dir / "sentinel-scan")],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        print(f"daemon_c: cannot build the C client ({exc}) {detail.decode(errors='replace')}",
+              file=sys.stderr)
+        return None
+    return out_dir / "sentinel-scan"
+
+
+def scan_via_native_client(rules_dir: str, data_dir: Path, corpus: list[tuple[str, bytes]],
+                           corpus_dir: Path, concurrency: int,
+                           binary: Path | None) -> ModeResult | None:
+    """The daemon path as a browser takes it: clients/c's ``sentinel-scan`` passes
+    each corpus file as a descriptor (``scan_fd``), ``concurrency`` requests in
+    flight on one connection. Its CPU counts with the daemon's, as the Python
+    client's does in the other modes; wall time includes its start and connect."""
+    if binary is None:
+        return None
+    try:
+        client_mod = importlib.import_module("sentinel_ipc.client")
+    except ImportError:
+        return None
+    import trio
+
+    daemon = DaemonUnderTest(rules_dir, data_dir, concurrency)
+    file_list = daemon.run_dir / "files.txt"
+    file_list.write_text("".join(f"{corpus_dir / name}\n" for name, _ in corpus))
+    latency_file = daemon.run_dir / "latencies.txt"
+    try:
+        if not trio.run(daemon.ready, client_mod):
+            return None
+        daemon0, workers0, pids0 = daemon.cpu()
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        run = subprocess.run(
+            [str(binary), "-q", "--stats", "-j", str(concurrency), "-s",
+             str(daemon.socket_path), "--latencies", str(latency_file),
+             "--files-from", str(file_list)],
+            capture_output=True, text=True, check=False,
+        )
+        seconds = time.perf_counter() - start
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        daemon1, workers1, pids1 = daemon.cpu()
+    finally:
+        daemon.stop()
+    stats = dict(
+        field.split("=", 1) for field in run.stdout.strip().splitlines()[-1].split()[1:]
+    ) if run.stdout.strip() else {}
+    if run.returncode not in (0, 1) or int(stats.get("errors", "1")) != 0:
+        print(f"daemon_c: sentinel-scan exit {run.returncode}: {run.stderr.strip()[-500:]} "
+              f"{run.stdout.strip()[-300:]}", file=sys.stderr)
+        return None
+    lat = [float(line) / 1000 for line in latency_file.read_text().split()]
+    client_cpu = (children1.ru_utime + children1.ru_stime
+                  - children0.ru_utime - children0.ru_stime)
+    cpu = math.nan
+    note = ""
+    if pids1 == pids0:
+        split = (client_cpu, daemon1 - daemon0, workers1 - workers0)
+        cpu = sum(split)
+        note = "cpu s: client {:.2f} daemon {:.2f} workers {:.2f}".format(*split)
+    degraded = int(stats.get("degraded", "0"))
+    if degraded:
+        note = f"{degraded} degraded; " + note
+    return ModeResult("daemon_c", seconds, sum(len(d) for _, d in corpus), lat, len(corpus),
+                      int(stats.get("matched", "0")), note, cpu_seconds=cpu)
 
 
 # ---------------------------------------------------------------------------
@@ -443,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="raw modes fill the external variables (filename, extension, "
                          "filetype...) as the daemon does, so both do the same rule work")
     ap.add_argument("--modes",
-                    default="raw1,rawN,engine,engine_fd,daemon,daemon_frames,daemon_fd")
+                    default="raw1,rawN,engine,engine_fd,daemon,daemon_frames,daemon_fd,daemon_c")
     ap.add_argument("--data-dir", type=Path, default=None,
                     help="where compiled rules are cached (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write results as JSON")
@@ -466,6 +575,13 @@ def main(argv: list[str] | None = None) -> int:
           f"cpus={os.cpu_count()}")
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    native: list[Path | None] = []
+
+    def native_client() -> Path | None:
+        if not native:  # built once, on first use
+            native.append(build_native_client(data_dir / "native-client"))
+        return native[0]
+
     runners: dict[str, Callable[[], ModeResult | None]] = {
         "raw1": lambda: raw_one_process(info.compiled_path, corpus),
         "rawN": lambda: raw_n_processes(info.compiled_path, corpus, args.workers),
@@ -479,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  concurrency, frames=True),
         "daemon_fd": lambda: scan_via_daemon(args.rules, data_dir, corpus, args.workers,
                                              concurrency, fd_dir=args.corpus),
+        "daemon_c": lambda: scan_via_native_client(args.rules, data_dir, corpus, args.corpus,
+                                                   concurrency, native_client()),
     }
     for mode in modes:
         if mode not in runners:
@@ -535,7 +653,9 @@ def main(argv: list[str] | None = None) -> int:
           f"engine_fd_mbps={mbps('engine_fd'):.1f} raw1_mbps={mbps('raw1'):.1f} "
           f"daemon_round_ratio={round_ratio.get('daemon', math.nan):.3f} "
           f"daemon_frames_round_ratio={round_ratio.get('daemon_frames', math.nan):.3f} "
-          f"daemon_fd_round_ratio={round_ratio.get('daemon_fd', math.nan):.3f}")
+          f"daemon_fd_round_ratio={round_ratio.get('daemon_fd', math.nan):.3f} "
+          f"daemon_c_mbps={mbps('daemon_c'):.1f} "
+          f"daemon_c_round_ratio={round_ratio.get('daemon_c', math.nan):.3f}")
     return 0
 
 
