@@ -40,6 +40,7 @@ class ErrorCode:
     RULES_INVALID = "rules_invalid"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    REPLY_TOO_LARGE = "reply_too_large"  # the answer would pass max_frame_bytes: page it
 
 
 class SentinelError(Exception):
@@ -359,3 +360,24 @@ class ExternalServiceError(UnavailableError):
         self.target = target
         self.outcome = outcome
         self.status = status
+
+
+# --- reply bounds (appended with policy_list paging) -------------------------
+
+
+class ReplyTooLargeError(SentinelError):
+    """The answer to a request would be a frame over ``max_frame_bytes``, which
+    the client must refuse (and with it the connection). The daemon sends this
+    instead, and the connection stays usable.
+
+    Not retryable: the same request gets the same answer. The message names the
+    reply's size, the limit and the way out: page the request (``policy_list``
+    with ``limit`` and ``after_id``) or raise ``[server] max_frame_bytes``.
+    Why not ``too_large``: that code means a scan over its size bound, and
+    clients map it to a scan error.
+    """
+
+    code = ErrorCode.REPLY_TOO_LARGE
+
+
+_BY_CODE.setdefault(ReplyTooLargeError.code, ReplyTooLargeError)

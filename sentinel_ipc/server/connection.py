@@ -22,6 +22,10 @@ Bounds, each answered with a typed ``error`` rather than a queue:
 * a reply the peer does not take within ``write_timeout`` -> close (the peer
   is not reading; its requests' slots come back);
 * an oversized length header -> ``frame_too_large`` and close, body unread;
+* a reply whose payload would pass ``max_frame_bytes`` (one the client must
+  refuse, and lose the connection with it) is never written: the request gets
+  ``reply_too_large`` instead and the connection stays usable; an oversized
+  pushed event becomes an ``events_dropped`` notice (see :meth:`Connection._checked`);
 * an undecodable body -> ``bad_frame`` with id 0 and close (the stream is
   no longer trustworthy); a decodable but wrong message -> ``invalid_message``
   / ``unknown_type`` with the request's id, and the connection stays usable;
@@ -56,6 +60,7 @@ from ..errors import (
     BusyError,
     ErrorCode,
     FrameTooLargeError,
+    ReplyTooLargeError,
     RequestTimeoutError,
     SentinelError,
     ShuttingDownError,
@@ -63,7 +68,7 @@ from ..errors import (
 )
 from ..framing import HEADER_SIZE, NEED_DATA, FrameDecoder
 from ..logs import log_event
-from ..messages import Error, Reply, type_tag
+from ..messages import Error, Event, PolicyListResult, Reply, type_tag
 from .dispatch import Dispatcher, RequestContext, Route, check_admin
 from .peer import PeerCredentials, is_admin
 
@@ -80,6 +85,12 @@ _ANCBUF = socket.CMSG_SPACE(_MAX_PENDING_FDS * 4)
 _CORK_LIMIT = 64 * 1024
 #: Longest a rate-limited peer's reads are paused at a time.
 _MAX_THROTTLE = 1.0
+#: What ``reply_too_large`` advises, for replies that have a way out besides a
+#: larger ``max_frame_bytes``.
+_TOO_LARGE_ADVICE: dict[type[msgspec.Struct], str] = {
+    PolicyListResult: "page the request: policy_list with limit (1..1000) and after_id, "
+    "continuing from each reply's next_after_id",
+}
 
 
 def error_reply(request_id: int, exc: SentinelError) -> Error:
@@ -107,6 +118,8 @@ class Connection:
         self.peer = peer
         self.conn_id = conn_id
         self.is_admin = is_admin(peer, frozenset(server.config.admin_uids))
+        #: The largest payload this connection sends or accepts (``[server]``).
+        self.max_frame_bytes = server.config.max_frame_bytes
         self.protocol_version: int | None = None
         self.in_flight = 0
         #: Per-connection state subsystems attach (scan streams, subscriptions...).
@@ -142,8 +155,51 @@ class Connection:
 
     async def send(self, message: msgspec.Struct) -> None:
         """Send one message; safe from any task. Raises trio.BrokenResourceError /
-        trio.ClosedResourceError when the peer is gone."""
-        await self._write(encode_framed(message))
+        trio.ClosedResourceError when the peer is gone.
+
+        One over ``max_frame_bytes`` is not sent: see :meth:`_checked`."""
+        frame = self._checked(message)
+        if frame:
+            await self._write(frame)
+
+    def _checked(self, message: msgspec.Struct) -> bytes:
+        """``message`` framed, or what goes out instead when its payload would pass
+        ``max_frame_bytes`` (b"" for nothing).
+
+        Why: the peer must refuse such a frame as soon as it reads the header,
+        and then it can only close the connection, failing every request in
+        flight on it; a retry asks for the same reply again. So a reply gets a
+        :class:`ReplyTooLargeError` under its request's id instead (not
+        retryable; the message names the size, the limit and the way out), and
+        a pushed event, which no request waits for, becomes an
+        ``events_dropped`` notice of one. Either is logged once.
+        """
+        frame = encode_framed(message)
+        size = len(frame) - HEADER_SIZE
+        if size <= self.max_frame_bytes:
+            return frame
+        tag = type_tag(type(message))
+        request_id: int = getattr(message, "id", 0)
+        log_event(
+            "reply_too_large", logging.WARNING, conn=self.conn_id, type=tag, id=request_id,
+            bytes=size, limit=self.max_frame_bytes,
+        )
+        what = f"{size} bytes, over this daemon's max_frame_bytes of {self.max_frame_bytes}"
+        if isinstance(message, Event):
+            notice = Event(
+                id=message.id, topic="events", kind="events_dropped", at=message.at, dropped=1,
+                reason=f"a {message.kind!r} event was dropped: it would be {what}",
+            )
+            frame = encode_framed(notice)
+            return frame if len(frame) - HEADER_SIZE <= self.max_frame_bytes else b""
+        advice = _TOO_LARGE_ADVICE.get(type(message), "")
+        exc = ReplyTooLargeError(
+            f"the {tag} reply would be {what}; "
+            + (f"{advice}, or raise [server] max_frame_bytes" if advice
+               else "raise [server] max_frame_bytes")
+        )
+        self.server.note_error(exc.code)
+        return encode_framed(error_reply(request_id, exc))
 
     async def _write(self, frame: bytes) -> None:
         """``frame`` after any corked replies; frames never interleave.
@@ -508,7 +564,7 @@ class Connection:
         """Send, ignoring a peer that is gone. ``cork``: only from the read loop's
         own task; the reply waits for the loop's next flush (or the next send)."""
         if cork:
-            self._corked += encode_framed(message)
+            self._corked += self._checked(message)
             if len(self._corked) < _CORK_LIMIT:
                 return
             await self._flush_quietly()
