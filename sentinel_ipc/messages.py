@@ -193,7 +193,15 @@ class PolicyRemove(_Msg, tag="policy_remove"):
 
 
 class PolicyList(_Msg, tag="policy_list"):
-    pass
+    """List the policies: one page with ``limit`` (see Paging), or all at once.
+
+    With ``limit``: the policies with ``id > after_id`` in id order, at most
+    ``limit`` and no more than fit in one frame; continue from the reply's
+    ``next_after_id``. Without: every policy in one reply, or
+    ``reply_too_large`` when that would pass ``max_frame_bytes``."""
+
+    after_id: int = 0
+    limit: int | None = None
 
 
 class PolicyQuery(_Msg, tag="policy_query"):
@@ -390,6 +398,9 @@ class PolicyResult(_Msg, tag="policy_result"):
 class PolicyListResult(_Msg, tag="policy_list_result"):
     policies: list[PolicyRecord] = []
     degraded: bool = False
+    #: A paged request with more policies after this page: the ``after_id`` to
+    #: ask for next (the last id here). None: the list is complete.
+    next_after_id: int | None = None
 
 
 class PolicyDecision(_Msg, tag="policy_decision"):

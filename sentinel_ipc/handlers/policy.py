@@ -7,6 +7,13 @@ filenames and URLs of everything anyone scanned. A write during a database
 outage is journaled and answered ``queued: true``; the PolicyService replays
 it exactly once on recovery.
 
+``policy_list`` pages (``limit``, ``after_id``): a policy table is unbounded
+(a hash blocklist import), and a reply is one frame. A page holds at most
+``limit`` policies and, whatever their size, only as many as fit in the
+connection's ``max_frame_bytes`` (:mod:`sentinel_ipc.paging`); the client
+continues from ``next_after_id``. Without ``limit`` the whole list is one
+reply, as before paging existed, or ``reply_too_large`` when it cannot fit.
+
 Quarantine restore writes to a descriptor the client passes (SCM_RIGHTS), so
 the daemon never opens a path on another user's behalf. Only the daemon's own
 uid may name a ``path`` instead; then the daemon creates a new file (never
@@ -19,13 +26,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import BadFileDescriptorError, ForbiddenError, ProtocolError
+from ..errors import BadFileDescriptorError, ForbiddenError, ProtocolError, ReplyTooLargeError
 from ..messages import (
     PolicyAdd,
     PolicyDecision,
     PolicyList,
     PolicyListResult,
     PolicyQuery,
+    PolicyRecord,
     PolicyRemove,
     PolicyResult,
     QuarantineDelete,
@@ -36,12 +44,14 @@ from ..messages import (
     Threats,
     ThreatsResult,
 )
+from ..paging import MAX_POLICY_PAGE, fit_records, records_budget
 from ..server.dispatch import Dispatcher, RequestContext
 
 if TYPE_CHECKING:
     from ..policy import PolicyService, Quarantine
 
 MAX_THREATS = 1000
+_MAX_ID = 2**63 - 1
 
 
 def register(
@@ -68,8 +78,18 @@ def register(
         return PolicyResult(id=req.id, policy_id=policy_id, queued=queued)
 
     async def policy_list(req: PolicyList, ctx: RequestContext) -> PolicyListResult:
-        policies, degraded = await policy.list()
-        return PolicyListResult(id=req.id, policies=policies, degraded=degraded)
+        if req.limit is None:  # a client from before paging: all (or reply_too_large)
+            policies, degraded = await policy.list()
+            return PolicyListResult(id=req.id, policies=policies, degraded=degraded)
+        if not 1 <= req.limit <= MAX_POLICY_PAGE:
+            raise ProtocolError(f"policy_list.limit must be between 1 and {MAX_POLICY_PAGE}")
+        if not 0 <= req.after_id <= _MAX_ID:
+            raise ProtocolError(f"policy_list.after_id must be between 0 and {_MAX_ID}")
+        page = await policy.list_page(req.after_id, req.limit)
+        return fit_policy_page(
+            req.id, page.policies, more=page.more, degraded=page.degraded,
+            max_frame_bytes=ctx.connection.max_frame_bytes,
+        )
 
     async def policy_query(req: PolicyQuery, ctx: RequestContext) -> PolicyDecision:
         decision = await policy.query(sha256=req.sha256, url=req.url, rule_names=req.rule_names)
@@ -94,6 +114,32 @@ def register(
     dispatcher.register(Threats, threats, admin=True)
     if quarantine is not None:
         register_quarantine(dispatcher, quarantine)
+
+
+def fit_policy_page(
+    request_id: int,
+    policies: list[PolicyRecord],
+    *,
+    more: bool,
+    degraded: bool,
+    max_frame_bytes: int,
+) -> PolicyListResult:
+    """The reply for one page: the leading ``policies`` that fit in a frame of
+    ``max_frame_bytes`` (``next_after_id`` set when any were cut or ``more``
+    follow). Raises :class:`ReplyTooLargeError` when not even the first fits."""
+    empty = PolicyListResult(id=request_id, degraded=degraded, next_after_id=_MAX_ID)
+    count = fit_records(policies, records_budget(max_frame_bytes, empty))
+    if count == 0 and policies:
+        raise ReplyTooLargeError(
+            f"policy #{policies[0].id} alone does not fit in a reply under this daemon's "
+            f"max_frame_bytes of {max_frame_bytes}; raise [server] max_frame_bytes"
+        )
+    page = policies[:count]
+    more = more or count < len(policies)
+    return PolicyListResult(
+        id=request_id, policies=page, degraded=degraded,
+        next_after_id=page[-1].id if more and page else None,
+    )
 
 
 def register_quarantine(dispatcher: Dispatcher, quarantine: Quarantine) -> None:

@@ -146,6 +146,17 @@ DEFAULT_BREAKER: Final = dataclasses.replace(
 )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyPage:
+    """One page of :meth:`PolicyService.list_page`."""
+
+    policies: list[PolicyRecord]
+    #: Policies with higher ids follow this page.
+    more: bool
+    #: Served from the snapshot (the database is down).
+    degraded: bool
+
+
 class PolicyConfig(msgspec.Struct, kw_only=True):
     """Settings of the PolicyGraph. Paths default to files in the data dir."""
 
@@ -768,6 +779,23 @@ class PolicyService:
             else:
                 return policies, False
         return sorted(self._snapshot.real_policies(), key=lambda p: p.id), True
+
+    async def list_page(self, after_id: int, limit: int) -> PolicyPage:
+        """At most ``limit`` policies with ``id > after_id``, in id order (a keyset
+        page: see :meth:`PolicyStore.list_policies_page`). During an outage the
+        page comes from the snapshot by the same rule, ``degraded`` (active
+        policies only, queued writes not shown, as :meth:`list`)."""
+        if not self._degraded:
+            try:
+                rows = await self._db(
+                    partial(self._store.list_policies_page, after_id, limit + 1), "list"
+                )
+            except (SentinelError, trio.TooSlowError) as exc:
+                self._enter_degraded(exc)
+            else:
+                return PolicyPage(rows[:limit], more=len(rows) > limit, degraded=False)
+        records, more = self._snapshot.page(after_id, limit)
+        return PolicyPage(records, more=more, degraded=True)
 
     async def threats(self, limit: int = 100) -> _List[ThreatRecord]:
         """The newest threat_history rows. Raises UnavailableError during an outage

@@ -20,6 +20,7 @@ never half-trusted.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,6 +100,10 @@ class PolicySnapshot:
         #: Bumped on every change, so the persister knows whether it is stale.
         self.version = 0
         self.saved_version = -1 if policies else 0
+        #: The real (positive) ids in order, for :meth:`page`; rebuilt when
+        #: ``version`` moved on since (a hit count changes no id).
+        self._sorted_ids: list[int] = []
+        self._sorted_version = -1
 
     @classmethod
     def from_file(cls, snap: SnapshotFile, now: float) -> PolicySnapshot:
@@ -115,6 +120,25 @@ class PolicySnapshot:
     def real_policies(self) -> list[PolicyRecord]:
         """Policies that exist in the database (no provisional overlay)."""
         return [p for p in self.index.policies() if p.id > 0]
+
+    def page(self, after_id: int, limit: int) -> tuple[list[PolicyRecord], bool]:
+        """The real policies with ``id > after_id``, at most ``limit`` of them in id
+        order, and whether more follow: ``policy_list`` paging during an outage,
+        the same keyset rule as the database's. The sorted ids are kept between
+        pages, so listing n policies costs one sort, not one per page."""
+        if self._sorted_version != self.version:
+            self._sorted_ids = sorted(p.id for p in self.index.policies() if p.id > 0)
+            self._sorted_version = self.version
+        ids = self._sorted_ids
+        start = bisect.bisect_right(ids, after_id)
+        records: list[PolicyRecord] = []
+        at = start
+        while at < len(ids) and len(records) < limit:
+            policy = self.index.get(ids[at])
+            if policy is not None:
+                records.append(policy)
+            at += 1
+        return records, at < len(ids)
 
     def to_file(self, now: float) -> SnapshotFile:
         return SnapshotFile(

@@ -920,6 +920,25 @@ class PolicyStore:
             lambda c: [_row_policy(r) for r in c.execute("SELECT * FROM policies ORDER BY id")],
         )
 
+    def list_policies_page(self, after_id: int, limit: int) -> list[PolicyRecord]:
+        """At most ``limit`` policies with ``id > after_id``, in id order.
+
+        A keyset query on the primary key, not ``OFFSET``: each page costs
+        ``limit`` rows however deep into the table it starts, and a policy
+        added or removed between two pages shifts nothing (none is listed
+        twice or skipped because of another)."""
+        self._require()
+        return self._call(
+            "list policies",
+            lambda c: [
+                _row_policy(r)
+                for r in c.execute(
+                    "SELECT * FROM policies WHERE id > ? ORDER BY id LIMIT ?",
+                    (after_id, max(0, limit)),
+                )
+            ],
+        )
+
     def get_policy(self, policy_id: int) -> PolicyRecord | None:
         self._require()
         row = self._call(
