@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = sub.add_parser("policy", help="list, add, remove or query policies")
     psub = policy.add_subparsers(dest="policy_command", required=True)
-    psub.add_parser("list", help="all policies")
+    psub.add_parser("list", help="all policies (fetched page by page)")
     padd = psub.add_parser("add", help="add a policy (admin)")
     padd.add_argument("action", choices=sorted(ACTION_SEVERITY, key=ACTION_SEVERITY.__getitem__))
     padd.add_argument("--sha256")

@@ -60,6 +60,7 @@ from ..messages import (
     PolicyList,
     PolicyListResult,
     PolicyQuery,
+    PolicyRecord,
     PolicyRemove,
     PolicyResult,
     Pong,
@@ -84,6 +85,7 @@ from ..messages import (
     Welcome,
     type_tag,
 )
+from ..paging import MAX_POLICY_PAGE
 from ..resilience import BreakerStatistics, CircuitBreaker
 from .config import ClientConfig
 from .errors import ConnectionLostError, DeliveryPendingError
@@ -523,7 +525,38 @@ class Client:
             await self.outbox.join()
 
     async def policy_list(self, *, timeout: float | None = None) -> PolicyListResult:
-        return await self._call(PolicyList(id=0), PolicyListResult, timeout)
+        """Every policy, in id order, fetched page by page (``timeout`` is per page).
+
+        One result as before paging: ``degraded`` is true if any page came from
+        the daemon's cache. A daemon from before paging ignores ``limit`` and
+        answers everything in one reply (no ``next_after_id``).
+        """
+        policies: list[PolicyRecord] = []
+        degraded = False
+        after_id = 0
+        while True:
+            page = await self.policy_list_page(
+                after_id=after_id, limit=MAX_POLICY_PAGE, timeout=timeout
+            )
+            policies.extend(page.policies)
+            degraded = degraded or page.degraded
+            if page.next_after_id is None:
+                return PolicyListResult(id=page.id, policies=policies, degraded=degraded)
+            if page.next_after_id <= after_id:
+                raise ProtocolError(
+                    f"policy_list: the daemon's next_after_id {page.next_after_id} does not "
+                    f"move past {after_id}"
+                )
+            after_id = page.next_after_id
+
+    async def policy_list_page(
+        self, *, after_id: int = 0, limit: int = MAX_POLICY_PAGE, timeout: float | None = None
+    ) -> PolicyListResult:
+        """One page: at most ``limit`` (1..1000) policies with ``id > after_id`` in id
+        order, fewer when they would not fit in one frame. ``next_after_id`` is
+        the ``after_id`` of the next page, None after the last."""
+        request = PolicyList(id=0, after_id=after_id, limit=limit)
+        return await self._call(request, PolicyListResult, timeout)
 
     async def policy_query(
         self,

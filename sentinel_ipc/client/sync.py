@@ -42,6 +42,7 @@ from ..messages import (
     ThreatsResult,
     Welcome,
 )
+from ..paging import MAX_POLICY_PAGE
 from ..resilience import BreakerStatistics
 from .config import ClientConfig
 from .core import Client, Progress, open_client
@@ -320,7 +321,16 @@ class SyncClient:
         return self._run_sync(self.client.outbox.pending)
 
     def policy_list(self, *, timeout: float | None = None) -> PolicyListResult:
+        """Every policy, fetched page by page (see :meth:`Client.policy_list`)."""
         return self._run(self.client.policy_list, timeout=timeout)
+
+    def policy_list_page(
+        self, *, after_id: int = 0, limit: int = MAX_POLICY_PAGE, timeout: float | None = None
+    ) -> PolicyListResult:
+        """One page (see :meth:`Client.policy_list_page`)."""
+        return self._run(
+            self.client.policy_list_page, after_id=after_id, limit=limit, timeout=timeout
+        )
 
     def policy_query(
         self,
