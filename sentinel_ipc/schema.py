@@ -186,6 +186,17 @@ FIELD_NOTES: dict[str, str] = {
     "PolicyAdd.idempotency_key": "same key twice = applied once (see Idempotency)",
     "PolicyRemove.idempotency_key": "same key twice = applied once (see Idempotency)",
     "Threats.limit": "1 .. 1000",
+    "PolicyList.after_id": "list policies with `id > after_id` (0 = from the start); "
+    "0 .. 2^63-1",
+    "PolicyList.limit": (
+        "1 .. 1000: one page of at most this many, fewer when they would not fit in "
+        "one frame; nil = everything in one reply, or `reply_too_large`"
+    ),
+    "PolicyListResult.next_after_id": (
+        "more policies follow: send `policy_list` again with this `after_id` (the last "
+        "id of this page); nil = the list is complete"
+    ),
+    "PolicyListResult.degraded": "this page came from the cached policies (database down)",
     "QuarantineRestore.path": "daemon's own uid only; otherwise pass a writable fd (SCM_RIGHTS)",
     "Error.code": "one of the error codes (see Errors)",
     "Error.message": "for people: names the field or the bound that failed",
@@ -431,6 +442,38 @@ EXTRA_EXAMPLES: tuple[tuple[str, msgspec.Struct], ...] = (
         ),
     ),
     ("ping_large_id", Ping(id=2**63 - 1)),
+    ("policy_list_paged", PolicyList(id=24, after_id=42, limit=100)),
+    (
+        "policy_list_result_page",
+        PolicyListResult(
+            id=24,
+            policies=[
+                PolicyRecord(
+                    id=43,
+                    action="warn",
+                    url_pattern="https://downloads.example/*.exe",
+                    created_at=1767139200.0,
+                    created_by="uid:0",
+                    reason="unsigned installers",
+                )
+            ],
+            degraded=False,
+            next_after_id=43,
+        ),
+    ),
+    (
+        "error_reply_too_large",
+        Error(
+            id=8,
+            code=ErrorCode.REPLY_TOO_LARGE,
+            message="the policy_list_result reply would be 70368601 bytes, over this "
+            "daemon's max_frame_bytes of 67108864; page the request: policy_list with "
+            "limit (1..1000) and after_id, continuing from each reply's next_after_id, "
+            "or raise [server] max_frame_bytes",
+            retryable=False,
+            retry_after_ms=None,
+        ),
+    ),
     ("scan_empty_data", Scan(id=300, data=b"")),
 )
 
