@@ -89,8 +89,6 @@ def save_snapshot_file(path: Path, snap: SnapshotFile) -> int:
     return len(data)
 
 
-
-
 class PolicySnapshot:
     """The active policies in memory. Event-loop thread only (not thread-safe)."""
 
@@ -145,9 +143,15 @@ class PolicySnapshot:
             saved_at=now, max_policy_id=self.max_policy_id, policies=self.real_policies()
         )
 
-    def replace_all(self, policies: list[PolicyRecord], max_policy_id: int) -> None:
-        """Reload from the database (drops the overlay: the journal is replayed by now)."""
-        self.index = PolicyIndex(policies)
+    def replace_all(
+        self, policies: list[PolicyRecord] | PolicyIndex, max_policy_id: int
+    ) -> None:
+        """Reload from the database (drops the overlay: the journal is replayed by now).
+
+        ``policies`` may be an index already built (the service builds it page
+        by page as the load goes, so that no single step of the event loop
+        indexes the whole table: 300,000 policies take about 0.4 s)."""
+        self.index = policies if isinstance(policies, PolicyIndex) else PolicyIndex(policies)
         self.max_policy_id = max(self.max_policy_id, max_policy_id)
         self.version += 1
 

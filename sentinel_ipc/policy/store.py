@@ -92,7 +92,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 import msgspec
 import trio
@@ -137,6 +137,9 @@ RECORD_KEY_RETENTION_SECONDS: Final = 24 * 3600
 DEFAULT_THREAT_HISTORY_MAX_ROWS: Final = 100_000
 #: Most rows one insert prunes (about 12 ms of SQLite work); see "Retention".
 _PRUNE_BATCH: Final = 10_000
+#: Rows of a seeded rebuild per step of :attr:`PolicyStore.progress` (about
+#: 25 ms of SQLite work each; see ``_seed``).
+SEED_CHUNK: Final = 1_000
 _REQUIRED_TABLES: Final = frozenset({"policies", "threat_history", "applied_writes"})
 #: access() with the effective uid (faccessat AT_EACCESS) where the platform has it.
 _EFFECTIVE_IDS: Final = os.access in os.supports_effective_ids
@@ -353,6 +356,10 @@ class PolicyStore:
         self._moved_reported: tuple[int, int] | None = None
         self._events: list[StoreEvent] = []
         self._events_lock = threading.Lock()
+        #: Steps of a long call done so far (rows seeded, by chunk): the
+        #: service's watchdog reads it from the trio thread and gives a call
+        #: that advances it more time (an int read is atomic under the GIL).
+        self.progress = 0
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -508,13 +515,27 @@ class PolicyStore:
                 log.warning("policy database: journal_mode is %s, not wal", mode)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            for step in range(version, SCHEMA_VERSION):
+            # A new database is created and seeded in ONE transaction: should
+            # the seed fail half-way (disk full, the process killed), the file
+            # is left without a schema and the next open seeds it again. (With
+            # the schema committed first, the next open would take the empty
+            # database for a valid one, and the service would then replace the
+            # cached policies with its empty table.)
+            new = version == 0
+            if new:
                 conn.execute("BEGIN IMMEDIATE")
+            for step in range(version, SCHEMA_VERSION):
+                if not new:
+                    conn.execute("BEGIN IMMEDIATE")
                 for statement in _split_sql(MIGRATIONS[step]):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {step + 1}")
+                if not new:
+                    conn.execute("COMMIT")
+            if new:
+                if seed or seed_max_id:
+                    self._seed(conn, seed, seed_max_id)
                 conn.execute("COMMIT")
-            if version == 0:
                 events.append(
                     StoreEvent(
                         kind="created",
@@ -523,7 +544,6 @@ class PolicyStore:
                     )
                 )
                 if seed or seed_max_id:
-                    self._seed(conn, seed, seed_max_id)
                     events.append(
                         StoreEvent(
                             kind="seeded",
@@ -551,7 +571,14 @@ class PolicyStore:
         return events
 
     def _seed(self, conn: sqlite3.Connection, seed: Sequence[PolicyRecord], max_id: int) -> None:
-        conn.execute("BEGIN IMMEDIATE")
+        """Insert the snapshot's policies (inside the caller's transaction).
+
+        Rows go in ``SEED_CHUNK`` at a time, each chunk advancing
+        :attr:`progress`: a rebuild from a large snapshot runs far longer than
+        ``op_timeout`` (300,000 policies: about 12 s on a 2-core machine), and
+        the service's bound on this call is per step of progress, not on the
+        whole (see ``PolicyService._thread_call``). One transaction, not one per
+        chunk, so that a rebuild is all or nothing."""
         counts: Counter[str] = Counter()
 
         def token(pattern: str | None) -> str | None:
@@ -561,30 +588,32 @@ class PolicyStore:
             counts[t] += 1
             return t
 
-        conn.executemany(
-            f"INSERT OR IGNORE INTO policies (id, {_POLICY_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    p.id,
-                    p.rule_name,
-                    p.url_pattern,
-                    None if p.url_pattern is None else sqlite_glob(p.url_pattern),
-                    token(p.url_pattern if p.file_hash is None else None),
-                    p.file_hash,
-                    p.mime_type,
-                    p.action,
-                    p.created_at,
-                    p.created_by,
-                    p.expires_at,
-                    p.hit_count,
-                    p.last_hit,
-                    p.reason,
-                )
-                for p in seed
-                if p.id > 0
-            ],
-        )
+        real = [p for p in seed if p.id > 0]
+        for start in range(0, len(real), SEED_CHUNK):
+            conn.executemany(
+                f"INSERT OR IGNORE INTO policies (id, {_POLICY_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        p.id,
+                        p.rule_name,
+                        p.url_pattern,
+                        None if p.url_pattern is None else sqlite_glob(p.url_pattern),
+                        token(p.url_pattern if p.file_hash is None else None),
+                        p.file_hash,
+                        p.mime_type,
+                        p.action,
+                        p.created_at,
+                        p.created_by,
+                        p.expires_at,
+                        p.hit_count,
+                        p.last_hit,
+                        p.reason,
+                    )
+                    for p in real[start : start + SEED_CHUNK]
+                ],
+            )
+            self.progress += 1
         top = max([max_id, *(p.id for p in seed)])
         if top > 0:
             updated = conn.execute(
@@ -594,7 +623,8 @@ class PolicyStore:
                 conn.execute(
                     "INSERT INTO sqlite_sequence (name, seq) VALUES ('policies', ?)", (top,)
                 )
-        conn.execute("COMMIT")
+        # The commit (and the WAL checkpoint it may run) gets a step of its own.
+        self.progress += 1
 
     def _backfill_tokens(self, conn: sqlite3.Connection) -> None:
         rows = conn.execute(
@@ -900,7 +930,12 @@ class PolicyStore:
     # --- reads ----------------------------------------------------------------
 
     def load_active(self, now: float) -> tuple[list[PolicyRecord], int]:
-        """Every active (unexpired) policy, and the highest id ever handed out."""
+        """Every active (unexpired) policy, and the highest id ever handed out.
+
+        One call, however large the table (300,000 policies: about 2 s): for
+        tools and tests. The service loads page by page
+        (:meth:`load_active_page`), so that no store call outlasts its
+        ``op_timeout`` and other calls run between the pages."""
         self._require()
 
         def run(conn: sqlite3.Connection) -> tuple[list[PolicyRecord], int]:
@@ -913,7 +948,32 @@ class PolicyStore:
 
         return self._call("load policies", run)
 
+    def load_active_page(
+        self, after_id: int, limit: int, now: float
+    ) -> tuple[list[PolicyRecord], int]:
+        """At most ``limit`` active policies with ``id > after_id``, in id order,
+        and the highest id ever handed out (``sqlite_sequence``).
+
+        A keyset query on the primary key, as :meth:`list_policies_page`: each
+        page costs ``limit`` rows however deep it starts. Pages read at
+        different times are not one consistent view; the service guards its
+        snapshot against writes made between them (see
+        ``PolicyService.refresh_snapshot``)."""
+        self._require()
+
+        def run(conn: sqlite3.Connection) -> tuple[list[PolicyRecord], int]:
+            rows = conn.execute(
+                "SELECT * FROM policies WHERE id > ? "
+                "AND (expires_at IS NULL OR expires_at > ?) ORDER BY id LIMIT ?",
+                (after_id, now, max(0, limit)),
+            ).fetchall()
+            seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'policies'").fetchone()
+            return [_row_policy(r) for r in rows], (seq["seq"] if seq else 0)
+
+        return self._call("load policies", run)
+
     def list_policies(self) -> list[PolicyRecord]:
+        """Every policy, in one call (see :meth:`load_active`); the service pages."""
         self._require()
         return self._call(
             "list policies",
@@ -1325,6 +1385,28 @@ def _unlink_db_files(path: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
+class StoreJob(Generic[T]):
+    """A call queued on the :class:`StoreThread` (trio side)."""
+
+    __slots__ = ("_box", "_done")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._box: list[tuple[bool, Any]] = []
+
+    def _settle(self, result: tuple[bool, Any]) -> None:
+        self._box.append(result)
+        self._done.set()
+
+    async def result(self) -> T:
+        """Wait for the call; its value, or its exception raised here."""
+        await self._done.wait()
+        ok, value = self._box[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+
 class StoreThread:
     """One OS thread that runs blocking calls in submission order for trio callers.
 
@@ -1365,6 +1447,12 @@ class StoreThread:
             deliver(result)
 
     async def run(self, fn: Callable[[], T]) -> T:
+        return await self.submit(fn).result()
+
+    def submit(self, fn: Callable[[], T]) -> StoreJob[T]:
+        """Queue ``fn`` and return at once; ``await job.result()`` for its outcome
+        (it may be awaited again after a cancelled wait). Raises
+        ShuttingDownError / BusyError like :meth:`run`."""
         if self._closed:
             raise ShuttingDownError("the policy store is closing")
         with self._lock:
@@ -1373,24 +1461,15 @@ class StoreThread:
                     f"{self._pending} policy database calls already waiting", retry_after=0.1
                 )
             self._pending += 1
+        job: StoreJob[T] = StoreJob()
         token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        box: list[tuple[bool, Any]] = []
 
         def deliver(result: tuple[bool, Any]) -> None:
-            def settle() -> None:
-                box.append(result)
-                done.set()
-
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(settle)
+                token.run_sync_soon(job._settle, result)
 
         self._queue.put((fn, deliver))
-        await done.wait()
-        ok, value = box[0]
-        if ok:
-            return value  # type: ignore[no-any-return]
-        raise value
+        return job
 
     def run_sync(self, fn: Callable[[], T]) -> T:
         """Run on the thread and wait, from a non-trio context (startup, tools)."""
