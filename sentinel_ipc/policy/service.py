@@ -80,7 +80,7 @@ from sentinel_ipc.errors import (
     UnavailableError,
 )
 from sentinel_ipc.messages import Action, PolicyRecord, RuleMatch, ThreatRecord
-from sentinel_ipc.policy.decision import Decision, decide
+from sentinel_ipc.policy.decision import Decision, PolicyIndex, decide
 from sentinel_ipc.policy.journal import (
     DEFAULT_MAX_BYTES as JOURNAL_MAX_BYTES,
 )
@@ -131,6 +131,8 @@ T = TypeVar("T")
 QUARANTINE_DIRNAME: Final = "quarantine"
 _RECENT_KEYS: Final = 10_000
 _REPLAY_CHUNK: Final = 1_000
+#: Default ``load_chunk``: rows per store call of a whole-table load.
+LOAD_CHUNK: Final = 20_000
 
 
 def policy_database_failure(error: BaseException) -> bool:
@@ -185,6 +187,10 @@ class PolicyConfig(msgspec.Struct, kw_only=True):
     probe_interval: float = 1.0
     #: While healthy: how often to reload the snapshot from the database.
     refresh_interval: float = 300.0
+    #: Rows per store call of a whole-table load (the snapshot at start, after
+    #: recovery and at every refresh; the unpaged ``list``): each page its own
+    #: call under ``op_timeout`` (20,000 rows: about 0.15 s), other calls in between.
+    load_chunk: int = LOAD_CHUNK
     max_journal_bytes: int = JOURNAL_MAX_BYTES
     #: The threat history keeps this many of its newest rows (see store.py, "Retention").
     threat_history_max_rows: int = DEFAULT_THREAT_HISTORY_MAX_ROWS
@@ -297,6 +303,11 @@ class PolicyService:
         self._check_integrity = False
         self._next_verify = 0.0
         self._next_refresh = 0.0
+        #: Bumped by every change a write (or a replay, or a reload) makes to
+        #: the snapshot: a refresh whose load overlapped one must not replace it.
+        self._write_generation = 0
+        #: Refreshes in a row that gave way to a write (their retry backs off).
+        self._refresh_conflicts = 0
         self.records_dropped = 0
         self.snapshot_error: str | None = None
 
@@ -390,11 +401,12 @@ class PolicyService:
 
     # --- the database path ----------------------------------------------------
 
-    async def _db(self, fn: Callable[[], T], operation: str) -> T:
-        """One store call on the store thread, bounded, retried and behind the breaker."""
+    async def _db(self, fn: Callable[[], T], operation: str, *, progress: bool = False) -> T:
+        """One store call on the store thread, bounded, retried and behind the breaker
+        (``progress``: see :meth:`_thread_call`)."""
 
         async def attempt() -> T:
-            return await self._thread_call(fn, operation)
+            return await self._thread_call(fn, operation, progress=progress)
 
         return await guarded_call(
             attempt,
@@ -656,6 +668,7 @@ class PolicyService:
                 else:
                     self._remember_key(client_key, policy.id)
                     self._snapshot.put(policy)
+                    self._write_generation += 1
                     if not duplicate:
                         self._audit_event(
                             "policy_add",
@@ -718,6 +731,7 @@ class PolicyService:
                 else:
                     self._remember_key(client_key, policy_id)
                     old = self._snapshot.remove(policy_id)
+                    self._write_generation += 1
                     self._audit_event(
                         "policy_remove",
                         policy_id=policy_id,
@@ -747,14 +761,16 @@ class PolicyService:
             )
             return policy_id, True
 
-    def _replace_snapshot(self, policies: _List[PolicyRecord], max_id: int) -> None:
+    def _replace_snapshot(self, policies: PolicyIndex, max_id: int) -> None:
         """Reload from the database: the overlay (and its provisional ids) is gone."""
         self._snapshot.replace_all(policies, max_id)
         self._provisional_keys.clear()
+        self._write_generation += 1
 
     def _overlay(self, op: JournalOp) -> None:
         """Lay a journaled write over the snapshot (remembering a queued add's key)."""
         self._snapshot.overlay(op)
+        self._write_generation += 1
         if isinstance(op, AddPolicy):
             self._provisional_keys[-op.seq] = op.key
 
@@ -773,12 +789,57 @@ class PolicyService:
         from the snapshot (degraded: active policies only, queued writes not shown)."""
         if not self._degraded:
             try:
-                policies = await self._db(self._store.list_policies, "list")
+                policies = await self._list_all()
             except (SentinelError, trio.TooSlowError) as exc:
                 self._enter_degraded(exc)
             else:
                 return policies, False
         return sorted(self._snapshot.real_policies(), key=lambda p: p.id), True
+
+    async def _list_all(self) -> _List[PolicyRecord]:
+        """Every policy, ``load_chunk`` rows per store call (keyset pages, like
+        :meth:`list_page`): one call for the whole table would hold the store
+        thread past ``op_timeout`` and time out every call queued behind it."""
+        chunk = max(1, self.config.load_chunk)
+        policies: _List[PolicyRecord] = []
+        after = 0
+        while True:
+            rows = await self._db(partial(self._store.list_policies_page, after, chunk), "list")
+            policies.extend(rows)
+            if len(rows) < chunk:
+                return policies
+            after = rows[-1].id
+
+    async def _load_active(self, *, guarded: bool = True) -> tuple[PolicyIndex, int]:
+        """Every active policy, indexed, and the highest id ever handed out.
+
+        Page by page: ``load_chunk`` rows per store call (a keyset query, see
+        :meth:`PolicyStore.load_active_page`), each call under ``op_timeout``
+        and the other callers' calls running between them on the store
+        thread. (In one call, 300,000 policies take about 2 s on a 2-core
+        machine: the whole ``op_timeout``, and every call queued behind it
+        timed out too.) Each page is indexed as it comes, so the event loop
+        never indexes the whole table in one step either.
+
+        The pages are not one consistent view of the table: see
+        :meth:`refresh_snapshot`. ``guarded``: each page under the retry and
+        the breaker (:meth:`_db`); else one attempt (start-up)."""
+        now = self._wall()
+        chunk = max(1, self.config.load_chunk)
+        index = PolicyIndex()
+        after = max_id = 0
+        while True:
+            fetch = partial(self._store.load_active_page, after, chunk, now)
+            if guarded:
+                rows, top = await self._db(fetch, "load")
+            else:
+                rows, top = await self._thread_call(fetch, "load")
+            for policy in rows:
+                index.add(policy)
+            max_id = max(max_id, top)
+            if len(rows) < chunk:
+                return index, max_id
+            after = rows[-1].id
 
     async def list_page(self, after_id: int, limit: int) -> PolicyPage:
         """At most ``limit`` policies with ``id > after_id``, in id order (a keyset
@@ -834,14 +895,38 @@ class PolicyService:
             raise
         return trio.current_time() - start
 
-    async def _thread_call(self, fn: Callable[[], T], operation: str) -> T:
+    async def _thread_call(
+        self, fn: Callable[[], T], operation: str, *, progress: bool = False
+    ) -> T:
         """``fn`` on the store thread, bounded by ``op_timeout``, timed for the
-        query observers (not when cancelled from outside: no duration to tell)."""
+        query observers (not when cancelled from outside: no duration to tell).
+
+        The bound counts the wait in the thread's queue too: a call behind a
+        long one times out although the database is fine. Hence no call may
+        run long; whole-table loads go page by page (:meth:`_load_active`).
+
+        ``progress``: for the one call that cannot be cut into several, the
+        store's recovery, which may rebuild the database from a snapshot of any
+        size in one transaction (all or nothing; 300,000 policies take about
+        12 s). It gets ``op_timeout`` again each time the store's ``progress``
+        counter moved during the last one, so it is bounded per step (1,000
+        rows), and a stuck file system is still noticed within two
+        ``op_timeout``. Nothing else waits on the store thread meanwhile: the
+        service is degraded (or not yet started) while it recovers."""
         start = trio.current_time()
         cancelled = False
         try:
-            with trio.fail_after(self.config.op_timeout):
-                return await self._thread.run(fn)
+            if not progress:
+                with trio.fail_after(self.config.op_timeout):
+                    return await self._thread.run(fn)
+            job = self._thread.submit(fn)
+            seen = self._store.progress
+            while True:
+                with trio.move_on_after(self.config.op_timeout):
+                    return await job.result()
+                if self._store.progress == seen:
+                    raise trio.TooSlowError
+                seen = self._store.progress
         except trio.Cancelled:
             cancelled = True
             raise
@@ -872,6 +957,7 @@ class PolicyService:
                                 check_integrity=self._check_integrity,
                             ),
                             "recover",
+                            progress=True,
                         )
                         self._check_integrity = False
                     finally:
@@ -880,10 +966,10 @@ class PolicyService:
                 async with self._write_lock:
                     await self._replay()
                     if self._degraded:
-                        policies, max_id = await self._db(
-                            partial(self._store.load_active, self._wall()), "load"
-                        )
-                        self._replace_snapshot(policies, max_id)
+                        # Under the write lock (page by page, as any load): no
+                        # write can slip between the pages and the replacement.
+                        index, max_id = await self._load_active()
+                        self._replace_snapshot(index, max_id)
                         self._set_state(False, None)
             except (SentinelError, trio.TooSlowError) as exc:
                 self._note_failure(exc)
@@ -905,6 +991,7 @@ class PolicyService:
                 break
             outcomes = await self._db(partial(self._store.replay, ops), "replay")
             self._replayed_seq = ops[-1].seq
+            self._write_generation += 1  # the database moved under any load in progress
             self._report_replay(ops, outcomes)
         if journal.depth:
             try:
@@ -976,8 +1063,7 @@ class PolicyService:
             with contextlib.suppress(SentinelError, trio.TooSlowError):
                 await self.check_health()
         if now >= self._next_refresh and not self._degraded:
-            self._next_refresh = now + self.config.refresh_interval
-            await self.refresh_snapshot()
+            await self.refresh_snapshot()  # sets the next one
         if self._snapshot.dirty and not self._degraded:
             await self._persist_snapshot()
         if self._degraded:
@@ -985,19 +1071,44 @@ class PolicyService:
         return min(self._next_verify, self._next_refresh)
 
     async def refresh_snapshot(self) -> bool:
-        """Reload the snapshot from the database (healthy only). True on success."""
+        """Reload the snapshot from the database (healthy only). True if it was
+        replaced; schedules the next refresh either way.
+
+        The load runs page by page without ``_write_lock`` (it may take seconds:
+        writes must not wait for it), so a write can land while it runs: in
+        the database and in the snapshot, but not in the pages read before it
+        (an add after the last page; a remove after its policy's page). Writes
+        bump ``_write_generation``; the snapshot is replaced, under the lock,
+        only if no write bumped it since the load began. Otherwise the
+        snapshot the writes kept current stays, and the refresh is tried again
+        soon: after ``probe_interval``, doubling for each refresh in a row
+        that gave way, at most ``refresh_interval``. (Likewise while a decision
+        record waits in the journal: recovery replays it first.)"""
+        self._next_refresh = trio.current_time() + self.config.refresh_interval
         if self._degraded:
             return False
+        generation = self._write_generation
         try:
-            policies, max_id = await self._db(
-                partial(self._store.load_active, self._wall()), "load"
-            )
+            index, max_id = await self._load_active()
         except (SentinelError, trio.TooSlowError) as exc:
             self._enter_degraded(exc)
             return False
         async with self._write_lock:
-            if not self._degraded and not self.journal_depth:
-                self._replace_snapshot(policies, max_id)
+            if self._degraded:
+                return False  # recovery reloads
+            if self._write_generation != generation or self.journal_depth:
+                self._refresh_conflicts += 1
+                delay = self.config.probe_interval * 2.0 ** min(self._refresh_conflicts - 1, 30)
+                delay = min(delay, self.config.refresh_interval)
+                self._next_refresh = trio.current_time() + delay
+                log.info(
+                    "policy snapshot refresh gave way to a write during the load; "
+                    "again in %.3g s",
+                    delay,
+                )
+                return False
+            self._refresh_conflicts = 0
+            self._replace_snapshot(index, max_id)
         await self._persist_snapshot()
         return True
 
@@ -1096,6 +1207,7 @@ class PolicyService:
                     self._snapshot.max_policy_id,
                 ),
                 "open",
+                progress=True,
             )
         except (SentinelError, trio.TooSlowError) as exc:
             self._enter_degraded(exc)
@@ -1104,13 +1216,11 @@ class PolicyService:
             self._report_events(self._store.drain_events())
         try:
             await self._replay()
-            policies, max_id = await self._thread_call(
-                partial(self._store.load_active, now), "load"
-            )
+            index, max_id = await self._load_active(guarded=False)
         except (SentinelError, trio.TooSlowError) as exc:
             self._enter_degraded(exc)
             return
-        self._replace_snapshot(policies, max_id)
+        self._replace_snapshot(index, max_id)
         self._degraded, self._reason = False, None
         await self._persist_snapshot()
 

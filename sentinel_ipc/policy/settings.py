@@ -16,7 +16,7 @@ from ..messages import Action
 from .journal import DEFAULT_MAX_BYTES as JOURNAL_MAX_BYTES
 from .quarantine import DEFAULT_MAX_BYTES as QUARANTINE_MAX_BYTES
 from .quarantine import DEFAULT_MAX_ITEMS as QUARANTINE_MAX_ITEMS
-from .service import PolicyConfig
+from .service import LOAD_CHUNK, PolicyConfig
 from .store import DEFAULT_THREAT_HISTORY_MAX_ROWS
 
 if TYPE_CHECKING:
@@ -55,6 +55,9 @@ class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     verify_interval: float = 5.0
     probe_interval: float = 1.0
     refresh_interval: float = 300.0
+    #: Rows per database call when the whole table is read (the cached policies
+    #: at start, after recovery and at each refresh; an unpaged policy list).
+    load_chunk: int = LOAD_CHUNK
     max_journal_bytes: int = JOURNAL_MAX_BYTES
     #: Bounds of the quarantine directory (0 keeps no copies).
     quarantine_max_bytes: int = QUARANTINE_MAX_BYTES
@@ -70,8 +73,8 @@ class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         at_least(self, 0, "quarantine_max_bytes", "quarantine_max_items", "busy_timeout_ms")
         # The journal takes the writes of a database outage: with no room it
         # would refuse every one. A threat history of 0 rows would delete each
-        # row as it is written.
-        at_least(self, 1, "max_journal_bytes", "threat_history_max_rows")
+        # row as it is written; a load of 0 rows per call would never end.
+        at_least(self, 1, "max_journal_bytes", "threat_history_max_rows", "load_chunk")
         positive(self, *_POLICY_SECONDS, finite=True)
 
     def to_config(self, resilience: ResilienceConfig, admin_uids: list[int]) -> PolicyConfig:
