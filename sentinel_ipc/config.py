@@ -34,6 +34,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: int = 1000
     max_in_flight_per_connection: int = 64
     max_in_flight_total: int = 4096
+    #: What one user (peer uid) may hold of the two daemon-wide bounds above.
+    #: Unset: a quarter of each when the socket is shared (see
+    #: :attr:`socket_shared`), so that one user's flood cannot lock the others
+    #: out; no per-user bound on a private socket, which has one user.
+    max_connections_per_uid: int | None = None
+    max_in_flight_per_uid: int | None = None
     #: Bytes all connections together may hold in partially received large frames
     #: (see server/receive_budget.py); at least ``max_frame_bytes``.
     max_receive_buffer_bytes: int = 4 * DEFAULT_MAX_FRAME_BYTES
@@ -62,6 +68,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             )
         at_least(self, 1, "max_connections", "max_in_flight_per_connection",
                  "max_in_flight_total")
+        for name in ("max_connections_per_uid", "max_in_flight_per_uid"):
+            if getattr(self, name) is not None:
+                at_least(self, 1, name)
         positive(self, "frame_read_timeout", "write_timeout")
         at_least(self, 0, "shutdown_grace")
         if not 0 <= self.socket_mode <= 0o777 or self.socket_mode & 0o600 != 0o600:
@@ -75,14 +84,35 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 f"max_frame_bytes ({self.max_frame_bytes}): a largest frame could never fit"
             )
 
+    @property
+    def socket_shared(self) -> bool:
+        """The socket is open to other users (a group, or everyone): then each
+        daemon-wide bound is shared out per user (:meth:`uid_share`)."""
+        return self.socket_group is not None or bool(self.socket_mode & 0o077)
+
+    def uid_share(self, total: int, explicit: int | None = None) -> int | None:
+        """One user's share of the daemon-wide bound ``total``: ``explicit`` if
+        set; else a quarter of ``total`` on a shared socket, and no bound (None)
+        on a private one."""
+        if explicit is not None:
+            return explicit
+        return max(1, total // 4) if self.socket_shared else None
+
 
 class RateLimitConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     burst: int = 20
     scans_per_second: float = 10.0
     max_concurrent_scans_per_connection: int = 5
+    #: Scans one user (peer uid) may have running or queued at once over all its
+    #: connections. Unset: a quarter of the scanner's ``max_queue`` on a shared
+    #: socket (``ServerConfig.socket_shared``), so one user cannot fill the queue
+    #: and make everyone else's scans ``busy``; no such bound on a private one.
+    max_concurrent_scans_per_uid: int | None = None
 
     def __post_init__(self) -> None:
         at_least(self, 1, "burst", "max_concurrent_scans_per_connection")
+        if self.max_concurrent_scans_per_uid is not None:
+            at_least(self, 1, "max_concurrent_scans_per_uid")
         positive(self, "scans_per_second")
 
 

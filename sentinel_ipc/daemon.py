@@ -240,6 +240,7 @@ class Daemon:
                 scanner=self.scanner,
                 verdicts=self.verdicts,
                 rate_limit=self.config.rate_limit,
+                shared_socket=self.config.server.socket_shared,
             )
             policy_handlers.register(
                 self.dispatcher, policy=self.policy, quarantine=self.quarantine

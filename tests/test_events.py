@@ -247,7 +247,9 @@ async def test_events_encode_as_wire_frames() -> None:
 
 def test_event_bus_needs_a_nursery_type() -> None:
     # EventBus is constructed by open_event_bus; its signature stays explicit.
-    assert EventBus.__init__.__kwdefaults__ == {"buffer_size": 256, "max_subscribers": 256}
+    assert EventBus.__init__.__kwdefaults__ == {
+        "buffer_size": 256, "max_subscribers": 256, "max_per_owner": None,
+    }
 
 
 async def test_a_connection_past_its_subscriptions_gets_a_busy_that_is_not_retryable() -> None:

@@ -120,11 +120,13 @@ print(json.dumps(out))
 def as_nobody(
     socket_path: Path, requests: list[Any], open_paths: Sequence[str] = ()
 ) -> list[Any]:
-    """Send each request from a process running as nobody; the decoded replies
-    (or {"connect_error": errno}, ...), then the results of opening ``open_paths``."""
+    """Send each request from a process running as nobody, one connection each;
+    the decoded first reply on each (or {"connect_error": errno}, ...), then the
+    results of opening ``open_paths``. A ``bytes`` request is sent as it is
+    (several frames at once, for a request that takes more than one)."""
     job = {
         "socket": str(socket_path),
-        "frames": [encode_framed(r).hex() for r in requests],
+        "frames": [(r if isinstance(r, bytes) else encode_framed(r)).hex() for r in requests],
         "open": list(open_paths),
     }
     proc = subprocess.run(
@@ -192,10 +194,12 @@ def shared_base() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def open_daemon(base: Path, config: dict[str, Any], name: str = "d") -> DaemonProcess:
+def open_daemon(
+    base: Path, config: dict[str, Any], name: str = "d", extra_args: Sequence[str] = ()
+) -> DaemonProcess:
     """A daemon whose socket other users can reach (mode 0666, directory 0711)."""
     d = DaemonProcess(base, {"server": {"socket_mode": 0o666, **config.pop("server", {})},
-                             **config}, name=name)
+                             **config}, extra_args=list(extra_args), name=name)
     d.start()
     os.chmod(d.socket_path.parent, 0o711)
     return d

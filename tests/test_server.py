@@ -936,11 +936,16 @@ async def test_max_in_flight_refuses_the_request_over_the_limit(tmp_path: Path) 
         ("[server]\nsocket_mode = 0o200\n", ["socket_mode (0o200)"]),
         ("[rate_limit]\nburst = 0\n", ["rate_limit", "burst must be at least 1"]),
         ("[rate_limit]\nscans_per_second = 0.0\n", ["scans_per_second must be greater than 0"]),
+        ("[server]\nmax_connections_per_uid = 0\n",
+         ["max_connections_per_uid must be at least 1"]),
+        ("[rate_limit]\nmax_concurrent_scans_per_uid = -2\n",
+         ["max_concurrent_scans_per_uid must be at least 1"]),
     ],
     ids=["unknown-key", "wrong-type", "not-toml", "unknown-top-level-key", "unreadable",
          "receive-budget-under-one-frame", "frame-limit-zero", "frame-limit-over-4-bytes",
          "no-connections", "no-requests", "negative-frame-timeout", "zero-write-timeout",
-         "socket-mode-without-owner", "empty-bucket", "no-refill"],
+         "socket-mode-without-owner", "empty-bucket", "no-refill", "no-connections-per-user",
+         "no-scans-per-user"],
 )
 def test_a_bad_config_file_stops_start_up_with_exit_2_naming_the_key(
     tmp_path: Path, content: str | None, expected: list[str]

@@ -76,7 +76,8 @@ def register(dispatcher: Dispatcher, hub: Observability) -> None:
         conn = ctx.connection
         held = held_by(ctx)
         check_connection_room(held)  # the per-connection bound, before the daemon's
-        sub = hub.subscribe(request.id, request.topics, conn.send)  # validates first
+        sub = hub.subscribe(request.id, request.topics, conn.send,  # validates first
+                            owner=ctx.peer.uid)
         held.append(sub)  # no checkpoint since the check: pipelined subscribes count
         try:
             await conn.send(Subscribed(id=request.id, topics=sorted(sub.topics)))

@@ -4,7 +4,9 @@ The path of a scan, and where each resilience decision is taken:
 
 1. admission (here): the peer's token bucket (``rate_limited``), the
    connection's concurrent-scan cap (``rate_limited``), open streams per
-   connection and the bytes they buffer (``busy``);
+   connection and the bytes they buffer (``busy``); on a shared socket the
+   same per user (peer uid) over all its connections: running scans, open
+   streams, buffered bytes;
 2. the scanner (``Scanner``): bounded queue, buffer budget and open streams
    (``busy``), idle streams dropped (``timeout``, pushed to the client with
    the stream's id), yara breaker, yara retry on worker crash; if it cannot
@@ -20,6 +22,7 @@ a failing scanner never stops hash policies from applying.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -45,11 +48,16 @@ _SCANS_KEY = "scan.active"
 _STREAMS_KEY = "scan.streams"
 _RETRY_AT_KEY = "scan.retry_at"
 MAX_STREAMS_PER_CONNECTION = 8
+#: Open streams of one peer uid over all its connections, on a shared socket: a
+#: quarter of the scanner's default ``max_open_streams`` (64), so that one user
+#: cannot take them all.
+MAX_STREAMS_PER_UID = 16
 
 
-def connection_share(max_pending_bytes: int, max_stream_bytes: int) -> int:
-    """Bytes one connection's open streams may buffer at once: half the scanner's
-    ``max_pending_bytes``, or one largest file if that is more (within the budget).
+def buffer_share(max_pending_bytes: int, max_stream_bytes: int) -> int:
+    """Bytes the open streams of one connection (of one user, on a shared socket)
+    may buffer at once: half the scanner's ``max_pending_bytes``, or one largest
+    file if that is more (within the budget).
 
     Without a share, one client's streams could take the whole budget and every
     other client's scans would get ``busy`` until that client finished.
@@ -58,11 +66,15 @@ def connection_share(max_pending_bytes: int, max_stream_bytes: int) -> int:
 
 
 class ScanAdmission:
-    """Per-peer token bucket and per-connection concurrency cap."""
+    """Per-peer token bucket, and concurrency caps per connection and (with
+    ``scans_per_uid``) per peer uid."""
 
-    def __init__(self, config: RateLimitConfig) -> None:
+    def __init__(self, config: RateLimitConfig, scans_per_uid: int | None = None) -> None:
         self.config = config
         self.limiter = RateLimiter(config.burst, config.scans_per_second)
+        self.scans_per_uid = scans_per_uid
+        #: Scans running or queued per peer uid, over all its connections.
+        self.running_by_uid: Counter[int] = Counter()
 
     def take_token(self, ctx: RequestContext) -> None:
         wait = self.limiter.try_acquire(ctx.peer.uid, trio.current_time())
@@ -98,11 +110,31 @@ class ScanAdmission:
                 f"(limit {self.config.max_concurrent_scans_per_connection})",
                 retry_after=0.1,
             )
+        limit = self.scans_per_uid
+        if limit is None:
+            conn.state[_SCANS_KEY] = active + 1
+            try:
+                yield
+            finally:
+                conn.state[_SCANS_KEY] -= 1
+            return
+        uid = ctx.peer.uid
+        by_uid = self.running_by_uid
+        if by_uid[uid] >= limit:
+            self._refused(ctx, 0.1)
+            raise RateLimitedError(
+                f"uid {uid} has {by_uid[uid]} scans running (limit per user {limit})",
+                retry_after=0.1,
+            )
         conn.state[_SCANS_KEY] = active + 1
+        by_uid[uid] += 1
         try:
             yield
         finally:
             conn.state[_SCANS_KEY] -= 1
+            by_uid[uid] -= 1
+            if not by_uid[uid]:
+                del by_uid[uid]
 
     @contextlib.contextmanager
     def admit(self, ctx: RequestContext) -> Iterator[None]:
@@ -117,11 +149,30 @@ def register(
     scanner: Scanner,
     verdicts: VerdictMaker,
     rate_limit: RateLimitConfig,
+    shared_socket: bool = False,
 ) -> ScanAdmission:
+    """``shared_socket``: the socket is open to other users, so each user's running
+    scans (a quarter of the scanner's queue unless ``[rate_limit]
+    max_concurrent_scans_per_uid`` says), open streams and buffered bytes are
+    bounded over all its connections, not only per connection."""
     from ..scanning import ScanMeta
 
-    admission = ScanAdmission(rate_limit)
-    share = connection_share(scanner.config.max_pending_bytes, scanner.config.max_stream_bytes)
+    scans_per_uid = rate_limit.max_concurrent_scans_per_uid
+    if scans_per_uid is None and shared_socket:
+        scans_per_uid = max(1, scanner.config.max_queue // 4)
+    admission = ScanAdmission(rate_limit, scans_per_uid)
+    share = buffer_share(scanner.config.max_pending_bytes, scanner.config.max_stream_bytes)
+    #: Every connection's stream table, with its peer uid, for the per-uid bounds.
+    tables: dict[int, tuple[int, dict[int, ScanStream]]] = {}
+
+    def sharing(ctx: RequestContext, table: dict[int, ScanStream]
+                ) -> Iterator[dict[int, ScanStream]]:
+        """The stream tables whose streams count against the same share as
+        ``table``: the peer uid's on a shared socket, else the connection's."""
+        if not shared_socket:
+            return iter((table,))
+        uid = ctx.peer.uid
+        return (held for owner, held in tables.values() if owner == uid)
 
     def meta_of(req: Scan | ScanBegin | ScanFd) -> ScanMeta:
         return ScanMeta(url=req.url, filename=req.filename, mime_type=req.mime_type)
@@ -136,8 +187,11 @@ def register(
         table: dict[int, ScanStream] | None = ctx.connection.state.get(_STREAMS_KEY)
         if table is None:
             table = ctx.connection.state[_STREAMS_KEY] = {}
+            conn_id = ctx.connection.conn_id
+            tables[conn_id] = (ctx.peer.uid, table)
 
             def abort_all() -> None:
+                tables.pop(conn_id, None)
                 for stream in table.values():
                     stream.abort()
                 table.clear()
@@ -155,6 +209,13 @@ def register(
             raise BusyError(
                 f"{len(table)} scan streams already open on this connection "
                 f"(limit {MAX_STREAMS_PER_CONNECTION})",
+                retry_after=0.5,
+            )
+        held = sum(len(t) for t in sharing(ctx, table)) if shared_socket else 0
+        if held >= MAX_STREAMS_PER_UID:
+            raise BusyError(
+                f"uid {ctx.peer.uid} has {held} scan streams open "
+                f"(limit per user {MAX_STREAMS_PER_UID})",
                 retry_after=0.5,
             )
         admission.take_token(ctx)
@@ -181,12 +242,20 @@ def register(
 
         table[req.id] = scanner.open_stream(meta_of(req), req.size, on_idle=dropped_idle)
 
-    def check_share(table: dict[int, ScanStream], more: int) -> None:
-        held = sum(stream.size for stream in table.values() if not stream.closed)
+    def check_share(ctx: RequestContext, table: dict[int, ScanStream], more: int) -> None:
+        held = sum(
+            stream.size
+            for held_table in sharing(ctx, table)
+            for stream in held_table.values()
+            if not stream.closed
+        )
         if held + more > share:
+            whose, per = (
+                (f"the scan streams of uid {ctx.peer.uid}", "per user") if shared_socket
+                else ("this connection's scan streams", "per connection")
+            )
             raise BusyError(
-                f"this connection's scan streams buffer {held >> 10} KiB already "
-                f"(limit {share >> 10} KiB per connection)",
+                f"{whose} buffer {held >> 10} KiB already (limit {share >> 10} KiB {per})",
                 retry_after=1.0,
             )
 
@@ -196,7 +265,7 @@ def register(
         if stream is None:
             raise NotFoundError(f"no open scan stream with id {req.id} (send scan_begin first)")
         try:
-            check_share(table, len(req.data))
+            check_share(ctx, table, len(req.data))
             stream.write(req.data)
         except Exception:
             # Over a limit, dropped for idleness, or the buffer failed: the stream
@@ -243,4 +312,10 @@ def register(
     return admission
 
 
-__all__ = ["MAX_STREAMS_PER_CONNECTION", "ScanAdmission", "connection_share", "register"]
+__all__ = [
+    "MAX_STREAMS_PER_CONNECTION",
+    "MAX_STREAMS_PER_UID",
+    "ScanAdmission",
+    "buffer_share",
+    "register",
+]

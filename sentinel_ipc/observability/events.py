@@ -16,12 +16,14 @@ Topics: ``services`` (``service_state`` on every change of a service's
 degradation state), ``degraded`` (``degraded_notice`` / ``degraded_cleared``),
 ``breakers`` (``breaker_transition``).
 
-Two bounds: ``max_subscribers`` in the whole daemon, and
+Three bounds: ``max_subscribers`` in the whole daemon,
 :data:`MAX_SUBSCRIPTIONS_PER_CONNECTION` on one connection (the subscribe
-handler checks it with :func:`check_connection_room`), so that one
-connection cannot take every slot of the daemon-wide one and lock out
-everyone else (the browser showing the degraded-mode notices) for as long as
-it stays connected.
+handler checks it with :func:`check_connection_room`) and, on a socket shared
+with other users, a quarter of ``max_subscribers`` per peer uid
+(:attr:`EventBus.max_per_owner`, :meth:`EventBus.subscribe`'s ``owner``), so
+that neither one connection nor one user's many connections can take every
+slot of the daemon-wide one and lock out everyone else (the browser showing
+the degraded-mode notices) for as long as they stay connected.
 
 A subscription ends when its connection closes, or at ``unsubscribe {id,
 subscription}`` (:func:`take_subscriptions` finds it among the connection's,
@@ -164,6 +166,8 @@ class Subscription:
     topics: frozenset[str]
     send: Callable[[Event], Awaitable[None]]
     limit: int
+    #: The subscriber's peer uid (None: not counted against a per-user share).
+    owner: int | None = None
     buffer: deque[Event | _Dropped] = field(default_factory=deque)
     delivered: int = 0
     dropped_total: int = 0
@@ -309,11 +313,14 @@ class EventBus:
         *,
         buffer_size: int = 256,
         max_subscribers: int = 256,
+        max_per_owner: int | None = None,
         clock: Callable[[], float],
     ) -> None:
         self._nursery = nursery
         self.buffer_size = buffer_size
         self.max_subscribers = max_subscribers
+        #: Subscriptions one peer uid may hold (None: no per-user bound).
+        self.max_per_owner = max_per_owner
         self.clock = clock
         self._subs: set[Subscription] = set()
         self.published = 0
@@ -330,12 +337,14 @@ class EventBus:
         *,
         initial: Iterable[Event] = (),
         paused: bool = False,
+        owner: int | None = None,
     ) -> Subscription:
         """Start delivering events of ``topics`` through ``send``; ``initial``
         events (the current state) are queued first. With ``paused``, delivery
         starts at :meth:`Subscription.resume`. Raises
         :class:`InvalidMessageError` for an unknown topic and :class:`BusyError`
-        over ``max_subscribers``."""
+        over ``max_subscribers``, or when ``owner`` (a peer uid) already holds
+        :attr:`max_per_owner` of them."""
         wanted = frozenset(topics)
         unknown = sorted(wanted - TOPICS)
         if unknown or not wanted:
@@ -350,7 +359,15 @@ class EventBus:
                 f"{len(self._subs)} subscribers already (limit {self.max_subscribers})",
                 retry_after=1.0,
             )
-        sub = Subscription(request_id, wanted, send, self.buffer_size)
+        if owner is not None and self.max_per_owner is not None:
+            held = sum(1 for s in self._subs if s.owner == owner)
+            if held >= self.max_per_owner:
+                raise BusyError(
+                    f"uid {owner} holds {held} subscriptions "
+                    f"(limit per user {self.max_per_owner})",
+                    retry_after=1.0,
+                )
+        sub = Subscription(request_id, wanted, send, self.buffer_size, owner=owner)
         for event in initial:
             if event.topic in wanted:
                 sub.offer(_with_id(event, request_id))
@@ -416,12 +433,14 @@ def _with_id(event: Event, request_id: int) -> Event:
 
 @contextlib.asynccontextmanager
 async def open_event_bus(
-    *, buffer_size: int = 256, max_subscribers: int = 256, clock: Callable[[], float]
+    *, buffer_size: int = 256, max_subscribers: int = 256, max_per_owner: int | None = None,
+    clock: Callable[[], float],
 ) -> AsyncIterator[EventBus]:
     """An :class:`EventBus` whose pumps live in its own nursery, all cancelled on exit."""
     async with trio.open_nursery() as nursery:
         bus = EventBus(
-            nursery, buffer_size=buffer_size, max_subscribers=max_subscribers, clock=clock
+            nursery, buffer_size=buffer_size, max_subscribers=max_subscribers,
+            max_per_owner=max_per_owner, clock=clock,
         )
         try:
             yield bus

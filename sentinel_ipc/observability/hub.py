@@ -682,12 +682,13 @@ class Observability:
 
     def subscribe(
         self, request_id: int, topics: Iterable[str],
-        send: Callable[[Event], Awaitable[None]],
+        send: Callable[[Event], Awaitable[None]], *, owner: int | None = None,
     ) -> Subscription:
         """A paused subscription primed with the current state; ``resume()`` it
-        after the ``subscribed`` reply went out."""
+        after the ``subscribed`` reply went out. ``owner``: the peer uid, held
+        to its share of the subscriber slots."""
         return self.bus.subscribe(request_id, topics, send, initial=self._current_events(),
-                                  paused=True)
+                                  paused=True, owner=owner)
 
     def observe_verdict(self, result: ScanResult, outcome: Any) -> None:
         """A VerdictMaker observer: scans by action, durations, bytes."""
@@ -829,6 +830,8 @@ async def open_observability(
         open_event_bus(
             buffer_size=settings.subscriber_buffer,
             max_subscribers=settings.max_subscribers,
+            # Another user on a shared socket must not be able to take them all.
+            max_per_owner=config.server.uid_share(settings.max_subscribers),
             clock=time.time,
         ) as bus,
         trio.open_nursery() as nursery,

@@ -71,6 +71,7 @@ from ..logs import log_event
 from ..messages import Error, Event, PolicyListResult, Reply, type_tag
 from .dispatch import Dispatcher, RequestContext, Route, check_admin
 from .peer import PeerCredentials, is_admin
+from .usage import UidUsage
 
 if TYPE_CHECKING:
     from .server import Server
@@ -112,11 +113,14 @@ class Connection:
         sock: trio.socket.SocketType,
         peer: PeerCredentials,
         conn_id: int,
+        usage: UidUsage | None = None,
     ) -> None:
         self.server = server
         self.sock = sock
         self.peer = peer
         self.conn_id = conn_id
+        #: The peer uid's share of the server's bounds (shared by its connections).
+        self.usage = usage if usage is not None else UidUsage(peer.uid)
         self.is_admin = is_admin(peer, frozenset(server.config.admin_uids))
         #: The largest payload this connection sends or accepts (``[server]``).
         self.max_frame_bytes = server.config.max_frame_bytes
@@ -489,6 +493,7 @@ class Connection:
             return True
         self.in_flight += 1
         self.server.in_flight += 1
+        self.usage.in_flight += 1
         nursery.start_soon(self._run_counted, request, route, ctx)
         return True
 
@@ -501,6 +506,13 @@ class Connection:
                 f"{self.in_flight} requests already in flight on this connection "
                 f"(limit {config.max_in_flight_per_connection})",
                 retry_after=0.05,
+            )
+        per_uid = self.server.in_flight_per_uid
+        if per_uid is not None and self.usage.in_flight >= per_uid:
+            return BusyError(
+                f"uid {self.peer.uid} has {self.usage.in_flight} requests in flight "
+                f"(limit per user {per_uid})",
+                retry_after=0.1,
             )
         if self.server.in_flight >= config.max_in_flight_total:
             return BusyError(
@@ -516,6 +528,7 @@ class Connection:
         finally:
             self.in_flight -= 1
             self.server.in_flight -= 1
+            self.usage.in_flight -= 1
             self.server.request_finished()
             if self.in_flight == 0 and self.server.draining:
                 self.wake_for_drain()

@@ -6,6 +6,12 @@ the server's nursery. Over ``max_connections`` a new peer receives a
 retryable ``busy`` error and is closed at once; a peer of another user is
 refused when ``allow_other_users`` is off.
 
+Per user, on a shared socket: one uid may hold at most a quarter (or
+``max_connections_per_uid``) of the connections and of the in-flight requests
+(``max_in_flight_per_uid``) (:class:`UidUsage`, checked by the accept loop and
+by each connection's admission). Without these, one user's runaway program
+could take every daemon-wide slot and lock the other users out.
+
 Out of descriptors (EMFILE), ``accept`` fails and the peer would wait in the
 backlog, unanswered, for as long as the shortage lasts. The server keeps one
 spare descriptor for that moment: it closes it, accepts the waiting peer,
@@ -38,6 +44,7 @@ from .connection import Connection, error_reply
 from .dispatch import Dispatcher
 from .peer import PeerCredentials, peer_credentials
 from .receive_budget import ReceiveBudget
+from .usage import UidUsage
 
 #: At most one ``accept_failed`` log line per this many seconds (with a count).
 _ACCEPT_LOG_INTERVAL = 10.0
@@ -49,6 +56,13 @@ class Server:
         self.dispatcher = dispatcher
         self.connections: dict[int, Connection] = {}
         self.in_flight = 0
+        #: Per peer uid, while it has a connection (see :class:`UidUsage`).
+        self.usage: dict[int, UidUsage] = {}
+        #: One uid's share of connections and in-flight requests (None: no bound).
+        self.connections_per_uid = config.uid_share(
+            config.max_connections, config.max_connections_per_uid)
+        self.in_flight_per_uid = config.uid_share(
+            config.max_in_flight_total, config.max_in_flight_per_uid)
         #: Memory for large frames being received, shared by all connections.
         self.receive_budget = ReceiveBudget(config.max_receive_buffer_bytes)
         self.draining = False
@@ -184,11 +198,23 @@ class Server:
         elif not self._peer_allowed(peer):
             refusal = ForbiddenError(f"uid {peer.uid} may not use this daemon")
             self.audit_refusal(peer, "connect")
+        elif self.connections_per_uid is not None:
+            held = self.usage.get(peer.uid)
+            if held is not None and held.connections >= self.connections_per_uid:
+                refusal = BusyError(
+                    f"uid {peer.uid} has {held.connections} connections open "
+                    f"(limit per user {self.connections_per_uid})",
+                    retry_after=0.5,
+                )
         if refusal is not None:
             await self._refuse(sock, refusal, timeout=1.0)
             return
+        usage = self.usage.get(peer.uid)
+        if usage is None:
+            usage = self.usage[peer.uid] = UidUsage(peer.uid)
+        usage.connections += 1
         conn_id = next(self._ids)
-        conn = Connection(self, sock, peer, conn_id)
+        conn = Connection(self, sock, peer, conn_id, usage)
         self.connections[conn_id] = conn
         self.connections_total += 1
         log_event("connection_opened", logging.DEBUG, conn=conn_id, uid=peer.uid, pid=peer.pid)
@@ -196,6 +222,9 @@ class Server:
             await conn.serve()
         finally:
             del self.connections[conn_id]
+            usage.connections -= 1
+            if usage.connections == 0 and usage.in_flight == 0:
+                del self.usage[peer.uid]
             log_event("connection_closed", logging.DEBUG, conn=conn_id)
 
     def _peer_allowed(self, peer: PeerCredentials) -> bool:
