@@ -24,6 +24,8 @@ PURE = [
     "sentinel_ipc.resilience.budget",
     "sentinel_ipc.resilience.instruments",
     "sentinel_ipc.resilience.fallback",
+    "sentinel_ipc.framing",
+    "sentinel_ipc.server.usage",
 ]
 BANNED = {"trio", "time", "random", "socket", "sqlite3", "asyncio", "selectors", "subprocess"}
 
@@ -91,7 +93,8 @@ def test_pure_modules_load_without_io_in_a_fresh_interpreter() -> None:
 import importlib, json, sys, types
 before = set(sys.modules)
 for name, path in [("sentinel_ipc", "sentinel_ipc"),
-                   ("sentinel_ipc.resilience", "sentinel_ipc/resilience")]:
+                   ("sentinel_ipc.resilience", "sentinel_ipc/resilience"),
+                   ("sentinel_ipc.server", "sentinel_ipc/server")]:
     module = types.ModuleType(name)
     module.__path__ = [path]
     sys.modules[name] = module
