@@ -29,10 +29,10 @@ from typing import Any
 
 import msgspec
 import pytest
-import trio
 from daemon_harness import DaemonProcess
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_server import serving
 
 from sentinel_ipc.client import SyncClient, open_client
 from sentinel_ipc.codec import encode
@@ -68,7 +68,6 @@ from sentinel_ipc.policy.snapshot import PolicySnapshot
 from sentinel_ipc.policy.store import PolicyStore
 from sentinel_ipc.policy.validation import PolicyDraft
 from sentinel_ipc.server.dispatch import Dispatcher, RequestContext
-from sentinel_ipc.server.listener import open_unix_listener, prepare_socket_dir
 from sentinel_ipc.server.server import Server
 from sentinel_ipc.transport import open_framed_connection
 
@@ -327,17 +326,8 @@ async def guarded_server(tmp_path: Path) -> AsyncIterator[tuple[Server, Path]]:
     core.register(dispatcher, limits=Limits(), request_shutdown=lambda: None)
     dispatcher.register(Metrics, metrics)
     dispatcher.register(Breakers, breakers, ordered=True)
-    srv = Server(ServerConfig(max_frame_bytes=4096), dispatcher)
-    path = tmp_path / "run" / "s.sock"
-    prepare_socket_dir(path)
-    listener = await open_unix_listener(path)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(srv.serve, listener)
-            yield srv, path
-            nursery.cancel_scope.cancel()
-    finally:
-        listener.close()
+    async with serving(tmp_path, dispatcher, ServerConfig(max_frame_bytes=4096)) as served:
+        yield served
 
 
 async def test_oversized_event_becomes_a_drop_notice_and_replies_a_typed_error(

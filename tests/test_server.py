@@ -796,15 +796,12 @@ def test_sigterm_lets_an_in_flight_scan_finish(daemon_factory: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def in_process_server(
-    tmp_path: Path, handler: Any, **server: Any
+async def serving(
+    tmp_path: Path, dispatcher: Dispatcher, config: ServerConfig
 ) -> AsyncIterator[tuple[Server, Path]]:
-    """The real Server on a real socket, with core handlers and ``handler`` for
-    ``health`` (standing in for any slow request: no built-in one is slow)."""
-    dispatcher = Dispatcher()
-    core.register(dispatcher, limits=Limits(), request_shutdown=lambda: None)
-    dispatcher.register(Health, handler)
-    srv = Server(ServerConfig(**server), dispatcher)
+    """The real Server with ``dispatcher`` on a real socket under ``tmp_path``,
+    until the block ends."""
+    srv = Server(config, dispatcher)
     path = tmp_path / "run" / "s.sock"
     prepare_socket_dir(path)
     listener = await open_unix_listener(path)
@@ -815,6 +812,19 @@ async def in_process_server(
             nursery.cancel_scope.cancel()
     finally:
         listener.close()
+
+
+@contextlib.asynccontextmanager
+async def in_process_server(
+    tmp_path: Path, handler: Any, **server: Any
+) -> AsyncIterator[tuple[Server, Path]]:
+    """The real Server on a real socket, with core handlers and ``handler`` for
+    ``health`` (standing in for any slow request: no built-in one is slow)."""
+    dispatcher = Dispatcher()
+    core.register(dispatcher, limits=Limits(), request_shutdown=lambda: None)
+    dispatcher.register(Health, handler)
+    async with serving(tmp_path, dispatcher, ServerConfig(**server)) as served:
+        yield served
 
 
 async def test_drain_lets_in_flight_requests_finish_and_replies_come_out_of_order(
