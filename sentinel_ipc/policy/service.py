@@ -44,7 +44,25 @@ replayed a moment later.)
 
 While healthy, the same task verifies the file every ``verify_interval``
 (opening the path afresh; see :meth:`PolicyStore.verify`): an open connection
-does not notice its file being overwritten or made unreadable.
+does not notice its file being overwritten or made unreadable. It also reloads
+the snapshot every ``refresh_interval`` (writes by other programs, expiries).
+
+Large tables
+------------
+All store calls share one thread, and ``op_timeout`` bounds a call *including*
+its wait in that thread's queue. So no call may run long, whatever the size of
+the table (an imported hash blocklist holds hundreds of thousands of
+policies): a whole-table read (the snapshot at start, after recovery and at
+each refresh; the unpaged ``list``) goes in keyset pages of ``load_chunk``
+rows, each page its own call (:meth:`PolicyService._load_active`), and a
+decision or a write issued meanwhile runs between two pages. The pages are
+not one consistent view: a refresh (which does not hold the write lock while
+it loads) replaces the snapshot only if no write changed it meanwhile (the
+write generation; see :meth:`PolicyService.refresh_snapshot`), else it keeps
+the snapshot the writes maintained and tries again soon. Recovery loads under
+the write lock. The one call that cannot be paged, the store's recovery
+(which may rebuild the database from the snapshot in one transaction), is
+bounded per step of progress instead (:meth:`PolicyService._thread_call`).
 """
 
 from __future__ import annotations
@@ -132,7 +150,7 @@ QUARANTINE_DIRNAME: Final = "quarantine"
 _RECENT_KEYS: Final = 10_000
 _REPLAY_CHUNK: Final = 1_000
 #: Default ``load_chunk``: rows per store call of a whole-table load.
-LOAD_CHUNK: Final = 20_000
+LOAD_CHUNK: Final = 10_000
 
 
 def policy_database_failure(error: BaseException) -> bool:
@@ -189,7 +207,7 @@ class PolicyConfig(msgspec.Struct, kw_only=True):
     refresh_interval: float = 300.0
     #: Rows per store call of a whole-table load (the snapshot at start, after
     #: recovery and at every refresh; the unpaged ``list``): each page its own
-    #: call under ``op_timeout`` (20,000 rows: about 0.15 s), other calls in between.
+    #: call under ``op_timeout`` (10,000 rows: about 0.1 s), other calls in between.
     load_chunk: int = LOAD_CHUNK
     max_journal_bytes: int = JOURNAL_MAX_BYTES
     #: The threat history keeps this many of its newest rows (see store.py, "Retention").
@@ -377,9 +395,9 @@ class PolicyService:
         if reports_corruption(error):
             self._check_integrity = True
 
-    def _enter_degraded(self, error: BaseException) -> None:
+    def _enter_degraded(self, error: BaseException, reason: str | None = None) -> None:
         self._note_failure(error)
-        reason = outage_reason(error)
+        reason = reason or outage_reason(error)
         if not self._degraded or isinstance(error, (DatabaseMovedError, DatabaseCorruptError)):
             self._set_state(True, reason)
         self._wake.set()
@@ -908,11 +926,13 @@ class PolicyService:
         ``progress``: for the one call that cannot be cut into several, the
         store's recovery, which may rebuild the database from a snapshot of any
         size in one transaction (all or nothing; 300,000 policies take about
-        12 s). It gets ``op_timeout`` again each time the store's ``progress``
-        counter moved during the last one, so it is bounded per step (1,000
-        rows), and a stuck file system is still noticed within two
-        ``op_timeout``. Nothing else waits on the store thread meanwhile: the
-        service is degraded (or not yet started) while it recovers."""
+        12 s) or copy a moved file out (130 MB: about 1.5 s). It gets
+        ``op_timeout`` again each time the store's ``progress`` counter moved
+        during the last one, so it is bounded per step (1,000 rows, 8 MB), and
+        a stuck file system is still noticed within two ``op_timeout``.
+        Nothing else waits on the store thread meanwhile: the service is
+        degraded while it recovers. (Start-up does not wait so: see
+        :meth:`_start`.)"""
         start = trio.current_time()
         cancelled = False
         try:
@@ -1101,6 +1121,7 @@ class PolicyService:
                 delay = self.config.probe_interval * 2.0 ** min(self._refresh_conflicts - 1, 30)
                 delay = min(delay, self.config.refresh_interval)
                 self._next_refresh = trio.current_time() + delay
+                self._wake.set()  # the maintenance loop may be sleeping until the old time
                 log.info(
                     "policy snapshot refresh gave way to a write during the load; "
                     "again in %.3g s",
@@ -1171,7 +1192,13 @@ class PolicyService:
 
     async def _start(self) -> None:
         """Load snapshot and journal, then try the database once (no retries: a
-        daemon must come up, degraded if need be)."""
+        daemon must come up, degraded if need be).
+
+        The open is bounded by ``op_timeout`` alone, even when it rebuilds the
+        database from the snapshot (300,000 policies: about 12 s): the daemon
+        then starts degraded at once, deciding from the snapshot, while the
+        rebuild goes on on the store thread; the first recovery attempt waits
+        for it by its progress (:meth:`_thread_call`), without a failure."""
         now = self._wall()
         try:
             snap = await trio.to_thread.run_sync(load_snapshot_file, self.snapshot_path)
@@ -1199,6 +1226,7 @@ class PolicyService:
                 self._overlay(op)
             if self._journal.depth:
                 log.warning("policy journal: %d writes pending replay", self._journal.depth)
+        steps = self._store.progress
         try:
             await self._thread_call(
                 partial(
@@ -1207,10 +1235,11 @@ class PolicyService:
                     self._snapshot.max_policy_id,
                 ),
                 "open",
-                progress=True,
             )
         except (SentinelError, trio.TooSlowError) as exc:
-            self._enter_degraded(exc)
+            busy = isinstance(exc, trio.TooSlowError) and self._store.progress != steps
+            rebuilding = "database being rebuilt from cached policies"
+            self._enter_degraded(exc, rebuilding if busy else None)
             return
         finally:
             self._report_events(self._store.drain_events())
