@@ -32,7 +32,7 @@ import math
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from test_policy_faults import held_lock
 
 from sentinel_ipc.errors import PolicyStoreError
 from sentinel_ipc.messages import PolicyRecord, RuleMatch
@@ -154,19 +155,6 @@ def row_count(db: Path) -> int:
     try:
         return int(conn.execute("SELECT count(*) FROM policies").fetchone()[0])
     finally:
-        conn.close()
-
-
-@contextlib.contextmanager
-def write_locked(db: Path) -> Iterator[sqlite3.Connection]:
-    """Another program holds the write lock (readers still read: WAL)."""
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("BEGIN EXCLUSIVE")
-    try:
-        yield conn
-    finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
         conn.close()
 
 
@@ -348,7 +336,7 @@ async def test_a_write_that_lands_during_a_refresh_is_kept(
                 assert ids[0] is not None
                 await svc.remove(ids[0])
 
-        with write_locked(db) as other:
+        with held_lock(db) as other:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
                     partial(svc.add, action="warn", rule_name="Gate", created_by="t")
@@ -387,7 +375,7 @@ async def test_recovery_reloads_a_large_table(tmp_path: Path, table: Table) -> N
     shutil.copy(table.path, db)
     async with service(tmp_path, scaled(table)) as svc:
         assert not svc.degraded, svc.degraded_reason
-        with write_locked(db):
+        with held_lock(db):
             policy_id, queued = await svc.add(action="block", sha256=H_NEW, created_by="t")
             assert (policy_id, queued, svc.degraded) == (None, True, True)
         await wait_for(
