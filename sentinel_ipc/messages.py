@@ -187,6 +187,32 @@ class PolicyAdd(_Msg, tag="policy_add"):
     idempotency_key: str | None = None
 
 
+#: Most items one ``policy_import`` may carry (more: ``invalid_message``).
+MAX_POLICY_IMPORT = 1000
+
+
+class PolicyImportItem(msgspec.Struct, kw_only=True):
+    """One policy of a ``policy_import``: the fields of ``policy_add``, same checks."""
+
+    action: Action
+    sha256: str | None = None
+    url_pattern: str | None = None
+    rule_name: str | None = None
+    mime_type: str | None = None
+    reason: str | None = None
+    expires_at: float | None = None
+
+
+class PolicyImport(_Msg, tag="policy_import"):
+    """Add up to :data:`MAX_POLICY_IMPORT` policies in one write (a blocklist
+    import): one transaction, one snapshot save. A policy that already exists
+    is counted in ``existing`` and skipped, so an import is re-runnable."""
+
+    policies: list[PolicyImportItem]
+    #: Makes the whole batch idempotent across client retries and outbox replays.
+    idempotency_key: str | None = None
+
+
 class PolicyRemove(_Msg, tag="policy_remove"):
     policy_id: int
     idempotency_key: str | None = None
@@ -286,6 +312,7 @@ Request = (
     | ScanEnd
     | ScanFd
     | PolicyAdd
+    | PolicyImport
     | PolicyRemove
     | PolicyList
     | PolicyQuery
@@ -312,6 +339,7 @@ Request = (
 ADMIN_REQUESTS: frozenset[type[Any]] = frozenset(
     {
         PolicyAdd,
+        PolicyImport,
         PolicyRemove,
         Threats,
         QuarantineList,
@@ -392,6 +420,16 @@ class ScanResult(_Msg, tag="scan_result"):
 class PolicyResult(_Msg, tag="policy_result"):
     policy_id: int | None = None
     #: True when the write was journaled during a database outage (applied later).
+    queued: bool = False
+
+
+class PolicyImportResult(_Msg, tag="policy_import_result"):
+    added: int = 0
+    #: Policies of the request that already existed (skipped; not an error).
+    existing: int = 0
+    #: The ids of the added policies, in item order (empty when ``queued``).
+    policy_ids: list[int] = []
+    #: True when the batch was journaled during a database outage (applied later).
     queued: bool = False
 
 
@@ -482,6 +520,7 @@ Reply = (
     | Error
     | ScanResult
     | PolicyResult
+    | PolicyImportResult
     | PolicyListResult
     | PolicyDecision
     | ThreatsResult

@@ -59,6 +59,9 @@ from .messages import (
     Ping,
     PolicyAdd,
     PolicyDecision,
+    PolicyImport,
+    PolicyImportItem,
+    PolicyImportResult,
     PolicyList,
     PolicyListResult,
     PolicyQuery,
@@ -112,6 +115,7 @@ REPLY_FOR: dict[type[Any], str] = {
     ScanEnd: "scan_result",
     ScanFd: "scan_result",
     PolicyAdd: "policy_result",
+    PolicyImport: "policy_import_result",
     PolicyRemove: "policy_result",
     PolicyList: "policy_list_result",
     PolicyQuery: "policy_decision",
@@ -139,6 +143,7 @@ PURPOSE: dict[type[Any], str] = {
     ScanEnd: "Close the stream and ask for its verdict; same `id` as its `scan_begin`.",
     PolicyAdd: "Add a policy (hash, URL pattern, rule name or MIME type -> action).",
     PolicyRemove: "Remove a policy by its id.",
+    PolicyImportResult: "Answer to `policy_import`: how many were added, how many existed.",
     PolicyList: "List every policy.",
     PolicyQuery: "Which action the policies decide for a hash / URL / rule names.",
     Threats: "The most recent detections (threat history), newest first.",
@@ -185,6 +190,20 @@ FIELD_NOTES: dict[str, str] = {
     "PolicyAdd.expires_at": "Unix time (seconds); nil = never",
     "PolicyAdd.idempotency_key": "same key twice = applied once (see Idempotency)",
     "PolicyRemove.idempotency_key": "same key twice = applied once (see Idempotency)",
+    "PolicyImport.policies": (
+        "1 .. 1000 items (more -> `invalid_message`), each checked like `policy_add`; "
+        "one invalid -> `policy_invalid` naming `policies[i]`, nothing added"
+    ),
+    "PolicyImport.idempotency_key": (
+        "same key twice = the batch applied once, the first counts answered (see Idempotency)"
+    ),
+    "PolicyImportResult.added": "policies added (or queued) by this request",
+    "PolicyImportResult.existing": (
+        "items whose rule_name/url_pattern/sha256 already had a policy: skipped, not an error"
+    ),
+    "PolicyImportResult.policy_ids": "ids of the added policies, in item order; empty when queued",
+    "PolicyImportResult.queued": "journaled during a database outage; applied later",
+    "PolicyImportItem.sha256": "lower-case hex SHA-256 of the file",
     "Threats.limit": "1 .. 1000",
     "PolicyList.after_id": "list policies with `id > after_id` (0 = from the start); "
     "0 .. 2^63-1",
@@ -263,6 +282,14 @@ EXAMPLES: tuple[msgspec.Struct, ...] = (
         expires_at=1767225600.0,
         idempotency_key="c0ffee00-0000-4000-8000-000000000001",
     ),
+    PolicyImport(
+        id=24,
+        policies=[
+            PolicyImportItem(action="block", sha256=_SHA, reason="threat feed 2026-01-01"),
+            PolicyImportItem(action="block", sha256="e" * 64, reason="threat feed 2026-01-01"),
+        ],
+        idempotency_key="c0ffee00-0000-4000-8000-000000000003",
+    ),
     PolicyRemove(id=7, policy_id=42, idempotency_key="c0ffee00-0000-4000-8000-000000000002"),
     PolicyList(id=8),
     PolicyQuery(
@@ -320,6 +347,7 @@ EXAMPLES: tuple[msgspec.Struct, ...] = (
         degraded_reasons=["database"],
     ),
     PolicyResult(id=6, policy_id=42, queued=False),
+    PolicyImportResult(id=24, added=1, existing=1, policy_ids=[43], queued=False),
     PolicyListResult(
         id=8,
         policies=[

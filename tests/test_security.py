@@ -49,6 +49,8 @@ from sentinel_ipc.messages import (
     HealthReport,
     Ping,
     PolicyAdd,
+    PolicyImport,
+    PolicyImportItem,
     PolicyRemove,
     PolicyResult,
     Pong,
@@ -338,6 +340,7 @@ ADMIN_REQUESTS: list[Any] = [
     # filenames and URLs others scanned; an ack silences a notice for everyone.
     Threats(id=20, limit=10),
     DegradedAck(id=21, service="database"),
+    PolicyImport(id=22, policies=[PolicyImportItem(action="block", sha256="b" * 64)]),
 ]
 
 

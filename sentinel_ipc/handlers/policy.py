@@ -1,11 +1,16 @@
 """Policy, threat-history and quarantine requests.
 
-Writes (``policy_add``, ``policy_remove``), the threat history and every
+Writes (``policy_add``, ``policy_import``, ``policy_remove``), the threat history and every
 quarantine operation are admin operations (the dispatcher refuses them to
 other uids and audits the refusal): the history and the quarantine hold the
 filenames and URLs of everything anyone scanned. A write during a database
 outage is journaled and answered ``queued: true``; the PolicyService replays
 it exactly once on recovery.
+
+``policy_import`` adds up to 1000 policies as one write (one transaction,
+one snapshot save): a hash blocklist of hundreds of thousands of entries
+imported with single adds would commit and rewrite the snapshot file once
+per hash. Existing ones are counted, not refused, so an import is re-runnable.
 
 ``policy_list`` pages (``limit``, ``after_id``): a policy table is unbounded
 (a hash blocklist import), and a reply is one frame. A page holds at most
@@ -28,8 +33,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import BadFileDescriptorError, ForbiddenError, ProtocolError, ReplyTooLargeError
 from ..messages import (
+    MAX_POLICY_IMPORT,
     PolicyAdd,
     PolicyDecision,
+    PolicyImport,
+    PolicyImportResult,
     PolicyList,
     PolicyListResult,
     PolicyQuery,
@@ -71,6 +79,23 @@ def register(
         )
         return PolicyResult(id=req.id, policy_id=policy_id, queued=queued)
 
+    async def policy_import(req: PolicyImport, ctx: RequestContext) -> PolicyImportResult:
+        if len(req.policies) > MAX_POLICY_IMPORT:
+            raise ProtocolError(
+                f"policy_import.policies: at most {MAX_POLICY_IMPORT} per request, "
+                f"got {len(req.policies)}; send them in batches"
+            )
+        result = await policy.import_policies(
+            req.policies, created_by=f"uid:{ctx.peer.uid}", idempotency_key=req.idempotency_key
+        )
+        return PolicyImportResult(
+            id=req.id,
+            added=result.added,
+            existing=result.existing,
+            policy_ids=result.policy_ids,
+            queued=result.queued,
+        )
+
     async def policy_remove(req: PolicyRemove, ctx: RequestContext) -> PolicyResult:
         policy_id, queued = await policy.remove(
             req.policy_id, idempotency_key=req.idempotency_key, removed_by=f"uid:{ctx.peer.uid}"
@@ -108,6 +133,7 @@ def register(
         return ThreatsResult(id=req.id, threats=await policy.threats(req.limit))
 
     dispatcher.register(PolicyAdd, policy_add, admin=True)
+    dispatcher.register(PolicyImport, policy_import, admin=True)
     dispatcher.register(PolicyRemove, policy_remove, admin=True)
     dispatcher.register(PolicyList, policy_list)
     dispatcher.register(PolicyQuery, policy_query)

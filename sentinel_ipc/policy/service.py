@@ -97,7 +97,14 @@ from sentinel_ipc.errors import (
     SentinelError,
     UnavailableError,
 )
-from sentinel_ipc.messages import Action, PolicyRecord, RuleMatch, ThreatRecord
+from sentinel_ipc.messages import (
+    MAX_POLICY_IMPORT,
+    Action,
+    PolicyImportItem,
+    PolicyRecord,
+    RuleMatch,
+    ThreatRecord,
+)
 from sentinel_ipc.policy.decision import Decision, PolicyIndex, decide
 from sentinel_ipc.policy.journal import (
     DEFAULT_MAX_BYTES as JOURNAL_MAX_BYTES,
@@ -123,13 +130,14 @@ from sentinel_ipc.policy.snapshot import (
 from sentinel_ipc.policy.store import (
     DB_FILENAME,
     DEFAULT_THREAT_HISTORY_MAX_ROWS,
+    ImportOutcome,
     PolicyStore,
     ReplayOutcome,
     StoreEvent,
     StoreThread,
     threat_from,
 )
-from sentinel_ipc.policy.validation import validate_policy, validate_query
+from sentinel_ipc.policy.validation import PolicyDraft, validate_policy, validate_query
 from sentinel_ipc.resilience import (
     BREAKER_PRESETS,
     RETRY_PRESETS,
@@ -148,6 +156,8 @@ T = TypeVar("T")
 
 QUARANTINE_DIRNAME: Final = "quarantine"
 _RECENT_KEYS: Final = 10_000
+#: Results of keyed imports remembered in memory (each up to 1,000 ids).
+_RECENT_IMPORTS: Final = 256
 _REPLAY_CHUNK: Final = 1_000
 #: Default ``load_chunk``: rows per store call of a whole-table load.
 LOAD_CHUNK: Final = 10_000
@@ -164,6 +174,17 @@ def policy_database_failure(error: BaseException) -> bool:
 DEFAULT_BREAKER: Final = dataclasses.replace(
     BREAKER_PRESETS["database"], is_failure=policy_database_failure
 )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImportResult:
+    """What :meth:`PolicyService.import_policies` did."""
+
+    added: int
+    existing: int
+    #: Ids of the added policies in item order (empty when ``queued``).
+    policy_ids: list[int]
+    queued: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -314,6 +335,8 @@ class PolicyService:
         self._snapshot_lock = trio.Lock()
         self._wake = trio.Event()
         self._recent_keys: OrderedDict[str, int | None] = OrderedDict()
+        #: A keyed import's result, so a re-send answers the same (see import_policies).
+        self._recent_imports: OrderedDict[str, ImportResult] = OrderedDict()
         #: Provisional (negative) snapshot id of a queued add -> the add's key.
         self._provisional_keys: dict[int, str] = {}
         self._replayed_seq = 0
@@ -778,6 +801,167 @@ class PolicyService:
                 removed_by=removed_by,
             )
             return policy_id, True
+
+    async def import_policies(
+        self,
+        items: Sequence[PolicyImportItem],
+        *,
+        created_by: str,
+        idempotency_key: str | None = None,
+    ) -> ImportResult:
+        """Add many policies as one write (a blocklist import, ``policy_import``).
+
+        Every item is validated first; one invalid item refuses the whole batch
+        (PolicyValidationError naming ``policies[i]``), nothing written. A
+        policy whose identity (rule_name/url_pattern/sha256) already exists is
+        counted in ``existing`` and skipped, so an import can be re-run; an
+        identity repeated within the batch counts once (its first item).
+
+        Healthy: ONE store call and transaction (:meth:`PolicyStore.add_many`),
+        one snapshot update and one persist, one write-generation bump, one
+        audit event for the batch, where N single adds would commit and
+        rewrite the snapshot file N times.
+
+        Degraded: the items the cache does not know are journaled in ONE
+        append (one fsync), each with its own key, and laid over the cache;
+        ``queued`` and the counts are what the cache knew. Replay applies each
+        exactly once (a conflict met then is logged, as for a single add).
+
+        Idempotency: item ``i`` of the batch carries the key ``f"{key}/{i}"``
+        (the client's key, or a generated one: a timed-out attempt that still
+        commits must make its journaled copy a no-op). The database marks each
+        derived key in the same transaction, so a re-sent batch applies nothing
+        again and reports the same counts; the last results are also kept in
+        memory (the answer during an outage, when the database cannot say)."""
+        if len(items) > MAX_POLICY_IMPORT:
+            raise PolicyValidationError(
+                f"policies: at most {MAX_POLICY_IMPORT} per import, got {len(items)}"
+            )
+        now = self._wall()
+        batch: _List[tuple[int, PolicyDraft]] = []
+        seen: set[tuple[str, str, str]] = set()
+        for index, item in enumerate(items):
+            try:
+                draft = validate_policy(
+                    action=item.action,
+                    now=now,
+                    sha256=item.sha256,
+                    url_pattern=item.url_pattern,
+                    rule_name=item.rule_name,
+                    mime_type=item.mime_type,
+                    reason=item.reason,
+                    expires_at=item.expires_at,
+                    created_by=created_by,
+                )
+            except PolicyValidationError as exc:
+                raise PolicyValidationError(f"policies[{index}]: {exc.message}") from exc
+            if draft.identity not in seen:  # a repeat within the batch counts once
+                seen.add(draft.identity)
+                batch.append((index, draft))
+        client_key = idempotency_key
+        key = client_key or new_key("i")
+        keyed = [(f"{key}/{index}", draft) for index, draft in batch]
+        async with self._write_lock:
+            if client_key is not None and client_key in self._recent_imports:
+                return self._recent_imports[client_key]
+            if not self._degraded:
+                try:
+                    outcomes = await self._db(
+                        partial(self._store.add_many, keyed, now=now), "import"
+                    )
+                except _CALLER_ERRORS:
+                    raise
+                except (SentinelError, trio.TooSlowError) as exc:
+                    self._enter_degraded(exc)
+                else:
+                    return await self._imported(outcomes, key, client_key, created_by)
+            return await self._import_queued(keyed, key, client_key, created_by, now)
+
+    async def _imported(
+        self,
+        outcomes: Sequence[ImportOutcome],
+        key: str,
+        client_key: str | None,
+        created_by: str,
+    ) -> ImportResult:
+        """The healthy tail of an import (under the write lock)."""
+        fresh = [o.policy for o in outcomes if o.policy is not None]
+        for policy in fresh:
+            self._snapshot.put(policy)
+        if fresh:
+            self._write_generation += 1
+        ids = [o.policy_id for o in outcomes if o.added and o.policy_id is not None]
+        result = ImportResult(
+            added=sum(o.added for o in outcomes),
+            existing=sum(not o.added for o in outcomes),
+            policy_ids=ids,
+            queued=False,
+        )
+        self._remember_import(client_key, result)
+        if fresh:
+            self._audit_event(
+                "policy_import",
+                count=len(outcomes),
+                added=len(fresh),
+                existing=result.existing,
+                queued=False,
+                idempotency_key=key,
+                created_by=created_by,
+                first_policy_id=fresh[0].id,
+                last_policy_id=fresh[-1].id,
+            )
+            await self._persist_snapshot()
+        return result
+
+    async def _import_queued(
+        self,
+        keyed: Sequence[tuple[str, PolicyDraft]],
+        key: str,
+        client_key: str | None,
+        created_by: str,
+        now: float,
+    ) -> ImportResult:
+        """The degraded tail of an import (under the write lock): journal what
+        the cache does not know, in one append."""
+        pending = set() if self._journal is None else self._journal.pending_keys()
+        ops: _List[JournalOp] = []
+        added = existing = 0
+        for item_key, draft in keyed:
+            if item_key in pending:  # this batch was queued before (a re-send)
+                added += 1
+            elif self._snapshot.index.find_identity(draft.identity) is not None:
+                existing += 1
+            else:
+                ops.append(AddPolicy(key=item_key, at=now, policy=draft))
+                added += 1
+        if ops:
+            stored = await self._journal_append(ops)
+            for op in stored:
+                self._snapshot.overlay(op)
+                self._provisional_keys[-op.seq] = op.key
+            self._write_generation += 1
+            self._audit_event(
+                "policy_import",
+                count=len(keyed),
+                added=len(stored),
+                existing=existing,
+                queued=True,
+                idempotency_key=key,
+                created_by=created_by,
+                first_journal_seq=stored[0].seq,
+                last_journal_seq=stored[-1].seq,
+            )
+        result = ImportResult(added=added, existing=existing, policy_ids=[], queued=True)
+        self._remember_import(client_key, result)
+        return result
+
+    def _remember_import(self, key: str | None, result: ImportResult) -> None:
+        if key is None:
+            return
+        self._recent_imports[key] = result
+        self._recent_imports.move_to_end(key)
+        while len(self._recent_imports) > _RECENT_IMPORTS:
+            self._recent_imports.popitem(last=False)
 
     def _replace_snapshot(self, policies: PolicyIndex, max_id: int) -> None:
         """Reload from the database: the overlay (and its provisional ids) is gone."""
@@ -1336,6 +1520,7 @@ async def open_policy_service(
 __all__ = [
     "DEFAULT_BREAKER",
     "Decision",
+    "ImportResult",
     "JournalFullError",
     "PolicyConfig",
     "PolicyService",

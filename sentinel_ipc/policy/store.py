@@ -248,6 +248,17 @@ class ReplayOutcome(msgspec.Struct, frozen=True, kw_only=True):
     detail: str = ""
 
 
+class ImportOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """One item of :meth:`PolicyStore.add_many`."""
+
+    #: The added policy's id; for an existing one, the id it met (None when
+    #: only a re-sent key said so).
+    policy_id: int | None
+    added: bool
+    #: The row, when this call inserted it (not for a re-sent key).
+    policy: PolicyRecord | None = None
+
+
 class DecideResult(msgspec.Struct, frozen=True, kw_only=True):
     decision: Decision
     #: The deciding policy after its hit was counted (for the snapshot), if any.
@@ -1209,6 +1220,42 @@ class PolicyStore:
             return policy, False
 
         return self._write("add policy", run, durable=True)
+
+    def add_many(
+        self, items: Sequence[tuple[str, PolicyDraft]], *, now: float
+    ) -> list[ImportOutcome]:
+        """Insert a batch of policies in ONE durable transaction (a blocklist
+        import): all of them or, on any failure, none.
+
+        Each item is ``(key, draft)`` with its own idempotency key (the service
+        derives ``"<batch key>/<index>"``). A policy with the same identity
+        that already exists is skipped, not an error (``added`` False; its key
+        is marked applied with no policy id). An item whose key was applied
+        before reports what it reported then (added, with the id it created;
+        or existing), so a re-sent batch is a no-op with the same counts."""
+
+        def run(conn: sqlite3.Connection) -> list[ImportOutcome]:
+            out: list[ImportOutcome] = []
+            for key, draft in items:
+                seen, done = _lookup_key(conn, key)
+                if seen:
+                    out.append(ImportOutcome(policy_id=done, added=done is not None))
+                    continue
+                row = conn.execute(
+                    "SELECT id FROM policies WHERE ifnull(rule_name, '') = ? "
+                    "AND ifnull(url_pattern, '') = ? AND ifnull(file_hash, '') = ?",
+                    draft.identity,
+                ).fetchone()
+                if row is not None:
+                    _mark_applied(conn, key, None, now)
+                    out.append(ImportOutcome(policy_id=row["id"], added=False))
+                    continue
+                policy = self._insert(conn, draft, now)
+                _mark_applied(conn, key, policy.id, now)
+                out.append(ImportOutcome(policy_id=policy.id, added=True, policy=policy))
+            return out
+
+        return self._write("import policies", run, durable=True)
 
     def _insert(self, conn: sqlite3.Connection, d: PolicyDraft, at: float) -> PolicyRecord:
         token = None
