@@ -62,6 +62,9 @@ from sentinel_ipc.messages import (
     Ping,
     PolicyAdd,
     PolicyDecision,
+    PolicyImport,
+    PolicyImportItem,
+    PolicyImportResult,
     PolicyList,
     PolicyListResult,
     PolicyQuery,
@@ -795,6 +798,8 @@ def _canned(request: object) -> object | None:
             return None
         case PolicyAdd() | PolicyRemove():
             return PolicyResult(id=rid, policy_id=7)
+        case PolicyImport():
+            return PolicyImportResult(id=rid, added=len(request.policies), policy_ids=[8])
         case PolicyList():
             return PolicyListResult(id=rid)
         case PolicyQuery():
@@ -847,6 +852,9 @@ async def test_there_is_a_typed_method_for_every_request(tmp_path: Path) -> None
             await client.scan_file(sample, method="stream")
             assert (await client.policy_add("block", sha256="a" * 64)).policy_id == 7
             await client.policy_remove(7)
+            item = PolicyImportItem(action="block", sha256="b" * 64)
+            imported = await client.policy_import([item])
+            assert (imported.added, imported.policy_ids) == (1, [8])
             await client.policy_list()
             assert (await client.policy_query(sha256="a" * 64)).action == "block"
             await client.threats(limit=5)

@@ -9,7 +9,7 @@ Exit codes (stable; scripts and probes rely on them):
   ``sentinelctl ready`` works as a Kubernetes or systemd probe.
 * ``scan``: 0 every file allowed, 1 something warned, quarantined or blocked,
   2 an error (a file could not be read or scanned, or the daemon is away).
-* every other command: 0 done, 2 an error.
+* every other command (``policy import`` included): 0 done, 2 an error.
 
 Errors print one line on stderr (``sentinelctl: ...``), never a traceback;
 a request this daemon does not serve says so. Human output uses ``rich``;
@@ -54,9 +54,11 @@ from ..errors import (
 )
 from ..messages import (
     ACTION_SEVERITY,
+    MAX_POLICY_IMPORT,
     BreakersReport,
     Event,
     HealthReport,
+    PolicyImportItem,
     PolicyListResult,
     QuarantineListResult,
     ScanResult,
@@ -128,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     padd.add_argument("--mime", dest="mime_type")
     padd.add_argument("--reason")
     padd.add_argument("--expires-in", type=float, help="seconds until the policy expires")
+    pimport = psub.add_parser(
+        "import",
+        help="add a sha256 blocklist file, one hash a line (admin; re-runnable)",
+        description="FILE: one sha256 per line; blank lines and # comments are skipped. "
+        f"Sent in batches of {MAX_POLICY_IMPORT}; hashes that already have a policy are "
+        "counted as existing, not refused.",
+    )
+    pimport.add_argument("file", type=Path, metavar="FILE")
+    pimport.add_argument(
+        "--action", default="block",
+        choices=sorted(ACTION_SEVERITY, key=ACTION_SEVERITY.__getitem__),
+    )
+    pimport.add_argument("--reason")
     prm = psub.add_parser("rm", help="remove a policy by id (admin)")
     prm.add_argument("policy_id", type=int)
     pquery = psub.add_parser("query", help="what the policies say about a file")
@@ -491,6 +506,8 @@ class Ctl:
             )
             note = " (queued: the database is down; applied on recovery)" if added.queued else ""
             self.show(added, f"added policy #{added.policy_id}{note}")
+        elif command == "import":
+            return await self.policy_import()
         elif command == "rm":
             removed = await self.client.policy_remove(args.policy_id, timeout=args.timeout)
             note = " (queued: applied on recovery)" if removed.queued else ""
@@ -509,6 +526,30 @@ class Ctl:
             if decision.degraded:
                 text.append("  (degraded: from cache)", style="yellow")
             self.show(decision, text)
+        return EXIT_OK
+
+    async def policy_import(self) -> int:
+        """``policy import FILE``: every line checked before anything is sent."""
+        args = self.args
+        hashes = read_hash_file(args.file)
+        added = existing = 0
+        queued = False
+        for start in range(0, len(hashes), MAX_POLICY_IMPORT):
+            items = [
+                PolicyImportItem(action=args.action, sha256=h, reason=args.reason)
+                for h in hashes[start : start + MAX_POLICY_IMPORT]
+            ]
+            result = await self.client.policy_import(items, timeout=args.timeout)
+            added += result.added
+            existing += result.existing
+            queued = queued or result.queued
+        if args.json:
+            self.emit_json(
+                {"added": added, "existing": existing, "queued": queued, "hashes": len(hashes)}
+            )
+        else:
+            note = " (queued: the database is down; applied on recovery)" if queued else ""
+            self.out.print(f"added {added}, existing {existing}{note}")
         return EXIT_OK
 
     async def cmd_threats(self) -> int:
@@ -678,6 +719,32 @@ def describe(exc: SentinelError) -> str:
         retry = f"; retry in {exc.retry_after:.1f} s" if exc.retry_after else ""
         return f"{exc.message}{retry}"
     return exc.message
+
+
+def read_hash_file(path: Path) -> list[str]:
+    """The sha256s of a blocklist file, lower-cased: one per line, blank lines
+    and ``#`` comments (whole-line or trailing) skipped. Raises CommandError
+    naming the first line that is not 64 hex characters."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    hashes: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        value = line.partition("#")[0].strip()
+        if not value:
+            continue
+        if len(value) != 64 or any(c not in _HEX for c in value):
+            shown = value if len(value) <= 80 else value[:77] + "..."
+            raise CommandError(
+                f"{path}:{number}: not a sha256 (64 hexadecimal characters): {shown!r}; "
+                "nothing was sent"
+            )
+        hashes.append(value.lower())
+    return hashes
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def _jsonable(value: Any) -> Any:

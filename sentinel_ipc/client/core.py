@@ -57,6 +57,9 @@ from ..messages import (
     Ping,
     PolicyAdd,
     PolicyDecision,
+    PolicyImport,
+    PolicyImportItem,
+    PolicyImportResult,
     PolicyList,
     PolicyListResult,
     PolicyQuery,
@@ -479,6 +482,31 @@ class Client:
             idempotency_key=idempotency_key,
         )
         return await self.submit(request)
+
+    async def policy_import(
+        self,
+        items: Sequence[PolicyImportItem],
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> PolicyImportResult:
+        """Add up to 1000 policies as one write (a blocklist import) through the
+        outbox, like :meth:`policy_add`: one key for the batch (the outbox picks
+        one if none is given), so it is applied once even across reconnects.
+
+        If ``timeout`` runs out first, raises :class:`DeliveryPendingError`: the
+        batch stays queued and is still delivered (``exc.ticket``).
+        """
+        ticket = await self.queue_policy_import(items, idempotency_key=idempotency_key)
+        return _expect(await self.wait_delivered(ticket, timeout=timeout), PolicyImportResult)
+
+    async def queue_policy_import(
+        self, items: Sequence[PolicyImportItem], *, idempotency_key: str | None = None
+    ) -> OutboxTicket:
+        """Fire and forget: queue a ``policy_import`` (see :meth:`queue_policy_add`)."""
+        return await self.submit(
+            PolicyImport(id=0, policies=list(items), idempotency_key=idempotency_key)
+        )
 
     async def policy_remove(
         self,

@@ -32,6 +32,8 @@ from ..messages import (
     HealthReport,
     MetricsReport,
     PolicyDecision,
+    PolicyImportItem,
+    PolicyImportResult,
     PolicyListResult,
     PolicyResult,
     QuarantineListResult,
@@ -291,6 +293,18 @@ class SyncClient:
             self.client.queue_policy_add, action, sha256=sha256, url_pattern=url_pattern,
             rule_name=rule_name, mime_type=mime_type, reason=reason, expires_at=expires_at,
             idempotency_key=idempotency_key,
+        )
+
+    def policy_import(
+        self,
+        items: Sequence[PolicyImportItem],
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> PolicyImportResult:
+        """Add up to 1000 policies as one write (see :meth:`Client.policy_import`)."""
+        return self._run(
+            self.client.policy_import, items, idempotency_key=idempotency_key, timeout=timeout
         )
 
     def policy_remove(
