@@ -21,9 +21,17 @@ from itertools import accumulate
 import msgspec
 
 from .codec import encode
+from .messages import PolicyListResult
 
 #: Largest ``policy_list.limit`` a server accepts (the page size clients ask for).
 MAX_POLICY_PAGE = 1000
+
+#: The way out that ``reply_too_large`` names for a reply that pages (besides a
+#: larger ``max_frame_bytes``), so the server's generic guard need not know it.
+PAGING_ADVICE: dict[type[msgspec.Struct], str] = {
+    PolicyListResult: f"page the request: policy_list with limit (1..{MAX_POLICY_PAGE}) and "
+    "after_id, continuing from each reply's next_after_id",
+}
 
 #: MessagePack array header: 1 byte up to 15 elements, at most 5 (array 32). The
 #: empty reply is measured with the 1-byte form, so up to 4 more may be needed.
@@ -61,4 +69,11 @@ def fit_records(records: Sequence[msgspec.Struct], budget: int) -> int:
     return fit_count((len(encode(r)) for r in records), budget)
 
 
-__all__ = ["MAX_POLICY_PAGE", "MAX_SLACK", "fit_count", "fit_records", "records_budget"]
+__all__ = [
+    "MAX_POLICY_PAGE",
+    "MAX_SLACK",
+    "PAGING_ADVICE",
+    "fit_count",
+    "fit_records",
+    "records_budget",
+]

@@ -211,13 +211,14 @@ def register(
                 f"(limit {MAX_STREAMS_PER_CONNECTION})",
                 retry_after=0.5,
             )
-        held = sum(len(t) for t in sharing(ctx, table)) if shared_socket else 0
-        if held >= MAX_STREAMS_PER_UID:
-            raise BusyError(
-                f"uid {ctx.peer.uid} has {held} scan streams open "
-                f"(limit per user {MAX_STREAMS_PER_UID})",
-                retry_after=0.5,
-            )
+        if shared_socket:
+            held = sum(len(t) for t in sharing(ctx, table))
+            if held >= MAX_STREAMS_PER_UID:
+                raise BusyError(
+                    f"uid {ctx.peer.uid} has {held} scan streams open "
+                    f"(limit per user {MAX_STREAMS_PER_UID})",
+                    retry_after=0.5,
+                )
         admission.take_token(ctx)
         conn = ctx.connection
         stream_id = req.id

@@ -68,7 +68,8 @@ from ..errors import (
 )
 from ..framing import HEADER_SIZE, NEED_DATA, FrameDecoder
 from ..logs import log_event
-from ..messages import Error, Event, PolicyListResult, Reply, type_tag
+from ..messages import Error, Event, Reply, type_tag
+from ..paging import PAGING_ADVICE
 from .dispatch import Dispatcher, RequestContext, Route, check_admin
 from .peer import PeerCredentials, is_admin
 from .usage import UidUsage
@@ -86,12 +87,6 @@ _ANCBUF = socket.CMSG_SPACE(_MAX_PENDING_FDS * 4)
 _CORK_LIMIT = 64 * 1024
 #: Longest a rate-limited peer's reads are paused at a time.
 _MAX_THROTTLE = 1.0
-#: What ``reply_too_large`` advises, for replies that have a way out besides a
-#: larger ``max_frame_bytes``.
-_TOO_LARGE_ADVICE: dict[type[msgspec.Struct], str] = {
-    PolicyListResult: "page the request: policy_list with limit (1..1000) and after_id, "
-    "continuing from each reply's next_after_id",
-}
 
 
 def error_reply(request_id: int, exc: SentinelError) -> Error:
@@ -196,7 +191,7 @@ class Connection:
             )
             frame = encode_framed(notice)
             return frame if len(frame) - HEADER_SIZE <= self.max_frame_bytes else b""
-        advice = _TOO_LARGE_ADVICE.get(type(message), "")
+        advice = PAGING_ADVICE.get(type(message), "")
         exc = ReplyTooLargeError(
             f"the {tag} reply would be {what}; "
             + (f"{advice}, or raise [server] max_frame_bytes" if advice
