@@ -241,7 +241,20 @@ class Threats(_Msg, tag="threats"):
 
 
 class QuarantineList(_Msg, tag="quarantine_list"):
-    pass
+    """List the quarantined files: one page with ``limit`` (see Paging), or all at once.
+
+    With ``limit``: the items whose ``quarantine_id`` sorts after ``after`` (nil:
+    from the start), in ascending ``quarantine_id`` order, at most ``limit`` and
+    no more than fit in one frame; continue from the reply's ``next_after``.
+    The id is the keyset because it is unique, never changes and never comes
+    back (a random 32-hex-digit uuid4), so the order is total and stable: an
+    item added or deleted between two pages does not shift any other item, as
+    an offset would, nor does a wall clock stepping back, as ``quarantined_at``
+    would. Without ``limit``: every item in one reply, oldest first, or
+    ``reply_too_large`` when that would pass ``max_frame_bytes``."""
+
+    after: str | None = None
+    limit: int | None = None
 
 
 class QuarantineRestore(_Msg, tag="quarantine_restore"):
@@ -456,6 +469,7 @@ class ThreatsResult(_Msg, tag="threats_result"):
 
 class QuarantineListResult(_Msg, tag="quarantine_list_result"):
     items: list[QuarantineItem] = []
+    next_after: str | None = None
 
 
 class QuarantineResult(_Msg, tag="quarantine_result"):

@@ -217,6 +217,19 @@ FIELD_NOTES: dict[str, str] = {
     ),
     "PolicyListResult.degraded": "this page came from the cached policies (database down)",
     "QuarantineRestore.path": "daemon's own uid only; otherwise pass a writable fd (SCM_RIGHTS)",
+    "QuarantineList.after": (
+        "list items whose `quarantine_id` sorts after this one (32 lower-case hex digits); "
+        "nil = from the start; ignored without `limit`"
+    ),
+    "QuarantineList.limit": (
+        "1 .. 1000: one page of at most this many, in `quarantine_id` order, fewer when "
+        "they would not fit in one frame; nil = everything in one reply (oldest first), "
+        "or `reply_too_large`"
+    ),
+    "QuarantineListResult.next_after": (
+        "more items follow: send `quarantine_list` again with this `after` (the last "
+        "id of this page); nil = the list is complete"
+    ),
     "Error.code": "one of the error codes (see Errors)",
     "Error.message": "for people: names the field or the bound that failed",
     "Error.retryable": "true when the same request may succeed later",
@@ -503,6 +516,28 @@ EXTRA_EXAMPLES: tuple[tuple[str, msgspec.Struct], ...] = (
         ),
     ),
     ("scan_empty_data", Scan(id=300, data=b"")),
+    (
+        "quarantine_list_paged",
+        QuarantineList(id=25, after="0f3c5e8a9b7d4c2e8f1a6b5c4d3e2f10", limit=100),
+    ),
+    (
+        "quarantine_list_result_page",
+        QuarantineListResult(
+            id=25,
+            items=[
+                QuarantineItem(
+                    quarantine_id="1a2b3c4d5e6f47a8b9c0d1e2f3a4b5c6",
+                    sha256=_SHA,
+                    size=8,
+                    url="https://downloads.example/tool.exe",
+                    filename="tool.exe",
+                    rules=["Suspicious_PE"],
+                    quarantined_at=1767140000.5,
+                )
+            ],
+            next_after="1a2b3c4d5e6f47a8b9c0d1e2f3a4b5c6",
+        ),
+    ),
 )
 
 

@@ -68,6 +68,7 @@ from ..messages import (
     PolicyResult,
     Pong,
     QuarantineDelete,
+    QuarantineItem,
     QuarantineList,
     QuarantineListResult,
     QuarantineRestore,
@@ -88,7 +89,7 @@ from ..messages import (
     Welcome,
     type_tag,
 )
-from ..paging import MAX_POLICY_PAGE
+from ..paging import MAX_POLICY_PAGE, MAX_QUARANTINE_PAGE
 from ..resilience import BreakerStatistics, CircuitBreaker
 from .config import ClientConfig
 from .errors import ConnectionLostError, DeliveryPendingError
@@ -604,7 +605,41 @@ class Client:
         return await self._call(Threats(id=0, limit=limit), ThreatsResult, timeout)
 
     async def quarantine_list(self, *, timeout: float | None = None) -> QuarantineListResult:
-        return await self._call(QuarantineList(id=0), QuarantineListResult, timeout)
+        """Every quarantined item, oldest first as before paging, fetched page by
+        page (``timeout`` is per page). Pages come in quarantine id order, so the
+        items are sorted by (``quarantined_at``, ``quarantine_id``) at the end. A
+        daemon from before paging ignores ``limit`` and answers everything in one
+        reply (no ``next_after``)."""
+        items: list[QuarantineItem] = []
+        after: str | None = None
+        while True:
+            page = await self.quarantine_list_page(
+                after=after, limit=MAX_QUARANTINE_PAGE, timeout=timeout
+            )
+            items.extend(page.items)
+            if page.next_after is None:
+                items.sort(key=lambda i: (i.quarantined_at, i.quarantine_id))
+                return QuarantineListResult(id=page.id, items=items)
+            if after is not None and page.next_after <= after:
+                raise ProtocolError(
+                    f"quarantine_list: the daemon's next_after {page.next_after!r} does not "
+                    f"move past {after!r}"
+                )
+            after = page.next_after
+
+    async def quarantine_list_page(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = MAX_QUARANTINE_PAGE,
+        timeout: float | None = None,
+    ) -> QuarantineListResult:
+        """One page: at most ``limit`` (1..1000) items whose quarantine id sorts after
+        ``after`` (None: from the start), in id order, fewer when they would not
+        fit in one frame. ``next_after`` is the ``after`` of the next page, None
+        after the last."""
+        request = QuarantineList(id=0, after=after, limit=limit)
+        return await self._call(request, QuarantineListResult, timeout)
 
     async def quarantine_restore(
         self,

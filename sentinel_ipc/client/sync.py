@@ -44,7 +44,7 @@ from ..messages import (
     ThreatsResult,
     Welcome,
 )
-from ..paging import MAX_POLICY_PAGE
+from ..paging import MAX_POLICY_PAGE, MAX_QUARANTINE_PAGE
 from ..resilience import BreakerStatistics
 from .config import ClientConfig
 from .core import Client, Progress, open_client
@@ -363,7 +363,20 @@ class SyncClient:
         return self._run(self.client.threats, limit=limit, timeout=timeout)
 
     def quarantine_list(self, *, timeout: float | None = None) -> QuarantineListResult:
+        """Every quarantined item, fetched page by page (see :meth:`Client.quarantine_list`)."""
         return self._run(self.client.quarantine_list, timeout=timeout)
+
+    def quarantine_list_page(
+        self,
+        *,
+        after: str | None = None,
+        limit: int = MAX_QUARANTINE_PAGE,
+        timeout: float | None = None,
+    ) -> QuarantineListResult:
+        """One page (see :meth:`Client.quarantine_list_page`)."""
+        return self._run(
+            self.client.quarantine_list_page, after=after, limit=limit, timeout=timeout
+        )
 
     def quarantine_restore(
         self,

@@ -18,6 +18,8 @@ per hash. Existing ones are counted, not refused, so an import is re-runnable.
 connection's ``max_frame_bytes`` (:mod:`sentinel_ipc.paging`); the client
 continues from ``next_after_id``. Without ``limit`` the whole list is one
 reply, as before paging existed, or ``reply_too_large`` when it cannot fit.
+``quarantine_list`` pages the same way, keyed by quarantine id (``after``,
+``next_after``): up to 10,000 items whose URLs and filenames a client chose.
 
 Quarantine restore writes to a descriptor the client passes (SCM_RIGHTS), so
 the daemon never opens a path on another user's behalf. Only the daemon's own
@@ -28,6 +30,7 @@ overwriting, never following a symlink).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +48,7 @@ from ..messages import (
     PolicyRemove,
     PolicyResult,
     QuarantineDelete,
+    QuarantineItem,
     QuarantineList,
     QuarantineListResult,
     QuarantineRestore,
@@ -52,7 +56,7 @@ from ..messages import (
     Threats,
     ThreatsResult,
 )
-from ..paging import MAX_POLICY_PAGE, fit_records, records_budget
+from ..paging import MAX_POLICY_PAGE, MAX_QUARANTINE_PAGE, fit_records, records_budget
 from ..server.dispatch import Dispatcher, RequestContext
 
 if TYPE_CHECKING:
@@ -60,6 +64,8 @@ if TYPE_CHECKING:
 
 MAX_THREATS = 1000
 _MAX_ID = 2**63 - 1
+#: A quarantine id (uuid4 hex): the keyset of quarantine_list pages.
+_QUARANTINE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def register(
@@ -168,9 +174,52 @@ def fit_policy_page(
     )
 
 
+def fit_quarantine_page(
+    request_id: int,
+    items: list[QuarantineItem],
+    *,
+    more: bool,
+    max_frame_bytes: int,
+) -> QuarantineListResult:
+    """The reply for one page: the leading ``items`` that fit in a frame of
+    ``max_frame_bytes`` (``next_after`` set when any were cut or ``more``
+    follow). Raises :class:`ReplyTooLargeError` when not even the first fits
+    (a URL or filename near the frame limit), naming it so that an admin can
+    page on past it."""
+    empty = QuarantineListResult(id=request_id, next_after="f" * 32)
+    count = fit_records(items, records_budget(max_frame_bytes, empty))
+    if count == 0 and items:
+        qid = items[0].quarantine_id
+        raise ReplyTooLargeError(
+            f"quarantined item {qid} alone does not fit in a reply under this daemon's "
+            f"max_frame_bytes of {max_frame_bytes}; raise [server] max_frame_bytes "
+            f"(or continue after it: quarantine_list with after={qid})"
+        )
+    page = items[:count]
+    more = more or count < len(items)
+    return QuarantineListResult(
+        id=request_id, items=page,
+        next_after=page[-1].quarantine_id if more and page else None,
+    )
+
+
 def register_quarantine(dispatcher: Dispatcher, quarantine: Quarantine) -> None:
     async def q_list(req: QuarantineList, ctx: RequestContext) -> QuarantineListResult:
-        return QuarantineListResult(id=req.id, items=await quarantine.list())
+        if req.limit is None:  # a client from before paging: all (or reply_too_large)
+            return QuarantineListResult(id=req.id, items=await quarantine.list())
+        if not 1 <= req.limit <= MAX_QUARANTINE_PAGE:
+            raise ProtocolError(
+                f"quarantine_list.limit must be between 1 and {MAX_QUARANTINE_PAGE}"
+            )
+        if req.after is not None and not _QUARANTINE_ID.fullmatch(req.after):
+            raise ProtocolError(
+                "quarantine_list.after must be a quarantine id (32 lower-case hex digits) "
+                "or nil for the first page"
+            )
+        items, more = await quarantine.list_page(req.after, req.limit)
+        return fit_quarantine_page(
+            req.id, items, more=more, max_frame_bytes=ctx.connection.max_frame_bytes
+        )
 
     async def q_restore(req: QuarantineRestore, ctx: RequestContext) -> QuarantineResult:
         if ctx.fds:

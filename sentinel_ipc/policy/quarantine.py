@@ -133,6 +133,15 @@ class Quarantine:
         """Every complete item, oldest first."""
         return await trio.to_thread.run_sync(self._list_sync)
 
+    async def list_page(
+        self, after: str | None, limit: int
+    ) -> tuple[_List[QuarantineItem], bool]:
+        """At most ``limit`` items whose id sorts after ``after`` (None: from the
+        start), in ascending id order, and whether more follow. Reads only the
+        sidecars of the page, so paging through n items reads each once (the
+        directory listing itself is names only)."""
+        return await trio.to_thread.run_sync(self._list_page_sync, after, limit)
+
     async def get(self, quarantine_id: str) -> QuarantineItem:
         return await trio.to_thread.run_sync(self._read_item, quarantine_id)
 
@@ -208,6 +217,27 @@ class Quarantine:
                     log.warning("%s", exc)
         items.sort(key=lambda i: (i.quarantined_at, i.quarantine_id))
         return items
+
+    def _list_page_sync(
+        self, after: str | None, limit: int
+    ) -> tuple[_List[QuarantineItem], bool]:
+        ids = sorted(
+            name[:-5]
+            for name in os.listdir(self.directory)
+            if name.endswith(".json") and _ID.fullmatch(name[:-5])
+            and (after is None or name[:-5] > after)
+        )
+        items: _List[QuarantineItem] = []
+        for qid in ids:
+            if len(items) == limit:
+                return items, True
+            try:
+                items.append(self._read_item(qid))
+            except NotFoundError:
+                pass  # deleted since the listing: not part of the list any more
+            except SentinelError as exc:
+                log.warning("%s", exc)
+        return items, False
 
     def _store_sync(
         self,
