@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+
+import msgspec
 
 from ..errors import BadFileDescriptorError, ForbiddenError, ProtocolError, ReplyTooLargeError
 from ..messages import (
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
     from ..policy import PolicyService, Quarantine
 
 MAX_THREATS = 1000
+R = TypeVar("R", bound=msgspec.Struct)
 _MAX_ID = 2**63 - 1
 #: A quarantine id (uuid4 hex): the keyset of quarantine_list pages.
 _QUARANTINE_ID = re.compile(r"[0-9a-f]{32}")
@@ -160,14 +164,10 @@ def fit_policy_page(
     ``max_frame_bytes`` (``next_after_id`` set when any were cut or ``more``
     follow). Raises :class:`ReplyTooLargeError` when not even the first fits."""
     empty = PolicyListResult(id=request_id, degraded=degraded, next_after_id=_MAX_ID)
-    count = fit_records(policies, records_budget(max_frame_bytes, empty))
-    if count == 0 and policies:
-        raise ReplyTooLargeError(
-            f"policy #{policies[0].id} alone does not fit in a reply under this daemon's "
-            f"max_frame_bytes of {max_frame_bytes}; raise [server] max_frame_bytes"
-        )
-    page = policies[:count]
-    more = more or count < len(policies)
+    page, more = _cut_page(
+        policies, empty, max_frame_bytes, more=more,
+        first=lambda: f"policy #{policies[0].id}",
+    )
     return PolicyListResult(
         id=request_id, policies=page, degraded=degraded,
         next_after_id=page[-1].id if more and page else None,
@@ -187,20 +187,38 @@ def fit_quarantine_page(
     (a URL or filename near the frame limit), naming it so that an admin can
     page on past it."""
     empty = QuarantineListResult(id=request_id, next_after="f" * 32)
-    count = fit_records(items, records_budget(max_frame_bytes, empty))
-    if count == 0 and items:
-        qid = items[0].quarantine_id
-        raise ReplyTooLargeError(
-            f"quarantined item {qid} alone does not fit in a reply under this daemon's "
-            f"max_frame_bytes of {max_frame_bytes}; raise [server] max_frame_bytes "
-            f"(or continue after it: quarantine_list with after={qid})"
-        )
-    page = items[:count]
-    more = more or count < len(items)
+    page, more = _cut_page(
+        items, empty, max_frame_bytes, more=more,
+        first=lambda: f"quarantined item {items[0].quarantine_id}",
+        way_past=lambda: f" (or continue after it: quarantine_list with "
+        f"after={items[0].quarantine_id})",
+    )
     return QuarantineListResult(
         id=request_id, items=page,
         next_after=page[-1].quarantine_id if more and page else None,
     )
+
+
+def _cut_page(
+    records: list[R],
+    empty_reply: msgspec.Struct,
+    max_frame_bytes: int,
+    *,
+    more: bool,
+    first: Callable[[], str],
+    way_past: Callable[[], str] = lambda: "",
+) -> tuple[list[R], bool]:
+    """The leading ``records`` that fit in a frame beside ``empty_reply``, and
+    whether more follow (some were cut, or ``more``). A first record that does
+    not fit alone is ``reply_too_large``, named by ``first()``: an empty page
+    would make a client page forever."""
+    count = fit_records(records, records_budget(max_frame_bytes, empty_reply))
+    if count == 0 and records:
+        raise ReplyTooLargeError(
+            f"{first()} alone does not fit in a reply under this daemon's "
+            f"max_frame_bytes of {max_frame_bytes}; raise [server] max_frame_bytes{way_past()}"
+        )
+    return records[:count], more or count < len(records)
 
 
 def register_quarantine(dispatcher: Dispatcher, quarantine: Quarantine) -> None:
