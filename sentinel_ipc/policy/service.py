@@ -124,8 +124,8 @@ from sentinel_ipc.policy.snapshot import (
     SNAPSHOT_FILENAME,
     PolicySnapshot,
     SnapshotError,
-    load_snapshot_file,
-    save_snapshot_file,
+    SnapshotWriter,
+    load_snapshot,
 )
 from sentinel_ipc.policy.store import (
     DB_FILENAME,
@@ -324,6 +324,9 @@ class PolicyService:
         )
         self._journal: Journal | None = None
         self._snapshot = PolicySnapshot()
+        #: The base file and its delta log (see snapshot.py); used only under
+        #: ``_snapshot_lock``, in a worker thread.
+        self._snapshot_writer = SnapshotWriter(self.snapshot_path)
         self._degraded = False
         self._reason: str | None = None
         self._listeners: _List[StateListener] = []
@@ -1320,25 +1323,40 @@ class PolicyService:
     # --- snapshot and journal I/O ---------------------------------------------
 
     async def _persist_snapshot(self) -> bool:
-        """Write the snapshot file if it changed. Failure is reported, not raised:
-        the database (or the journal) holds the writes; the file is a fallback."""
+        """Persist the snapshot's changes, if any, before the caller acknowledges
+        its write. Failure is reported, not raised: the database (or the journal)
+        holds the writes; the files are a fallback.
+
+        The changes since the last persist are appended to the delta log (one
+        write + fsync, whatever the table's size); a reload from the database,
+        a log past its bound, damage or a base that changed on disk rewrite the
+        base instead (see snapshot.py for the files and every crash point).
+        The changes are taken before the I/O: a write landing meanwhile is
+        recorded anew and persisted next time (re-applying a put or a remove
+        is harmless). A failed persist makes the next one a base rewrite."""
         async with self._snapshot_lock:
             snap = self._snapshot
             if not snap.dirty:
                 return True
-            version = snap.version
-            data = snap.to_file(self._wall())
+            writer = self._snapshot_writer
+            changes, full = snap.take_changes()
             try:
-                await trio.to_thread.run_sync(save_snapshot_file, self.snapshot_path, data)
+                if not full:
+                    appended = await trio.to_thread.run_sync(
+                        writer.append, changes, snap.max_policy_id
+                    )
+                    full = not appended
+                if full:
+                    data = snap.to_file(self._wall())
+                    await trio.to_thread.run_sync(writer.rewrite, data)
             except OSError as exc:
+                snap.persist_failed()
                 message = f"cannot save policy snapshot {self.snapshot_path}: {exc.strerror or exc}"
                 if self.snapshot_error != message:
                     log.error("%s", message)
                     self._audit_event("snapshot_persist_failed", error=message)
                 self.snapshot_error = message
                 return False
-            if snap is self._snapshot:
-                snap.saved_version = version
             if self.snapshot_error is not None:
                 self._audit_event("snapshot_persisted", path=str(self.snapshot_path))
             self.snapshot_error = None
@@ -1385,14 +1403,20 @@ class PolicyService:
         for it by its progress (:meth:`_thread_call`), without a failure."""
         now = self._wall()
         try:
-            snap = await trio.to_thread.run_sync(load_snapshot_file, self.snapshot_path)
+            loaded = await trio.to_thread.run_sync(load_snapshot, self.snapshot_path)
         except SnapshotError as exc:
             log.error("%s; starting without cached policies", exc)
             self._audit_event("snapshot_unusable", error=str(exc))
-            snap = None
-        if snap is not None:
-            self._snapshot = PolicySnapshot.from_file(snap, now)
-            self._snapshot.saved_version = self._snapshot.version
+            loaded = None
+        if loaded is not None:
+            self._snapshot = PolicySnapshot.from_file(loaded.file, now)
+            self._snapshot.mark_saved()
+            self._snapshot_writer.adopt(loaded)
+            if loaded.log_error is not None:
+                self._audit_event("snapshot_log_unusable", error=loaded.log_error)
+            if not loaded.clean:
+                # Never append after damage: the next persist rewrites the base.
+                self._snapshot.needs_base = True
         try:
             self._journal = await trio.to_thread.run_sync(
                 partial(Journal.open, self.journal_path, max_bytes=self.config.max_journal_bytes)
