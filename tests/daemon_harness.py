@@ -13,11 +13,14 @@ config file, like production. Its stderr is captured to ``d.log_path``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,19 @@ from typing import Any
 
 import msgspec
 import pytest
+
+
+@contextlib.contextmanager
+def traversable_dir(prefix: str, mode: int = 0o711) -> Iterator[Path]:
+    """A fresh directory other users (``nobody``) can reach, removed afterwards:
+    pytest's ``tmp_path`` lies under root's 0700 tree, where a client or a
+    daemon run as another user cannot even find its socket."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(base, mode)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _toml_value(value: Any) -> str:

@@ -20,17 +20,15 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 import trio
-from daemon_harness import DaemonProcess
+from daemon_harness import DaemonProcess, traversable_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_security import as_nobody, can_be_nobody
@@ -89,12 +87,8 @@ async def seed_quarantine(directory: Path, count: int) -> list[QuarantineItem]:
 @pytest.fixture(scope="module")
 def shared_base() -> Iterator[Path]:
     """A base dir ``nobody`` can traverse (pytest's tmp dirs are 0700)."""
-    base = Path(tempfile.mkdtemp(prefix="sentinel-qpage-"))
-    os.chmod(base, 0o711)
-    try:
+    with traversable_dir("sentinel-qpage-") as base:
         yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

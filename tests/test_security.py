@@ -29,14 +29,13 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import DaemonProcess
+from daemon_harness import DaemonProcess, traversable_dir
 from samples import EICAR
 
 from sentinel_ipc import messages
@@ -188,12 +187,8 @@ def mode(path: Path) -> int:
 @pytest.fixture
 def shared_base() -> Iterator[Path]:
     """A base dir others can traverse (pytest's tmp_path is 0700 under root's)."""
-    base = Path(tempfile.mkdtemp(prefix="sentinel-sec-"))
-    os.chmod(base, 0o711)
-    try:
+    with traversable_dir("sentinel-sec-") as base:
         yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def open_daemon(

@@ -19,13 +19,11 @@ import array
 import contextlib
 import os
 import select
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -37,7 +35,7 @@ import psutil
 import pytest
 import trio
 import trio.testing
-from daemon_harness import ping_once
+from daemon_harness import ping_once, traversable_dir
 
 from sentinel_ipc import schema
 from sentinel_ipc.client.link import Link
@@ -317,12 +315,8 @@ def _as_nobody(path: Path, messages: list[msgspec.Struct], count: int) -> tuple[
 @pytest.fixture
 def shared_base() -> Iterator[Path]:
     """A base directory other users can traverse (pytest's tmp_path is 0700)."""
-    base = Path(tempfile.mkdtemp(prefix="sentinel-peer-"))
-    os.chmod(base, 0o755)
-    try:
+    with traversable_dir("sentinel-peer-", 0o755) as base:
         yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _daemon_for_others(daemon_factory: Any, base: Path, server: dict[str, Any]) -> Any:
