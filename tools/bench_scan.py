@@ -11,6 +11,10 @@ same compiled rules (one namespace per file, externals defined):
 * ``raw1``   raw yara-python, one process, ``Rules.match(data=...)`` per file;
 * ``rawN``   the same in N forked processes pulling files from a shared counter
              (the fair "N-process" baseline the issue's bar is measured against);
+* ``rawN_sha`` rawN plus ``hashlib.sha256`` of each file: the least work a
+             verdict needs (every ``scan_result`` carries the file's sha256, and
+             hash policies decide on it), so the daemon's ratio to it is its
+             overhead proper, apart from the hashing no daemon can skip;
 * ``engine`` Sentinel's Scanner called in-process (``scan_bytes``: memfd + worker
              pool + breaker/retry + sha256), ``--concurrency`` scans in flight;
 * ``engine_fd`` the Scanner's ``scan_fd`` on the corpus files (no copy at all);
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import json
 import math
@@ -174,6 +179,7 @@ def _raw_child(compiled: str, counter: Any, barrier: Any, out: Any) -> None:
 
     rules = yara.load(compiled)
     corpus = _CHILD["corpus"]
+    digest = _CHILD.get("sha256", False)
     lat: list[tuple[float, int]] = []
     barrier.wait()
     cpu0 = _cpu_self()
@@ -185,14 +191,19 @@ def _raw_child(compiled: str, counter: Any, barrier: Any, out: Any) -> None:
             break
         t = time.perf_counter()
         m = _raw_match(rules, corpus[i][0], corpus[i][1])
+        if digest:
+            hashlib.sha256(corpus[i][1]).hexdigest()
         lat.append((time.perf_counter() - t, 1 if m else 0))
     out.put((lat, _cpu_self() - cpu0))
 
 
-def raw_n_processes(compiled: str, corpus: list[tuple[str, bytes]], n: int) -> ModeResult:
-    """N forked processes; the corpus is inherited (copy-on-write), not pickled."""
+def raw_n_processes(compiled: str, corpus: list[tuple[str, bytes]], n: int,
+                    sha256: bool = False) -> ModeResult:
+    """N forked processes; the corpus is inherited (copy-on-write), not pickled.
+    With ``sha256`` each file is also hashed, as every verdict must be."""
     ctx = mp.get_context("fork")
     _CHILD["corpus"] = corpus
+    _CHILD["sha256"] = sha256
     counter = ctx.Value("q", 0)
     barrier = ctx.Barrier(n + 1)
     out = ctx.Queue()
@@ -208,7 +219,8 @@ def raw_n_processes(compiled: str, corpus: list[tuple[str, bytes]], n: int) -> M
         p.join()
     lat = [x for r, _cpu in results for x, _ in r]
     matched = sum(m for r, _cpu in results for _, m in r)
-    return ModeResult(f"raw{n}", seconds, sum(len(d) for _, d in corpus), lat, len(corpus),
+    return ModeResult(f"raw{n}_sha" if sha256 else f"raw{n}", seconds,
+                      sum(len(d) for _, d in corpus), lat, len(corpus),
                       matched, cpu_seconds=sum(cpu for _r, cpu in results))
 
 
@@ -585,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Callable[[], ModeResult | None]] = {
         "raw1": lambda: raw_one_process(info.compiled_path, corpus),
         "rawN": lambda: raw_n_processes(info.compiled_path, corpus, args.workers),
+        "rawN_sha": lambda: raw_n_processes(info.compiled_path, corpus, args.workers,
+                                            sha256=True),
         "engine": lambda: engine_mode(args.rules, data_dir, corpus, args.corpus, args.workers,
                                       concurrency, use_fd=False),
         "engine_fd": lambda: engine_mode(args.rules, data_dir, corpus, args.corpus,
@@ -635,6 +649,16 @@ def main(argv: list[str] | None = None) -> int:
                 round_ratio[r.name] = statistics.median(m / b for m, b in pairs)
         print("median of per-round ratios to " + base.name + ": " + ", ".join(
             f"{name} {value:.3f}" for name, value in round_ratio.items()))
+    # The same against the raw work plus the digest every verdict needs.
+    sha_name = f"raw{args.workers}_sha"
+    sha_ratio: dict[str, float] = {}
+    if len(rounds.get(sha_name, [])) > 1:
+        for r in results:
+            pairs = list(zip(rounds[r.name], rounds[sha_name], strict=False))
+            if r.name.startswith(("daemon", "engine")) and pairs:
+                sha_ratio[r.name] = statistics.median(m / b for m, b in pairs)
+        print("median of per-round ratios to " + sha_name + ": " + ", ".join(
+            f"{name} {value:.3f}" for name, value in sha_ratio.items()))
 
     def mbps(name: str) -> float:
         r = next((r for r in results if r.name == name), None)
@@ -655,7 +679,9 @@ def main(argv: list[str] | None = None) -> int:
           f"daemon_frames_round_ratio={round_ratio.get('daemon_frames', math.nan):.3f} "
           f"daemon_fd_round_ratio={round_ratio.get('daemon_fd', math.nan):.3f} "
           f"daemon_c_mbps={mbps('daemon_c'):.1f} "
-          f"daemon_c_round_ratio={round_ratio.get('daemon_c', math.nan):.3f}")
+          f"daemon_c_round_ratio={round_ratio.get('daemon_c', math.nan):.3f} "
+          f"raw_sha_mbps={mbps(sha_name):.1f} "
+          f"daemon_c_sha_round_ratio={sha_ratio.get('daemon_c', math.nan):.3f}")
     return 0
 
 
