@@ -29,6 +29,7 @@ overwriting, never following a symlink).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -37,7 +38,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
-from ..errors import BadFileDescriptorError, ForbiddenError, ProtocolError, ReplyTooLargeError
+from ..errors import (
+    BadFileDescriptorError,
+    BusyError,
+    ForbiddenError,
+    ProtocolError,
+    ReplyTooLargeError,
+)
+from ..logs import log_event
 from ..messages import (
     MAX_POLICY_IMPORT,
     PolicyAdd,
@@ -59,7 +67,14 @@ from ..messages import (
     Threats,
     ThreatsResult,
 )
-from ..paging import MAX_POLICY_PAGE, MAX_QUARANTINE_PAGE, fit_records, records_budget
+from ..paging import (
+    MAX_POLICY_PAGE,
+    MAX_QUARANTINE_PAGE,
+    PAGING_ADVICE,
+    fit_records,
+    records_budget,
+)
+from ..policy.service import PolicyListTooLarge
 from ..server.dispatch import Dispatcher, RequestContext
 
 if TYPE_CHECKING:
@@ -112,10 +127,49 @@ def register(
         )
         return PolicyResult(id=req.id, policy_id=policy_id, queued=queued)
 
-    async def policy_list(req: PolicyList, ctx: RequestContext) -> PolicyListResult:
+    whole_list_running = False
+
+    async def send_whole_list(request_id: int, ctx: RequestContext) -> None:
+        """The unpaged ``policy_list`` of a client from before paging: every policy
+        in one reply, or ``reply_too_large``.
+
+        One at a time, until its reply is written (another gets ``busy``): each
+        holds the whole table in memory (about 1 KB of objects per policy) and
+        runs a store call per ``load_chunk`` rows; eight at once on 300,000
+        policies queued the database's health check past its timeout and put
+        the daemon in degraded mode. And the rows stop loading as soon as they
+        pass what one frame can carry."""
+        nonlocal whole_list_running
+        if whole_list_running:
+            raise BusyError(
+                "another unpaged policy_list is being served (one at a time); "
+                + PAGING_ADVICE[PolicyListResult],
+                retry_after=1.0,
+            )
+        whole_list_running = True
+        try:
+            limit = ctx.connection.max_frame_bytes
+            empty = PolicyListResult(id=request_id, degraded=True)
+            try:
+                policies, degraded = await policy.list(max_bytes=records_budget(limit, empty))
+            except PolicyListTooLarge as exc:
+                log_event("reply_too_large", logging.WARNING, type="policy_list_result",
+                          id=request_id, bytes=f">{exc.counted}", limit=limit)
+                raise ReplyTooLargeError(
+                    f"the policy_list_result reply would be more than {exc.counted} bytes, "
+                    f"over this daemon's max_frame_bytes of {limit}; "
+                    f"{PAGING_ADVICE[PolicyListResult]}, or raise [server] max_frame_bytes"
+                ) from None
+            await ctx.connection.send(
+                PolicyListResult(id=request_id, policies=policies, degraded=degraded)
+            )
+        finally:
+            whole_list_running = False
+
+    async def policy_list(req: PolicyList, ctx: RequestContext) -> PolicyListResult | None:
         if req.limit is None:  # a client from before paging: all (or reply_too_large)
-            policies, degraded = await policy.list()
-            return PolicyListResult(id=req.id, policies=policies, degraded=degraded)
+            await send_whole_list(req.id, ctx)
+            return None
         if not 1 <= req.limit <= MAX_POLICY_PAGE:
             raise ProtocolError(f"policy_list.limit must be between 1 and {MAX_POLICY_PAGE}")
         if not 0 <= req.after_id <= _MAX_ID:

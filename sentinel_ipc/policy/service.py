@@ -295,6 +295,26 @@ def outage_reason(error: BaseException) -> str:
 _List = list  # the class below has a method named ``list``
 
 
+class PolicyListTooLarge(Exception):
+    """The whole policy list passes the bytes :meth:`PolicyService.list` may
+    return; ``counted`` is how many it had counted when it gave up."""
+
+    def __init__(self, counted: int, max_bytes: int) -> None:
+        super().__init__(f"the policy list is more than {counted} bytes (limit {max_bytes})")
+        self.counted = counted
+        self.max_bytes = max_bytes
+
+
+def _count_bytes(rows: Sequence[PolicyRecord], counted: int, max_bytes: int) -> int:
+    """``counted`` plus the encoded size of ``rows``; PolicyListTooLarge past
+    ``max_bytes``. (A list's encoding is its header plus its items', so the
+    pages' sizes add up to the whole list's within a few header bytes.)"""
+    counted += len(msgspec.msgpack.encode(rows))
+    if counted > max_bytes:
+        raise PolicyListTooLarge(counted, max_bytes)
+    return counted
+
+
 class PolicyService:
     """Create with :func:`open_policy_service`. All methods run on the trio thread."""
 
@@ -989,27 +1009,41 @@ class PolicyService:
 
     # --- reads ------------------------------------------------------------------
 
-    async def list(self) -> tuple[_List[PolicyRecord], bool]:
+    async def list(self, *, max_bytes: int | None = None) -> tuple[_List[PolicyRecord], bool]:
         """All policies (with hit counts and expired ones) and whether the list came
-        from the snapshot (degraded: active policies only, queued writes not shown)."""
+        from the snapshot (degraded: active policies only, queued writes not shown).
+
+        ``max_bytes``: raise :class:`PolicyListTooLarge` as soon as the records'
+        MessagePack encoding passes it, page by page, instead of loading the
+        whole table first: a list no reply could carry is refused after about
+        ``max_bytes`` of rows, not after 300 MB of objects and a 100 MB encode."""
         if not self._degraded:
             try:
-                policies = await self._list_all()
+                policies = await self._list_all(max_bytes)
             except (SentinelError, trio.TooSlowError) as exc:
                 self._enter_degraded(exc)
             else:
                 return policies, False
-        return sorted(self._snapshot.real_policies(), key=lambda p: p.id), True
+        policies = sorted(self._snapshot.real_policies(), key=lambda p: p.id)
+        if max_bytes is not None:
+            chunk = max(1, self.config.load_chunk)
+            counted = 0
+            for start in range(0, len(policies), chunk):
+                counted = _count_bytes(policies[start:start + chunk], counted, max_bytes)
+        return policies, True
 
-    async def _list_all(self) -> _List[PolicyRecord]:
+    async def _list_all(self, max_bytes: int | None = None) -> _List[PolicyRecord]:
         """Every policy, ``load_chunk`` rows per store call (keyset pages, like
         :meth:`list_page`): one call for the whole table would hold the store
         thread past ``op_timeout`` and time out every call queued behind it."""
         chunk = max(1, self.config.load_chunk)
         policies: _List[PolicyRecord] = []
         after = 0
+        counted = 0
         while True:
             rows = await self._db(partial(self._store.list_policies_page, after, chunk), "list")
+            if max_bytes is not None:
+                counted = _count_bytes(rows, counted, max_bytes)
             policies.extend(rows)
             if len(rows) < chunk:
                 return policies
@@ -1547,6 +1581,7 @@ __all__ = [
     "ImportResult",
     "JournalFullError",
     "PolicyConfig",
+    "PolicyListTooLarge",
     "PolicyService",
     "PolicyStoreError",
     "open_policy_service",
