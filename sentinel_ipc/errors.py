@@ -381,3 +381,18 @@ class ReplyTooLargeError(SentinelError):
 
 
 _BY_CODE.setdefault(ReplyTooLargeError.code, ReplyTooLargeError)
+
+
+# --- overload is not failure (appended with the store's overload classification) --
+
+
+class StoreOverloadedError(BusyError):
+    """The policy database's calls are queued longer than a call may wait, while
+    the database answers the calls ahead: the database is busy, not broken.
+
+    Not a database failure (the breaker does not count it and the service does
+    not go degraded for it), and not retried in place (more calls would only
+    lengthen the queue): the one call falls back as in an outage (a decision
+    from the cached policies, a write to the journal), or a client gets
+    ``busy``, retryable.
+    """

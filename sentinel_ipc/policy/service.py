@@ -70,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -95,6 +96,7 @@ from sentinel_ipc.errors import (
     PolicyValidationError,
     RetryExhaustedError,
     SentinelError,
+    StoreOverloadedError,
     UnavailableError,
 )
 from sentinel_ipc.messages import (
@@ -134,6 +136,7 @@ from sentinel_ipc.policy.store import (
     PolicyStore,
     ReplayOutcome,
     StoreEvent,
+    StoreJob,
     StoreThread,
     threat_from,
 )
@@ -145,6 +148,7 @@ from sentinel_ipc.resilience import (
     BreakerState,
     BreakerTransition,
     CircuitBreaker,
+    Excluding,
     RetryPolicy,
     guarded_call,
 )
@@ -159,6 +163,8 @@ _RECENT_KEYS: Final = 10_000
 #: Results of keyed imports remembered in memory (each up to 1,000 ids).
 _RECENT_IMPORTS: Final = 256
 _REPLAY_CHUNK: Final = 1_000
+#: Default ``max_queued_reads``: store calls queued before a client's read is ``busy``.
+MAX_QUEUED_READS: Final = 16
 #: Default ``load_chunk``: rows per store call of a whole-table load.
 LOAD_CHUNK: Final = 10_000
 
@@ -230,6 +236,10 @@ class PolicyConfig(msgspec.Struct, kw_only=True):
     #: recovery and at every refresh; the unpaged ``list``): each page its own
     #: call under ``op_timeout`` (10,000 rows: about 0.1 s), other calls in between.
     load_chunk: int = LOAD_CHUNK
+    #: A client's read (a policy_list page, threats) is refused ``busy`` while this
+    #: many calls wait for the store thread, or while the calls waiting would take
+    #: more than a quarter of ``op_timeout`` (see :meth:`PolicyService._admit_read`).
+    max_queued_reads: int = MAX_QUEUED_READS
     max_journal_bytes: int = JOURNAL_MAX_BYTES
     #: The threat history keeps this many of its newest rows (see store.py, "Retention").
     threat_history_max_rows: int = DEFAULT_THREAT_HISTORY_MAX_ROWS
@@ -315,6 +325,21 @@ def _count_bytes(rows: Sequence[PolicyRecord], counted: int, max_bytes: int) -> 
     return counted
 
 
+def _queued_too_long(job: StoreJob[Any], thread_moved: bool, op_timeout: float) -> bool:
+    """Whether a call that passed ``op_timeout`` spent it waiting its turn, not
+    running: it has not started while the thread finished others (a long queue),
+    or it started less than half the timeout ago. Otherwise the call is slow or
+    the thread is stuck on another: the database is unwell.
+
+    Why the distinction: under a flood of requests the event loop leaves the
+    store thread little of the interpreter; a 4 ms page then takes ~0.4 s and
+    calls queue for seconds while every one of them succeeds. Taking those
+    timeouts for failures put a healthy database in degraded mode."""
+    if job.started_at is None:
+        return thread_moved
+    return time.monotonic() - job.started_at < op_timeout / 2
+
+
 class PolicyService:
     """Create with :func:`open_policy_service`. All methods run on the trio thread."""
 
@@ -333,9 +358,25 @@ class PolicyService:
         )
         self._audit = audit
         self._wall = wall_clock
-        self.breaker = CircuitBreaker("database", config.breaker, clock=trio.current_time)
+        # A busy store is not a broken one (StoreOverloadedError, _thread_call):
+        # neither counted against the breaker nor retried in place.
+        self.breaker = CircuitBreaker(
+            "database",
+            dataclasses.replace(
+                config.breaker,
+                is_failure=Excluding(config.breaker.is_failure, (StoreOverloadedError,)),
+            ),
+            clock=trio.current_time,
+        )
+        self._retry = dataclasses.replace(
+            config.retry, on=Excluding(config.retry.classify, (StoreOverloadedError,))
+        )
         self.breaker.add_listener(self._on_breaker)
         self._thread = StoreThread()
+        #: Calls that fell back because the store was busy, not broken (see
+        #: :meth:`_thread_call`), and when that was last logged.
+        self.overloaded_calls = 0
+        self._overload_logged_at = -math.inf
         self._store = PolicyStore(
             self.db_path,
             busy_timeout_ms=config.busy_timeout_ms,
@@ -442,6 +483,19 @@ class PolicyService:
             self._check_integrity = True
 
     def _enter_degraded(self, error: BaseException, reason: str | None = None) -> None:
+        if isinstance(error, StoreOverloadedError):
+            # Busy, not broken: this one call falls back (the cache, the
+            # journal) and the service stays as it was. Logged at most every 10 s.
+            self.overloaded_calls += 1
+            now = trio.current_time()
+            if now >= self._overload_logged_at + 10.0:
+                self._overload_logged_at = now
+                log.warning(
+                    "%s; %d calls fell back so far (the cache, the journal), the service "
+                    "stays %s", error.message, self.overloaded_calls,
+                    "degraded" if self._degraded else "healthy",
+                )
+            return
         self._note_failure(error)
         reason = reason or outage_reason(error)
         if not self._degraded or isinstance(error, (DatabaseMovedError, DatabaseCorruptError)):
@@ -475,9 +529,35 @@ class PolicyService:
         return await guarded_call(
             attempt,
             breaker=self.breaker,
-            retry=self.config.retry,
+            retry=self._retry,
             operation=f"database_{operation}",
         )
+
+    def _admit_read(self, what: str) -> None:
+        """Refuse a client's read with ``busy`` (retryable) while the store thread's
+        queue is long: ``max_queued_reads`` calls, or calls that would take more
+        than a quarter of ``op_timeout`` at the thread's recent pace.
+
+        Why: a store call's ``op_timeout`` counts its wait in the thread's queue
+        (:meth:`_thread_call`), and a timeout is a database failure to the
+        breaker. Eight connections pipelining 1,000-row policy_list pages on a
+        300,000-policy table (4 ms each alone) queued calls for seconds: the
+        event loop, busy with the flood, left the store thread little of the
+        interpreter, five calls timed out, the breaker opened and the daemon
+        went degraded, though the database was fine, only busy. So reads from
+        clients wait outside the queue, as any request over a bound does; the
+        pace bound follows the thread's real speed under that load. The
+        daemon's own calls (decision records, policy writes, refreshes) are not
+        refused here: they are few, and each is owed to an answer given."""
+        thread = self._thread
+        queued = thread.pending
+        wait = queued * thread.mean_call_seconds
+        if queued >= self.config.max_queued_reads or wait > self.config.op_timeout / 4:
+            raise BusyError(
+                f"the policy database is busy ({queued} calls queued, about "
+                f"{wait:.2f} s of work); {what} again shortly",
+                retry_after=max(0.1, min(5.0, wait)),
+            )
 
     def _decide_kwargs(self, fail_closed: bool | None) -> dict[str, Any]:
         return {
@@ -1018,6 +1098,7 @@ class PolicyService:
         whole table first: a list no reply could carry is refused after about
         ``max_bytes`` of rows, not after 300 MB of objects and a 100 MB encode."""
         if not self._degraded:
+            self._admit_read("ask for the list")
             try:
                 policies = await self._list_all(max_bytes)
             except (SentinelError, trio.TooSlowError) as exc:
@@ -1086,6 +1167,7 @@ class PolicyService:
         page comes from the snapshot by the same rule, ``degraded`` (active
         policies only, queued writes not shown, as :meth:`list`)."""
         if not self._degraded:
+            self._admit_read("ask for the page")
             try:
                 rows = await self._db(
                     partial(self._store.list_policies_page, after_id, limit + 1), "list"
@@ -1102,8 +1184,11 @@ class PolicyService:
         (the history lives only in the database; records made meanwhile are queued)."""
         limit = max(0, min(int(limit), 10_000))
         if not self._degraded:
+            self._admit_read("ask for the threats")
             try:
                 return await self._db(partial(self._store.threats, limit), "threats")
+            except StoreOverloadedError:
+                raise  # busy: the history has no cached copy to fall back to
             except (SentinelError, trio.TooSlowError) as exc:
                 self._enter_degraded(exc)
         stats = self.breaker.statistics()
@@ -1158,8 +1243,21 @@ class PolicyService:
         cancelled = False
         try:
             if not progress:
-                with trio.fail_after(self.config.op_timeout):
-                    return await self._thread.run(fn)
+                thread = self._thread
+                job = thread.submit(fn)
+                done = thread.completed
+                try:
+                    with trio.fail_after(self.config.op_timeout):
+                        return await job.result()
+                except trio.TooSlowError:
+                    if not _queued_too_long(job, thread.completed != done, self.config.op_timeout):
+                        raise  # our call is slow, or the thread is stuck: a failure
+                    raise StoreOverloadedError(
+                        f"the policy database is busy: a call ({operation}) waited "
+                        f"{self.config.op_timeout:g} s behind {thread.pending} others "
+                        "while the database kept answering",
+                        retry_after=0.5,
+                    ) from None
             job = self._thread.submit(fn)
             seen = self._store.progress
             while True:
@@ -1422,6 +1520,10 @@ class PolicyService:
                         i += len(it.ops)
         if item.error is not None:
             raise item.error
+        # Replay is the maintenance task's: while degraded it probes anyway, but
+        # a write journaled because the store was busy (healthy service) would
+        # otherwise wait for the next verify or refresh.
+        self._wake.set()
         return item.stored
 
     # --- lifecycle ----------------------------------------------------------------

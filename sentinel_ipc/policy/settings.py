@@ -16,7 +16,7 @@ from ..messages import Action
 from .journal import DEFAULT_MAX_BYTES as JOURNAL_MAX_BYTES
 from .quarantine import DEFAULT_MAX_BYTES as QUARANTINE_MAX_BYTES
 from .quarantine import DEFAULT_MAX_ITEMS as QUARANTINE_MAX_ITEMS
-from .service import LOAD_CHUNK, PolicyConfig
+from .service import LOAD_CHUNK, MAX_QUEUED_READS, PolicyConfig
 from .store import DEFAULT_THREAT_HISTORY_MAX_ROWS
 
 if TYPE_CHECKING:
@@ -58,6 +58,9 @@ class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Rows per database call when the whole table is read (the cached policies
     #: at start, after recovery and at each refresh; an unpaged policy list).
     load_chunk: int = LOAD_CHUNK
+    #: A client's read (a policy_list page, threats) gets ``busy`` while this many
+    #: database calls are queued: overload is not a database failure.
+    max_queued_reads: int = MAX_QUEUED_READS
     max_journal_bytes: int = JOURNAL_MAX_BYTES
     #: Bounds of the quarantine directory (0 keeps no copies).
     quarantine_max_bytes: int = QUARANTINE_MAX_BYTES
@@ -74,7 +77,10 @@ class PolicySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         # The journal takes the writes of a database outage: with no room it
         # would refuse every one. A threat history of 0 rows would delete each
         # row as it is written; a load of 0 rows per call would never end.
-        at_least(self, 1, "max_journal_bytes", "threat_history_max_rows", "load_chunk")
+        at_least(
+            self, 1, "max_journal_bytes", "threat_history_max_rows", "load_chunk",
+            "max_queued_reads",
+        )
         positive(self, *_POLICY_SECONDS, finite=True)
 
     def to_config(self, resilience: ResilienceConfig, admin_uids: list[int]) -> PolicyConfig:

@@ -108,7 +108,6 @@ import msgspec
 import trio
 
 from sentinel_ipc.errors import (
-    BusyError,
     DatabaseCorruptError,
     DatabaseIOError,
     DatabaseLockedError,
@@ -118,6 +117,7 @@ from sentinel_ipc.errors import (
     PolicyStoreError,
     SentinelError,
     ShuttingDownError,
+    StoreOverloadedError,
 )
 from sentinel_ipc.fsutil import fsync_dir
 from sentinel_ipc.messages import PolicyRecord, RuleMatch, ThreatRecord
@@ -1453,11 +1453,15 @@ def _unlink_db_files(path: Path) -> None:
 class StoreJob(Generic[T]):
     """A call queued on the :class:`StoreThread` (trio side)."""
 
-    __slots__ = ("_box", "_done")
+    __slots__ = ("_box", "_done", "started_at")
 
     def __init__(self) -> None:
         self._done = trio.Event()
         self._box: list[tuple[bool, Any]] = []
+        #: ``time.monotonic()`` when the store thread began the call (one writer,
+        #: read under the GIL), so a caller that timed out can tell a long queue
+        #: from a slow call (see PolicyService._thread_call).
+        self.started_at: float | None = None
 
     def _settle(self, result: tuple[bool, Any]) -> None:
         self._box.append(result)
@@ -1478,16 +1482,24 @@ class StoreThread:
     ``run`` never blocks the event loop. If the caller is cancelled the call
     still runs to completion on the thread (a SQLite call cannot be abandoned
     halfway safely); its result is dropped. The queue is bounded: past
-    ``max_pending`` waiting calls ``run`` raises BusyError at once, so a stuck
+    ``max_pending`` waiting calls ``run`` raises StoreOverloadedError (a
+    ``busy``) at once, so a stuck
     database cannot pile up unbounded work behind it.
     """
 
     def __init__(self, name: str = "sentinel-policy-db", *, max_pending: int = 1024) -> None:
         self.name = name
         self.max_pending = max_pending
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any], None]] | None]
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[[], Any], Callable[[Any], None], StoreJob[Any] | None] | None
+        ]
         self._queue = queue.SimpleQueue()
         self._pending = 0
+        #: Calls finished, for telling a queue that moves from a stuck call.
+        self.completed = 0
+        #: Recent seconds per call, as the thread sees them (GIL waits included):
+        #: an exponential average, for admission (``pending * mean_call_seconds``).
+        self.mean_call_seconds = 0.005
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._closed = False
@@ -1502,13 +1514,19 @@ class StoreThread:
             job = self._queue.get()
             if job is None:
                 return
-            fn, deliver = job
+            fn, deliver, handle = job
+            if handle is not None:
+                handle.started_at = time.monotonic()
+            started = time.perf_counter()
             try:
                 result: Any = (True, fn())
             except BaseException as exc:  # delivered to the caller, not lost
                 result = (False, exc)
+            elapsed = time.perf_counter() - started
+            self.mean_call_seconds += (elapsed - self.mean_call_seconds) / 8
             with self._lock:
                 self._pending -= 1
+                self.completed += 1
             deliver(result)
 
     async def run(self, fn: Callable[[], T]) -> T:
@@ -1517,12 +1535,12 @@ class StoreThread:
     def submit(self, fn: Callable[[], T]) -> StoreJob[T]:
         """Queue ``fn`` and return at once; ``await job.result()`` for its outcome
         (it may be awaited again after a cancelled wait). Raises
-        ShuttingDownError / BusyError like :meth:`run`."""
+        ShuttingDownError / StoreOverloadedError like :meth:`run`."""
         if self._closed:
             raise ShuttingDownError("the policy store is closing")
         with self._lock:
             if self._pending >= self.max_pending:
-                raise BusyError(
+                raise StoreOverloadedError(
                     f"{self._pending} policy database calls already waiting", retry_after=0.1
                 )
             self._pending += 1
@@ -1533,7 +1551,7 @@ class StoreThread:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(job._settle, result)
 
-        self._queue.put((fn, deliver))
+        self._queue.put((fn, deliver, job))
         return job
 
     def run_sync(self, fn: Callable[[], T]) -> T:
@@ -1547,7 +1565,7 @@ class StoreThread:
 
         with self._lock:
             self._pending += 1
-        self._queue.put((fn, deliver))
+        self._queue.put((fn, deliver, None))
         done.wait()
         ok, value = box[0]
         if ok:

@@ -18,7 +18,7 @@ from sentinel_ipc.resilience.breaker import (
     count_every_exception,
 )
 from sentinel_ipc.resilience.budget import BudgetStatistics, RetryBudget
-from sentinel_ipc.resilience.classifiers import BREAKER_PRESETS, RETRY_PRESETS
+from sentinel_ipc.resilience.classifiers import BREAKER_PRESETS, RETRY_PRESETS, Excluding
 from sentinel_ipc.resilience.fallback import (
     FallbackEvent,
     FallbackManager,
@@ -66,6 +66,7 @@ __all__ = [
     "BudgetStatistics",
     "CallOutcome",
     "CircuitBreaker",
+    "Excluding",
     "FallbackEvent",
     "FallbackManager",
     "FallbackStatistics",

@@ -19,10 +19,12 @@ failure.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor
+from typing import Any
 
 import trio
 
@@ -39,6 +41,7 @@ from sentinel_ipc.resilience.retry import (
 __all__ = [
     "BREAKER_PRESETS",
     "RETRY_PRESETS",
+    "Excluding",
     "database",
     "database_failure",
     "failure_if_retryable",
@@ -48,6 +51,25 @@ __all__ = [
     "transient",
     "yara",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Excluding:
+    """A classifier (a retry policy's ``classify`` or a breaker's ``is_failure``)
+    with some error types taken out: those answer ``False``, the rest whatever
+    ``base`` says.
+
+    Why: overload (``busy``, a full queue) is the system working as designed.
+    Counting it against a breaker fails a dependency over because it is busy,
+    and retrying it in place lengthens the queue it came from."""
+
+    base: Callable[[BaseException], Any]
+    excluded: tuple[type[BaseException], ...]
+
+    def __call__(self, error: BaseException) -> Any:
+        if isinstance(error, self.excluded):
+            return False
+        return self.base(error)
 
 
 def sentinel_error(error: BaseException) -> RetryDecision | None:

@@ -71,7 +71,6 @@ import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import trio
@@ -98,6 +97,7 @@ from ..resilience import (
     RETRY_PRESETS,
     BreakerConfig,
     CircuitBreaker,
+    Excluding,
     RetryPolicy,
     guarded_call,
 )
@@ -277,18 +277,6 @@ def _pool_broken(error: BaseException) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class _RetryOn:
-    """The preset's classifier, minus what must reach the caller at once."""
-
-    base: RetryPolicy
-
-    def __call__(self, error: BaseException) -> Any:
-        if isinstance(error, (BusyError, NoWorkerAvailable, ScanTimeoutError)):
-            return False
-        return self.base.classify(error)
-
-
-@dataclasses.dataclass(frozen=True)
 class _IsFailure:
     """The preset's failure test, minus overload, plus "no worker can run at all"."""
 
@@ -378,7 +366,10 @@ class Scanner:
             dataclasses.replace(config.breaker, is_failure=_IsFailure(config.breaker)),
             clock=trio.current_time,
         )
-        self._retry = dataclasses.replace(config.retry, on=_RetryOn(config.retry))
+        # Overload and a timed-out scan reach the caller at once: a retry would
+        # queue the same work again (a timeout) or lengthen the queue (busy).
+        self._retry = dataclasses.replace(config.retry, on=Excluding(
+            config.retry.classify, (BusyError, NoWorkerAvailable, ScanTimeoutError)))
         self._yara_timeout = max(1, int(-(-config.scan_timeout // 1)))
         self._hard_timeout = config.scan_timeout + config.kill_grace
         self._reload_lock = trio.Lock()

@@ -1,0 +1,167 @@
+"""A busy policy database is not a broken one.
+
+Every store call's ``op_timeout`` counts its wait in the store thread's queue,
+and a timeout used to be a database failure: a flood of cheap requests (or an
+event loop too busy to let the store thread run) put a healthy database in
+degraded mode and opened its breaker. Now a call that timed out while waiting
+its turn, with the thread finishing the calls ahead of it, is
+``StoreOverloadedError`` (``busy``): the breaker does not count it, the service
+stays healthy, the one call falls back (a write to the journal, replayed
+once); and clients' reads are refused ``busy`` before they join a long queue.
+A thread stuck on one call is still a failure.
+
+Real parts: a real SQLite file, the real store thread running real store calls,
+a real ``sentineld`` for the flood.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from test_policy_faults import fast_config, held_lock, service
+from test_policy_paging import seed_policies, start_seeded
+
+from sentinel_ipc.errors import BusyError, SentinelError
+from sentinel_ipc.messages import Error, Health, HealthReport, PolicyList, PolicyListResult
+from sentinel_ipc.policy.service import _queued_too_long
+from sentinel_ipc.policy.store import StoreJob
+from sentinel_ipc.resilience import BreakerState
+from sentinel_ipc.transport import open_framed_connection
+
+TABLE = 20_000
+
+
+def sha(n: int) -> str:
+    return hashlib.sha256(f"overload {n}".encode()).hexdigest()
+
+
+def test_a_timeout_is_overload_only_when_the_call_mostly_waited_its_turn() -> None:
+    job: StoreJob[Any] = StoreJob()
+    assert _queued_too_long(job, thread_moved=True, op_timeout=2.0)  # queued, queue moving
+    assert not _queued_too_long(job, thread_moved=False, op_timeout=2.0)  # thread stuck
+    job.started_at = time.monotonic() - 0.3
+    assert _queued_too_long(job, thread_moved=True, op_timeout=2.0)  # began late, runs briefly
+    job.started_at = time.monotonic() - 1.5
+    assert not _queued_too_long(job, thread_moved=True, op_timeout=2.0)  # the call is slow
+
+
+async def test_a_write_behind_a_long_queue_is_journaled_not_a_failure(tmp_path: Path) -> None:
+    """Forty real 5,000-row page reads fill the store thread's queue for longer
+    than ``op_timeout``: a policy add behind them times out waiting its turn.
+    It is journaled (``queued``) and applied once; the service never goes
+    degraded and the breaker counts no failure."""
+    seed_policies(tmp_path / "policy_graph.db", TABLE)
+    config = fast_config(op_timeout=0.3, verify_interval=3600.0, refresh_interval=3600.0)
+    async with service(tmp_path, config) as svc:
+        store, thread = svc._store, svc._thread
+        one = time.perf_counter()
+        store.list_policies_page(0, 5000)  # warm, and the measure of one call
+        one = time.perf_counter() - one
+        ahead = max(40, int(1.0 / max(one, 1e-3)))  # well over op_timeout of work
+        jobs = [thread.submit(partial(store.list_policies_page, 0, 5000)) for _ in range(ahead)]
+        with pytest.raises(BusyError):  # a client's read: refused before it queues
+            await svc.list_page(0, 10)
+        policy_id, queued = await svc.add(action="block", sha256=sha(1), created_by="t")
+        assert queued and policy_id is None, (policy_id, queued)  # journaled
+        assert not svc.degraded, svc.degraded_reason
+        assert svc.overloaded_calls == 1
+        stats = svc.breaker.statistics()
+        assert stats.state is BreakerState.CLOSED and stats.failures == 0, stats
+        for job in jobs:
+            assert len(await job.result()) == 5000
+        with trio.fail_after(10):
+            while svc.journal_depth:  # noqa: ASYNC110 - the maintenance task replays
+                await trio.sleep(0.02)
+        listing, degraded = await svc.list()
+        assert not degraded and not svc.degraded
+        assert [p.file_hash for p in listing].count(sha(1)) == 1
+
+
+async def test_a_call_behind_a_stuck_call_is_still_a_failure(tmp_path: Path) -> None:
+    """The thread is stuck on one call (another connection holds the write lock
+    longer than ``op_timeout``) and finishes nothing: the call queued behind it
+    is a database failure, and the service goes degraded as before."""
+    db = tmp_path / "policy_graph.db"
+    config = fast_config(busy_timeout_ms=2000, op_timeout=0.2, verify_interval=3600.0)
+    async with service(tmp_path, config) as svc:
+        await svc.add(action="block", sha256=sha(2), created_by="t")
+        with held_lock(db):
+            stuck = svc._thread.submit(
+                partial(svc._store.add, _draft(sha(3)), key="stuck", now=1.0)
+            )
+            await trio.sleep(0.05)  # it has begun, waiting for the lock
+            _, queued = await svc.add(action="block", sha256=sha(4), created_by="t")
+            assert queued
+            assert svc.degraded and "not responding" in (svc.degraded_reason or "")
+            assert svc.overloaded_calls == 0
+        with contextlib.suppress(SentinelError):  # it gets the lock once released, or not
+            await stuck.result()
+
+
+def _draft(file_hash: str) -> Any:
+    from sentinel_ipc.policy.validation import PolicyDraft
+
+    return PolicyDraft(action="block", file_hash=file_hash, created_by="t")
+
+
+async def test_a_flood_of_page_reads_gets_busy_and_the_daemon_stays_healthy(
+    tmp_path: Path,
+) -> None:
+    """Four connections pipeline 1,000-row pages as fast as they can against a
+    daemon whose ``op_timeout`` is short: the reads beyond the queue's bound get
+    ``busy`` (retryable), every other one its page, and the database never
+    leaves healthy (before, the queue's timeouts opened the breaker)."""
+    d = start_seeded(tmp_path, TABLE, {
+        "policy": {"op_timeout": 0.25, "verify_interval": 3600.0},
+        "resilience": {"check_interval": 3600.0},
+    })
+    counts: dict[str, int] = {}
+    try:
+        async def flood(conn_no: int) -> None:
+            async with open_framed_connection(d.socket_path) as conn:
+                sent = 0
+                done = trio.Event()
+
+                async def send() -> None:
+                    nonlocal sent
+                    with trio.move_on_after(3.0):
+                        while True:
+                            after = (sent * 997 + conn_no * 4999) % TABLE
+                            await conn.send(PolicyList(id=sent + 1, after_id=after, limit=1000))
+                            sent += 1
+                            await trio.lowlevel.checkpoint()
+                    done.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send)
+                    got = 0
+                    with trio.fail_after(30):  # every request answered
+                        while not (done.is_set() and got == sent):
+                            reply = await conn.receive()
+                            kind = reply.code if isinstance(reply, Error) else type(reply).__name__
+                            counts[kind] = counts.get(kind, 0) + 1
+                            got += 1
+
+        async with trio.open_nursery() as nursery:
+            for n in range(4):
+                nursery.start_soon(flood, n)
+        async with open_framed_connection(d.socket_path) as conn:
+            await conn.send(Health(id=1))
+            health = await conn.receive()
+        log = d.log()
+    finally:
+        d.stop()
+    assert counts.get("busy", 0) > 0, counts  # the bound was reached
+    assert counts.get(PolicyListResult.__name__, 0) > 0, counts
+    assert set(counts) <= {"busy", PolicyListResult.__name__}, counts
+    assert isinstance(health, HealthReport), health
+    assert health.components["database"].status == "healthy", health.components
+    assert "policy database degraded" not in log, log[-3000:]
+    assert "breaker database open" not in log
