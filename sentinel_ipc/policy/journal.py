@@ -92,18 +92,35 @@ def new_key(prefix: str = "j") -> str:
     return f"{prefix}:{uuid.uuid4().hex}"
 
 
-def encode_line(op: JournalOp) -> bytes:
-    body = _encoder.encode(op)
+def checked_line(body: bytes) -> bytes:
+    """``body`` as one line that proves itself whole: the CRC-32 of the body in 8
+    hex digits, a space, the body, a newline. (This journal's format, and the
+    policy cache's delta log's.)"""
     return b"%08x " % zlib.crc32(body) + body + b"\n"
+
+
+def checked_body(line: bytes) -> bytes:
+    """The body of a :func:`checked_line` (given without its newline); ValueError
+    if the line is torn or damaged."""
+    crc_hex, sep, body = line.partition(b" ")
+    if not sep or len(crc_hex) != 8:
+        raise ValueError("no checksum prefix")
+    try:
+        crc = int(crc_hex, 16)
+    except ValueError:
+        raise ValueError("no checksum prefix") from None
+    if crc != zlib.crc32(body):
+        raise ValueError("checksum mismatch")
+    return body
+
+
+def encode_line(op: JournalOp) -> bytes:
+    return checked_line(_encoder.encode(op))
 
 
 def decode_line(line: bytes) -> JournalOp:
     """One line (without its newline) back to an entry; ValueError if damaged."""
-    crc_hex, sep, body = line.partition(b" ")
-    if not sep or len(crc_hex) != 8:
-        raise ValueError("no checksum prefix")
-    if int(crc_hex, 16) != zlib.crc32(body):
-        raise ValueError("checksum mismatch")
+    body = checked_body(line)
     try:
         return _decoder.decode(body)
     except msgspec.DecodeError as exc:

@@ -78,7 +78,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +88,13 @@ import msgspec
 from sentinel_ipc.fsutil import atomic_write, fsync_dir, read_all, write_all
 from sentinel_ipc.messages import PolicyRecord
 from sentinel_ipc.policy.decision import PolicyIndex
-from sentinel_ipc.policy.journal import AddPolicy, JournalOp, RemovePolicy
+from sentinel_ipc.policy.journal import (
+    AddPolicy,
+    JournalOp,
+    RemovePolicy,
+    checked_body,
+    checked_line,
+)
 
 log = logging.getLogger("sentinel.policy.snapshot")
 
@@ -156,21 +161,12 @@ def log_path_for(path: Path) -> Path:
 
 
 def encode_log_record(record: LogRecord) -> bytes:
-    body = _encoder.encode(record)
-    return b"%08x " % zlib.crc32(body) + body + b"\n"
+    return checked_line(_encoder.encode(record))
 
 
 def decode_log_record(line: bytes) -> LogRecord:
     """One line (without its newline) back to a record; ValueError if damaged."""
-    crc_hex, sep, body = line.partition(b" ")
-    if not sep or len(crc_hex) != 8:
-        raise ValueError("no checksum prefix")
-    try:
-        crc = int(crc_hex, 16)
-    except ValueError:
-        raise ValueError("no checksum prefix") from None
-    if crc != zlib.crc32(body):
-        raise ValueError("checksum mismatch")
+    body = checked_body(line)
     try:
         return _log_decoder.decode(body)
     except msgspec.DecodeError as exc:
