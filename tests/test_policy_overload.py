@@ -31,6 +31,7 @@ from test_policy_paging import seed_policies, start_seeded
 from sentinel_ipc.errors import BusyError, SentinelError
 from sentinel_ipc.messages import Error, Health, HealthReport, PolicyList, PolicyListResult
 from sentinel_ipc.policy.service import _queued_too_long
+from sentinel_ipc.policy.snapshot import load_snapshot
 from sentinel_ipc.policy.store import StoreJob
 from sentinel_ipc.resilience import BreakerState
 from sentinel_ipc.transport import open_framed_connection
@@ -56,7 +57,8 @@ async def test_a_write_behind_a_long_queue_is_journaled_not_a_failure(tmp_path: 
     """Forty real 5,000-row page reads fill the store thread's queue for longer
     than ``op_timeout``: a policy add behind them times out waiting its turn.
     It is journaled (``queued``) and applied once; the service never goes
-    degraded and the breaker counts no failure."""
+    degraded and the breaker counts no failure; the cache and its file then
+    hold the policy under its database id, not a provisional one."""
     seed_policies(tmp_path / "policy_graph.db", TABLE)
     config = fast_config(op_timeout=0.3, verify_interval=3600.0, refresh_interval=3600.0)
     async with service(tmp_path, config) as svc:
@@ -82,6 +84,17 @@ async def test_a_write_behind_a_long_queue_is_journaled_not_a_failure(tmp_path: 
         listing, degraded = await svc.list()
         assert not degraded and not svc.degraded
         assert [p.file_hash for p in listing].count(sha(1)) == 1
+        real = next(p for p in listing if p.file_hash == sha(1))
+
+        def cached() -> list[int]:
+            return [p.id for p in svc._snapshot.index.policies() if p.file_hash == sha(1)]
+
+        with trio.fail_after(10):  # the cache reloads at once: the database's id, once
+            while cached() != [real.id]:  # noqa: ASYNC110 - the maintenance task reloads
+                await trio.sleep(0.02)
+    on_disk = load_snapshot(tmp_path / "policy_snapshot.json")
+    assert on_disk is not None
+    assert [p.id for p in on_disk.file.policies if p.file_hash == sha(1)] == [real.id]
 
 
 async def test_a_call_behind_a_stuck_call_is_still_a_failure(tmp_path: Path) -> None:

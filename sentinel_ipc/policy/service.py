@@ -1301,15 +1301,21 @@ class PolicyService:
                         self._check_integrity = False
                     finally:
                         self._report_events(self._store.drain_events())
-                await self._replay()
+                changed = await self._replay()
                 async with self._write_lock:
-                    await self._replay()
+                    changed = await self._replay() or changed
                     if self._degraded:
                         # Under the write lock (page by page, as any load): no
                         # write can slip between the pages and the replacement.
                         index, max_id = await self._load_active()
                         self._replace_snapshot(index, max_id)
                         self._set_state(False, None)
+                    elif changed:
+                        # Policy writes journaled while healthy (the store was
+                        # busy): the cache holds them as provisional entries
+                        # and the cache file not at all. Reload at once, not
+                        # at the next refresh, so both get the database's ids.
+                        self._next_refresh = trio.current_time()
             except (SentinelError, trio.TooSlowError) as exc:
                 self._note_failure(exc)
                 reason = outage_reason(exc)
@@ -1320,10 +1326,14 @@ class PolicyService:
         await self._persist_snapshot()
         return True
 
-    async def _replay(self) -> None:
+    async def _replay(self) -> bool:
+        """Apply the journal's entries and discard them; whether any of them was a
+        policy write (the cached policies then hold provisional entries for them,
+        with no database id)."""
         journal = self._journal
         if journal is None:
-            return
+            return False
+        policies_changed = False
         while True:
             ops = journal.pending(self._replayed_seq)[:_REPLAY_CHUNK]
             if not ops:
@@ -1332,6 +1342,9 @@ class PolicyService:
             self._replayed_seq = ops[-1].seq
             self._write_generation += 1  # the database moved under any load in progress
             self._report_replay(ops, outcomes)
+            policies_changed = policies_changed or any(
+                isinstance(op, (AddPolicy, RemovePolicy)) for op in ops
+            )
         if journal.depth:
             try:
                 await trio.to_thread.run_sync(journal.discard_through, self._replayed_seq)
@@ -1339,6 +1352,7 @@ class PolicyService:
                 # Harmless for correctness (replay skips applied keys), but the
                 # journal keeps growing: say so.
                 log.error("policy journal: cannot discard replayed entries: %s", exc)
+        return policies_changed
 
     def _report_replay(self, ops: Sequence[JournalOp], outcomes: Sequence[ReplayOutcome]) -> None:
         applied = sum(o.status == "applied" for o in outcomes)
@@ -1431,6 +1445,8 @@ class PolicyService:
             index, max_id = await self._load_active()
         except (SentinelError, trio.TooSlowError) as exc:
             self._enter_degraded(exc)
+            if isinstance(exc, StoreOverloadedError):
+                self._next_refresh = trio.current_time() + self.config.probe_interval
             return False
         async with self._write_lock:
             if self._degraded:
