@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import trio
-from test_policy_faults import fast_config, held_lock, service
+from test_policy_faults import EVIL, fast_config, held_lock, service
 from test_policy_paging import seed_policies, start_seeded
 
 from sentinel_ipc.errors import BusyError, SentinelError
@@ -72,8 +72,13 @@ async def test_a_write_behind_a_long_queue_is_journaled_not_a_failure(tmp_path: 
             await svc.list_page(0, 10)
         policy_id, queued = await svc.add(action="block", sha256=sha(1), created_by="t")
         assert queued and policy_id is None, (policy_id, queued)  # journaled
+        # A detection behind the same queue: the cached policies decide (they
+        # mirror the healthy database), not marked degraded; its record waits
+        # in the journal.
+        verdict = await svc.decide(sha256=sha(9), url=None, matches=EVIL)
+        assert (verdict.action, verdict.degraded) == ("block", False), verdict
         assert not svc.degraded, svc.degraded_reason
-        assert svc.overloaded_calls == 1
+        assert svc.overloaded_calls == 2
         stats = svc.breaker.statistics()
         assert stats.state is BreakerState.CLOSED and stats.failures == 0, stats
         for job in jobs:
@@ -84,6 +89,8 @@ async def test_a_write_behind_a_long_queue_is_journaled_not_a_failure(tmp_path: 
         listing, degraded = await svc.list()
         assert not degraded and not svc.degraded
         assert [p.file_hash for p in listing].count(sha(1)) == 1
+        threats = await svc.threats(100)
+        assert [t.file_hash for t in threats].count(sha(9)) == 1  # the record, replayed once
         real = next(p for p in listing if p.file_hash == sha(1))
 
         def cached() -> list[int]:

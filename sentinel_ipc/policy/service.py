@@ -611,6 +611,7 @@ class PolicyService:
         # One key for the record, whichever way it goes: a database attempt that
         # timed out may still commit later, and its journaled copy must not land too.
         record_key = new_key("r")
+        busy = False
         if not self._degraded:
             try:
                 result = await self._db(
@@ -630,6 +631,7 @@ class PolicyService:
                     "decide",
                 )
             except SentinelError as exc:
+                busy = isinstance(exc, StoreOverloadedError)
                 self._enter_degraded(exc)
             except trio.TooSlowError as exc:
                 self._enter_degraded(exc)
@@ -639,9 +641,14 @@ class PolicyService:
                 if record and audit:
                     self._audit_decision(result.decision, sha256, url, matches, filename)
                 return result.decision
-        decision, hit_key = self._as_degraded(
-            self._snapshot_decision(sha256, url, matches, now, mime_type, kwargs)
-        )
+        cached = self._snapshot_decision(sha256, url, matches, now, mime_type, kwargs)
+        if busy and not self._degraded:
+            # The store was only busy: the cache mirrors the healthy database
+            # (and queued writes as provisional entries), so the decision is
+            # the database's own; only its record goes to the journal.
+            decision, hit_key = cached, self._provisional_hit(cached)
+        else:
+            decision, hit_key = self._as_degraded(cached)
         if record:
             await self._journal_record(
                 decision, sha256, url, matches, now, filename, mime_type, size, record_key,
@@ -664,17 +671,22 @@ class PolicyService:
         return decide(self._snapshot.index, sha256=sha256, url=url, matches=matches, now=now,
                       mime_type=mime_type, **kwargs)
 
+    def _provisional_hit(self, d: Decision) -> str | None:
+        """For a decision a queued (journaled) policy took: the key of its add, and
+        the decision rewritten to say so (it has no database id yet)."""
+        if d.policy_id is None or d.policy_id >= 0:
+            return None
+        hit_key = self._provisional_keys.get(d.policy_id)
+        d.reason = d.reason.replace(f"policy #{d.policy_id}", "queued policy", 1)
+        d.reason += " (not yet in the database)"
+        d.policy_id = None
+        return hit_key
+
     def _as_degraded(self, d: Decision) -> tuple[Decision, str | None]:
         """A snapshot decision marked degraded, and the key of the queued add that
         decided (if one did)."""
         reason = self._reason or "database unavailable"
-        hit_key = None
-        if d.policy_id is not None and d.policy_id < 0:
-            hit_key = self._provisional_keys.get(d.policy_id)
-            # A policy queued during the outage: it has no database id yet.
-            d.reason = d.reason.replace(f"policy #{d.policy_id}", "queued policy", 1)
-            d.reason += " (not yet in the database)"
-            d.policy_id = None
+        hit_key = self._provisional_hit(d)
         d.degraded = True
         d.degraded_reason = (
             f"{d.degraded_reason}; {reason}" if d.degraded_reason else reason
