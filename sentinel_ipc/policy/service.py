@@ -325,19 +325,27 @@ def _count_bytes(rows: Sequence[PolicyRecord], counted: int, max_bytes: int) -> 
     return counted
 
 
-def _queued_too_long(job: StoreJob[Any], thread_moved: bool, op_timeout: float) -> bool:
-    """Whether a call that passed ``op_timeout`` spent it waiting its turn, not
-    running: it has not started while the thread finished others (a long queue),
-    or it started less than half the timeout ago. Otherwise the call is slow or
-    the thread is stuck on another: the database is unwell.
+def _queued_too_long(
+    job: StoreJob[Any], thread_moved: bool, op_timeout: float, *, read: bool = False
+) -> bool:
+    """Whether a call that passed ``op_timeout`` is overload, not failure: it has
+    not started while the thread finished others (a long queue), or it started
+    less than half the timeout ago, or it is a ``read`` that started at all.
+    Otherwise the call is slow, or the thread is stuck on another: the database
+    is unwell.
 
-    Why the distinction: under a flood of requests the event loop leaves the
-    store thread little of the interpreter; a 4 ms page then takes ~0.4 s and
-    calls queue for seconds while every one of them succeeds. Taking those
-    timeouts for failures put a healthy database in degraded mode."""
+    Why: under a flood of requests the event loop leaves the store thread
+    little of the interpreter; the sqlite3 module gives the interpreter up and
+    takes it back for every row, so a 4 ms page of 1,000 rows then takes
+    ~0.4 s, and calls queue for seconds while every one of them succeeds.
+    Taking those timeouts for failures put a healthy database in degraded
+    mode. A slow read cannot tell that starvation from a slow database, and
+    needs not: reads are the optional work (a client's page, the periodic
+    refresh), and the daemon's own writes and the periodic verification still
+    notice a database that is really slow, within ``verify_interval``."""
     if job.started_at is None:
         return thread_moved
-    return time.monotonic() - job.started_at < op_timeout / 2
+    return read or time.monotonic() - job.started_at < op_timeout / 2
 
 
 class PolicyService:
@@ -519,12 +527,14 @@ class PolicyService:
 
     # --- the database path ----------------------------------------------------
 
-    async def _db(self, fn: Callable[[], T], operation: str, *, progress: bool = False) -> T:
+    async def _db(
+        self, fn: Callable[[], T], operation: str, *, progress: bool = False, read: bool = False
+    ) -> T:
         """One store call on the store thread, bounded, retried and behind the breaker
-        (``progress``: see :meth:`_thread_call`)."""
+        (``progress``, ``read``: see :meth:`_thread_call`)."""
 
         async def attempt() -> T:
-            return await self._thread_call(fn, operation, progress=progress)
+            return await self._thread_call(fn, operation, progress=progress, read=read)
 
         return await guarded_call(
             attempt,
@@ -1134,7 +1144,9 @@ class PolicyService:
         after = 0
         counted = 0
         while True:
-            rows = await self._db(partial(self._store.list_policies_page, after, chunk), "list")
+            rows = await self._db(
+                partial(self._store.list_policies_page, after, chunk), "list", read=True
+            )
             if max_bytes is not None:
                 counted = _count_bytes(rows, counted, max_bytes)
             policies.extend(rows)
@@ -1142,7 +1154,9 @@ class PolicyService:
                 return policies
             after = rows[-1].id
 
-    async def _load_active(self, *, guarded: bool = True) -> tuple[PolicyIndex, int]:
+    async def _load_active(
+        self, *, guarded: bool = True, read: bool = False
+    ) -> tuple[PolicyIndex, int]:
         """Every active policy, indexed, and the highest id ever handed out.
 
         Page by page: ``load_chunk`` rows per store call (a keyset query, see
@@ -1155,7 +1169,9 @@ class PolicyService:
 
         The pages are not one consistent view of the table: see
         :meth:`refresh_snapshot`. ``guarded``: each page under the retry and
-        the breaker (:meth:`_db`); else one attempt (start-up)."""
+        the breaker (:meth:`_db`); else one attempt (start-up). ``read``: the
+        refresh's optional load, whose slow pages are overload (see
+        :func:`_queued_too_long`)."""
         now = self._wall()
         chunk = max(1, self.config.load_chunk)
         index = PolicyIndex()
@@ -1163,7 +1179,7 @@ class PolicyService:
         while True:
             fetch = partial(self._store.load_active_page, after, chunk, now)
             if guarded:
-                rows, top = await self._db(fetch, "load")
+                rows, top = await self._db(fetch, "load", read=read)
             else:
                 rows, top = await self._thread_call(fetch, "load")
             for policy in rows:
@@ -1182,7 +1198,8 @@ class PolicyService:
             self._admit_read("ask for the page")
             try:
                 rows = await self._db(
-                    partial(self._store.list_policies_page, after_id, limit + 1), "list"
+                    partial(self._store.list_policies_page, after_id, limit + 1), "list",
+                    read=True,
                 )
             except (SentinelError, trio.TooSlowError) as exc:
                 self._enter_degraded(exc)
@@ -1198,7 +1215,9 @@ class PolicyService:
         if not self._degraded:
             self._admit_read("ask for the threats")
             try:
-                return await self._db(partial(self._store.threats, limit), "threats")
+                return await self._db(
+                    partial(self._store.threats, limit), "threats", read=True
+                )
             except StoreOverloadedError:
                 raise  # busy: the history has no cached copy to fall back to
             except (SentinelError, trio.TooSlowError) as exc:
@@ -1232,7 +1251,7 @@ class PolicyService:
         return trio.current_time() - start
 
     async def _thread_call(
-        self, fn: Callable[[], T], operation: str, *, progress: bool = False
+        self, fn: Callable[[], T], operation: str, *, progress: bool = False, read: bool = False
     ) -> T:
         """``fn`` on the store thread, bounded by ``op_timeout``, timed for the
         query observers (not when cancelled from outside: no duration to tell).
@@ -1262,7 +1281,8 @@ class PolicyService:
                     with trio.fail_after(self.config.op_timeout):
                         return await job.result()
                 except trio.TooSlowError:
-                    if not _queued_too_long(job, thread.completed != done, self.config.op_timeout):
+                    moved = thread.completed != done
+                    if not _queued_too_long(job, moved, self.config.op_timeout, read=read):
                         raise  # our call is slow, or the thread is stuck: a failure
                     raise StoreOverloadedError(
                         f"the policy database is busy: a call ({operation}) waited "
@@ -1454,7 +1474,7 @@ class PolicyService:
             return False
         generation = self._write_generation
         try:
-            index, max_id = await self._load_active()
+            index, max_id = await self._load_active(read=True)
         except (SentinelError, trio.TooSlowError) as exc:
             self._enter_degraded(exc)
             if isinstance(exc, StoreOverloadedError):
