@@ -44,16 +44,19 @@ def sha(n: int) -> str:
 
 
 def test_a_timeout_is_overload_only_when_the_call_mostly_waited_its_turn() -> None:
+    now = time.monotonic()
     job: StoreJob[Any] = StoreJob()
-    assert _queued_too_long(job, thread_moved=True, op_timeout=2.0)  # queued, queue moving
-    assert not _queued_too_long(job, thread_moved=False, op_timeout=2.0)  # thread stuck
-    job.started_at = time.monotonic() - 0.3
-    assert _queued_too_long(job, thread_moved=True, op_timeout=2.0)  # began late, runs briefly
-    job.started_at = time.monotonic() - 1.5
-    assert not _queued_too_long(job, thread_moved=True, op_timeout=2.0)  # the call is slow
-    assert _queued_too_long(job, thread_moved=True, op_timeout=2.0, read=True)  # optional
-    job.started_at = None
-    assert not _queued_too_long(job, thread_moved=False, op_timeout=2.0, read=True)  # stuck
+    # Not started: overload while the call at the head runs less than op_timeout.
+    assert _queued_too_long(job, now - 0.5, op_timeout=2.0)
+    assert _queued_too_long(job, None, op_timeout=2.0)
+    assert not _queued_too_long(job, now - 2.5, op_timeout=2.0)  # the thread is stuck
+    assert not _queued_too_long(job, now - 2.5, op_timeout=2.0, read=True)
+    # Started: overload if it began late (it mostly waited), or it is a read.
+    job.started_at = now - 0.3
+    assert _queued_too_long(job, job.started_at, op_timeout=2.0)
+    job.started_at = now - 1.5
+    assert not _queued_too_long(job, job.started_at, op_timeout=2.0)  # the call is slow
+    assert _queued_too_long(job, job.started_at, op_timeout=2.0, read=True)  # optional work
 
 
 async def test_a_write_behind_a_long_queue_is_journaled_not_a_failure(tmp_path: Path) -> None:
@@ -151,11 +154,11 @@ async def test_a_flood_of_page_reads_gets_busy_and_the_daemon_stays_healthy(
     tmp_path: Path,
 ) -> None:
     """Four connections pipeline 1,000-row pages as fast as they can against a
-    daemon whose ``op_timeout`` is short: the reads beyond the queue's bound get
+    daemon whose ``op_timeout`` is short (0.6 s): the reads beyond the queue's bound get
     ``busy`` (retryable), every other one its page, and the database never
     leaves healthy (before, the queue's timeouts opened the breaker)."""
     d = start_seeded(tmp_path, TABLE, {
-        "policy": {"op_timeout": 0.25, "verify_interval": 3600.0},
+        "policy": {"op_timeout": 0.6, "verify_interval": 3600.0},
         "resilience": {"check_interval": 3600.0},
     })
     counts: dict[str, int] = {}

@@ -326,13 +326,15 @@ def _count_bytes(rows: Sequence[PolicyRecord], counted: int, max_bytes: int) -> 
 
 
 def _queued_too_long(
-    job: StoreJob[Any], thread_moved: bool, op_timeout: float, *, read: bool = False
+    job: StoreJob[Any], head_started_at: float | None, op_timeout: float, *, read: bool = False
 ) -> bool:
-    """Whether a call that passed ``op_timeout`` is overload, not failure: it has
-    not started while the thread finished others (a long queue), or it started
-    less than half the timeout ago, or it is a ``read`` that started at all.
-    Otherwise the call is slow, or the thread is stuck on another: the database
-    is unwell.
+    """Whether a call that passed ``op_timeout`` is overload, not failure.
+
+    Overload: it has not started, and the call the thread is running began less
+    than ``op_timeout`` ago (a queue, however long, that moves); or it started
+    less than half the timeout ago; or it is a ``read`` that started at all.
+    Failure: the call itself is slow, or the thread has been stuck on another
+    for ``op_timeout``: the database is unwell.
 
     Why: under a flood of requests the event loop leaves the store thread
     little of the interpreter; the sqlite3 module gives the interpreter up and
@@ -340,12 +342,13 @@ def _queued_too_long(
     ~0.4 s, and calls queue for seconds while every one of them succeeds.
     Taking those timeouts for failures put a healthy database in degraded
     mode. A slow read cannot tell that starvation from a slow database, and
-    needs not: reads are the optional work (a client's page, the periodic
+    need not: reads are the optional work (a client's page, the periodic
     refresh), and the daemon's own writes and the periodic verification still
     notice a database that is really slow, within ``verify_interval``."""
+    now = time.monotonic()
     if job.started_at is None:
-        return thread_moved
-    return read or time.monotonic() - job.started_at < op_timeout / 2
+        return head_started_at is None or now - head_started_at < op_timeout
+    return read or now - job.started_at < op_timeout / 2
 
 
 class PolicyService:
@@ -1276,13 +1279,12 @@ class PolicyService:
             if not progress:
                 thread = self._thread
                 job = thread.submit(fn)
-                done = thread.completed
                 try:
                     with trio.fail_after(self.config.op_timeout):
                         return await job.result()
                 except trio.TooSlowError:
-                    moved = thread.completed != done
-                    if not _queued_too_long(job, moved, self.config.op_timeout, read=read):
+                    head = thread.current_started_at
+                    if not _queued_too_long(job, head, self.config.op_timeout, read=read):
                         raise  # our call is slow, or the thread is stuck: a failure
                     raise StoreOverloadedError(
                         f"the policy database is busy: a call ({operation}) waited "

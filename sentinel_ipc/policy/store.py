@@ -1495,8 +1495,9 @@ class StoreThread:
         ]
         self._queue = queue.SimpleQueue()
         self._pending = 0
-        #: Calls finished, for telling a queue that moves from a stuck call.
-        self.completed = 0
+        #: ``time.monotonic()`` when the call now running began (None: idle), for
+        #: telling a thread stuck on one call from a queue that is merely long.
+        self.current_started_at: float | None = None
         #: Recent seconds per call, as the thread sees them (GIL waits included):
         #: an exponential average, for admission (``pending * mean_call_seconds``).
         self.mean_call_seconds = 0.005
@@ -1515,8 +1516,10 @@ class StoreThread:
             if job is None:
                 return
             fn, deliver, handle = job
+            began = time.monotonic()
+            self.current_started_at = began
             if handle is not None:
-                handle.started_at = time.monotonic()
+                handle.started_at = began
             started = time.perf_counter()
             try:
                 result: Any = (True, fn())
@@ -1524,9 +1527,9 @@ class StoreThread:
                 result = (False, exc)
             elapsed = time.perf_counter() - started
             self.mean_call_seconds += (elapsed - self.mean_call_seconds) / 8
+            self.current_started_at = None
             with self._lock:
                 self._pending -= 1
-                self.completed += 1
             deliver(result)
 
     async def run(self, fn: Callable[[], T]) -> T:
