@@ -312,7 +312,6 @@ class PolicyListTooLarge(Exception):
     def __init__(self, counted: int, max_bytes: int) -> None:
         super().__init__(f"the policy list is more than {counted} bytes (limit {max_bytes})")
         self.counted = counted
-        self.max_bytes = max_bytes
 
 
 def _count_bytes(rows: Sequence[PolicyRecord], counted: int, max_bytes: int) -> int:
@@ -1276,9 +1275,9 @@ class PolicyService:
         start = trio.current_time()
         cancelled = False
         try:
+            thread = self._thread
+            job = thread.submit(fn)
             if not progress:
-                thread = self._thread
-                job = thread.submit(fn)
                 try:
                     with trio.fail_after(self.config.op_timeout):
                         return await job.result()
@@ -1292,7 +1291,6 @@ class PolicyService:
                         "while the database kept answering",
                         retry_after=0.5,
                     ) from None
-            job = self._thread.submit(fn)
             seen = self._store.progress
             while True:
                 with trio.move_on_after(self.config.op_timeout):

@@ -424,12 +424,11 @@ class SnapshotWriter:
         if self.generation is None:
             self._remove_log()
         generation = self._last_generation + 1
-        data = _encoder.encode(msgspec.structs.replace(snap, generation=generation))
-        atomic_write(self.path, data, mode=0o600)
+        size = save_snapshot_file(self.path, msgspec.structs.replace(snap, generation=generation))
         st = os.stat(self.path)
         self.generation = self._last_generation = generation
         self._base_id = (st.st_dev, st.st_ino, st.st_size)
-        self.base_bytes = len(data)
+        self.base_bytes = size
         self.rewrites += 1
         # The new base holds everything; the log's records are of the old
         # generation now (ignored at load), so emptying it is only tidying.
@@ -437,10 +436,10 @@ class SnapshotWriter:
             fd = os.open(self.log_path, os.O_WRONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self.log_bytes, self.appendable = 0, True
-            return len(data)
+            return size
         except OSError as exc:
             self._log_not_emptied(exc)
-            return len(data)
+            return size
         try:
             os.ftruncate(fd, 0)
             os.fsync(fd)
@@ -450,7 +449,7 @@ class SnapshotWriter:
             self.log_bytes, self.appendable = 0, True
         finally:
             os.close(fd)
-        return len(data)
+        return size
 
     def _log_not_emptied(self, exc: OSError) -> None:
         log.error(

@@ -1520,12 +1520,11 @@ class StoreThread:
             self.current_started_at = began
             if handle is not None:
                 handle.started_at = began
-            started = time.perf_counter()
             try:
                 result: Any = (True, fn())
             except BaseException as exc:  # delivered to the caller, not lost
                 result = (False, exc)
-            elapsed = time.perf_counter() - started
+            elapsed = time.monotonic() - began
             self.mean_call_seconds += (elapsed - self.mean_call_seconds) / 8
             self.current_started_at = None
             with self._lock:
