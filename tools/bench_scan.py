@@ -542,6 +542,19 @@ def report(results: Sequence[ModeResult], base: ModeResult | None) -> None:
               f"{r.matched_files:7d}  {r.note}")
 
 
+def quartiles(values: Sequence[float]) -> tuple[float, float] | None:
+    """First and third quartile of per-round ratios (None under 4 rounds): how far
+    the machine's noise moves a single round, next to the median."""
+    if len(values) < 4:
+        return None
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def spread_note(quarts: tuple[float, float] | None) -> str:
+    return "" if quarts is None else f" (quartiles {quarts[0]:.3f}-{quarts[1]:.3f})"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -558,8 +571,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="scans in flight for engine/daemon (default: 2 x workers, so a "
                          "worker never idles while the next file is still on the wire)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="run the modes this many times, interleaved; report each mode's "
-                         "best round (a shared machine only ever slows a round down)")
+                    help="run the modes this many times, interleaved (every other round in "
+                         "reverse order); report each mode's best round (a shared machine "
+                         "only ever slows a round down), and the median and quartiles of "
+                         "the per-round ratios")
     ap.add_argument("--raw-externals", action="store_true",
                     help="raw modes fill the external variables (filename, extension, "
                          "filetype...) as the daemon does, so both do the same rule work")
@@ -618,7 +633,9 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[str, ModeResult] = {}
     rounds: dict[str, list[float]] = {}
     for round_no in range(1, args.rounds + 1):
-        for mode in modes:
+        # Every other round runs the modes in reverse order, so that a machine
+        # that speeds up or slows down over the run favours no mode.
+        for mode in modes if round_no % 2 else modes[::-1]:
             result = runners[mode]()
             if result is None:
                 if round_no == 1:
@@ -642,23 +659,29 @@ def main(argv: list[str] | None = None) -> int:
     # Best-of-rounds can pair a lucky round of one mode with an unlucky one of
     # another; the median of within-round ratios is the steadier figure.
     round_ratio: dict[str, float] = {}
+    spread: dict[str, tuple[float, float] | None] = {}
     if base is not None and len(rounds.get(base.name, [])) > 1:
         for r in results:
             pairs = list(zip(rounds[r.name], rounds[base.name], strict=False))
             if r is not base and pairs:
                 round_ratio[r.name] = statistics.median(m / b for m, b in pairs)
+                spread[r.name] = quartiles([m / b for m, b in pairs])
         print("median of per-round ratios to " + base.name + ": " + ", ".join(
-            f"{name} {value:.3f}" for name, value in round_ratio.items()))
+            f"{name} {value:.3f}" + spread_note(spread.get(name))
+            for name, value in round_ratio.items()))
     # The same against the raw work plus the digest every verdict needs.
     sha_name = f"raw{args.workers}_sha"
     sha_ratio: dict[str, float] = {}
+    sha_spread: dict[str, tuple[float, float] | None] = {}
     if len(rounds.get(sha_name, [])) > 1:
         for r in results:
             pairs = list(zip(rounds[r.name], rounds[sha_name], strict=False))
             if r.name.startswith(("daemon", "engine")) and pairs:
                 sha_ratio[r.name] = statistics.median(m / b for m, b in pairs)
+                sha_spread[r.name] = quartiles([m / b for m, b in pairs])
         print("median of per-round ratios to " + sha_name + ": " + ", ".join(
-            f"{name} {value:.3f}" for name, value in sha_ratio.items()))
+            f"{name} {value:.3f}" + spread_note(sha_spread.get(name))
+            for name, value in sha_ratio.items()))
 
     def mbps(name: str) -> float:
         r = next((r for r in results if r.name == name), None)
