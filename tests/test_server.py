@@ -913,6 +913,68 @@ async def test_max_in_flight_refuses_the_request_over_the_limit(tmp_path: Path) 
         assert (await conn.receive()).id == 5
 
 
+async def test_a_peer_that_floods_past_busy_is_read_no_faster_than_it_was_told(
+    tmp_path: Path,
+) -> None:
+    """A peer holds its in-flight slots and keeps pipelining requests, reading the
+    ``busy`` replies and ignoring their ``retry_after``. Before, every frame cost
+    the daemon a decode and a refusal: about 86,000 a second here, one core busy,
+    and another peer's pings took 13 ms instead of 0.4. Now its reads pause for
+    each ``retry_after`` (50 ms), so it gets a few refusals per pause."""
+    release = trio.Event()
+
+    async def slow_health(req: Health, ctx: RequestContext) -> HealthReport:
+        await release.wait()
+        return HealthReport(id=req.id, status="healthy", alive=True, ready=True)
+
+    refused = served_pings = 0
+    async with (
+        in_process_server(tmp_path, slow_health, max_in_flight_per_connection=2) as (_, path),
+        open_framed_connection(path) as flooder,
+        open_framed_connection(path) as other,
+    ):
+        await flooder.send(Health(id=1))
+        await flooder.send(Health(id=2))
+        burst = b"".join(encode_framed(Health(id=i)) for i in range(3, 503))
+
+        async def flood() -> None:
+            while True:
+                await flooder.send_raw(burst)
+
+        async def count_refusals() -> None:
+            nonlocal refused
+            while True:
+                reply = await flooder.receive()
+                assert isinstance(reply, Error) and reply.code == ErrorCode.BUSY
+                refused += 1
+
+        async def ping() -> None:
+            nonlocal served_pings
+            for i in range(10_000):
+                await other.send(Ping(id=i))
+                assert await other.receive() == Pong(id=i)
+                served_pings += 1
+                await trio.sleep(0.01)
+
+        with trio.move_on_after(1.0):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood)
+                nursery.start_soon(count_refusals)
+                nursery.start_soon(ping)
+        # About 2 per 50 ms pause; without the pause, tens of thousands.
+        assert 1 <= refused < 200, refused
+        assert served_pings >= 20
+        release.set()
+        # The held requests were never held up; what the pauses left unread in
+        # the socket is refused when read, and the connection is still usable.
+        seen: set[int] = set()
+        with trio.fail_after(30):
+            while not {1, 2} <= seen:
+                reply = await flooder.receive()
+                if isinstance(reply, HealthReport):
+                    seen.add(reply.id)
+
+
 # --- configuration and the CLIs ---------------------------------------------------------
 
 

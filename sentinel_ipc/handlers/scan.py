@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 _SCANS_KEY = "scan.active"
 _STREAMS_KEY = "scan.streams"
-_RETRY_AT_KEY = "scan.retry_at"
 MAX_STREAMS_PER_CONNECTION = 8
 #: Open streams of one peer uid over all its connections, on a shared socket: a
 #: quarter of the scanner's default ``max_open_streams`` (64), so that one user
@@ -79,24 +78,11 @@ class ScanAdmission:
     def take_token(self, ctx: RequestContext) -> None:
         wait = self.limiter.try_acquire(ctx.peer.uid, trio.current_time())
         if wait is not None:
-            self._refused(ctx, wait)
             raise RateLimitedError(
                 f"uid {ctx.peer.uid} is over its scan rate "
                 f"({self.config.scans_per_second:g}/s, burst {self.config.burst})",
                 retry_after=wait,
             )
-
-    @staticmethod
-    def _refused(ctx: RequestContext, wait: float) -> None:
-        """A connection that sends more scans while it was told to wait is flooding:
-        its reads pause (``Connection.throttle``), so that its pipelined frames stop
-        costing the daemon a decode and a refusal each, at everyone else's expense."""
-        state = ctx.connection.state
-        now = trio.current_time()
-        retry_at: float = state.get(_RETRY_AT_KEY, 0.0)
-        if now < retry_at:
-            ctx.connection.throttle(wait)
-        state[_RETRY_AT_KEY] = max(retry_at, now + wait)
 
     @contextlib.contextmanager
     def running(self, ctx: RequestContext) -> Iterator[None]:
@@ -104,7 +90,6 @@ class ScanAdmission:
         conn = ctx.connection
         active = conn.state.get(_SCANS_KEY, 0)
         if active >= self.config.max_concurrent_scans_per_connection:
-            self._refused(ctx, 0.1)
             raise RateLimitedError(
                 f"{active} scans already running on this connection "
                 f"(limit {self.config.max_concurrent_scans_per_connection})",
@@ -121,7 +106,6 @@ class ScanAdmission:
         uid = ctx.peer.uid
         by_uid = self.running_by_uid
         if by_uid[uid] >= limit:
-            self._refused(ctx, 0.1)
             raise RateLimitedError(
                 f"uid {uid} has {by_uid[uid]} scans running (limit per user {limit})",
                 retry_after=0.1,

@@ -31,9 +31,10 @@ Bounds, each answered with a typed ``error`` rather than a queue:
   / ``unknown_type`` with the request's id, and the connection stays usable;
 * descriptors: at most ``_MAX_PENDING_FDS`` held; a descriptor not claimed by
   the frame it arrived with is closed;
-* a peer refused for its rate (``rate_limited``) is not read from until its
-  ``retry_after`` (at most ``_MAX_THROTTLE``): its pipelined flood waits in its
-  own socket buffer instead of costing the daemon a decode and a reply per frame.
+* a peer refused with ``busy`` or ``rate_limited`` that sends another refused
+  request before the ``retry_after`` it was given is not read from for that
+  long (at most ``_MAX_THROTTLE``): its pipelined flood waits in its own socket
+  buffer instead of costing the daemon a decode and a reply per frame.
 
 A peer that hangs up, even mid-frame, ends only its own connection.
 """
@@ -85,8 +86,10 @@ _DIRECT_FRAME = 256 * 1024
 _RECV_MAX = 1024 * 1024
 _ANCBUF = socket.CMSG_SPACE(_MAX_PENDING_FDS * 4)
 _CORK_LIMIT = 64 * 1024
-#: Longest a rate-limited peer's reads are paused at a time.
+#: Longest a flooding peer's reads are paused at a time.
 _MAX_THROTTLE = 1.0
+#: Refusals that tell the peer when to come back (``retry_after``).
+_TOLD_TO_WAIT = frozenset({ErrorCode.BUSY, ErrorCode.RATE_LIMITED})
 
 
 def error_reply(request_id: int, exc: SentinelError) -> Error:
@@ -145,6 +148,8 @@ class Connection:
         self._corked = bytearray()
         #: No reads before this trio time (see :meth:`throttle`); 0.0: not throttled.
         self._throttle_until = 0.0
+        #: The peer was told (busy, rate_limited) not to retry before this trio time.
+        self._told_to_wait_until = 0.0
 
     # -- public API for handlers ---------------------------------------------
 
@@ -291,6 +296,21 @@ class Connection:
         until = trio.current_time() + min(seconds, _MAX_THROTTLE)
         if until > self._throttle_until:
             self._throttle_until = until
+
+    def _refused(self, exc: SentinelError) -> None:
+        """A request was refused with ``busy`` or ``rate_limited``: the peer was told
+        to wait ``retry_after``. One that sends another refused request within that
+        time is flooding (a pipelined burst, or a client that ignores the hint):
+        its reads pause for the wait (:meth:`throttle`), so that its frames stop
+        costing the daemon a decode and a refusal each at everyone else's expense.
+        Its requests in flight and their replies are not held up; a single
+        refusal, or requests that are served, pause nothing."""
+        if exc.code not in _TOLD_TO_WAIT or not exc.retry_after:
+            return
+        now = trio.current_time()
+        if now < self._told_to_wait_until:
+            self.throttle(exc.retry_after)
+        self._told_to_wait_until = max(self._told_to_wait_until, now + exc.retry_after)
 
     async def _wait_throttle(self) -> None:
         """Honour :meth:`throttle`: write what is corked, then read nothing until the
@@ -484,6 +504,7 @@ class Connection:
         if refusal is not None:
             self._close_list(fds)
             self.server.note_error(refusal.code)
+            self._refused(refusal)
             await self._send_quietly(error_reply(request.id, refusal), cork=True)
             return True
         self.in_flight += 1
@@ -539,6 +560,7 @@ class Connection:
             reply = await route.handler(request, ctx)
         except SentinelError as exc:
             self.server.note_error(exc.code)
+            self._refused(exc)
             reply = error_reply(request.id, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
