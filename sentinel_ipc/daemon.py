@@ -243,7 +243,8 @@ class Daemon:
                 shared_socket=self.config.server.socket_shared,
             )
             policy_handlers.register(
-                self.dispatcher, policy=self.policy, quarantine=self.quarantine
+                self.dispatcher, policy=self.policy, quarantine=self.quarantine,
+                reads_per_uid=self.config.server.uid_share(self.config.policy.max_queued_reads),
             )
             rules_handlers.register(self.dispatcher, scanner=self.scanner, audit=self.audit)
             # --- end: handlers

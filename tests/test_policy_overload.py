@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -25,9 +29,12 @@ from typing import Any
 
 import pytest
 import trio
+from daemon_harness import DaemonProcess, traversable_dir
 from test_policy_faults import EVIL, fast_config, held_lock, service
 from test_policy_paging import seed_policies, start_seeded
+from test_security import NOBODY, can_be_nobody
 
+from sentinel_ipc.codec import encode_framed
 from sentinel_ipc.errors import BusyError, SentinelError
 from sentinel_ipc.messages import Error, Health, HealthReport, PolicyList, PolicyListResult
 from sentinel_ipc.policy.service import _queued_too_long
@@ -204,3 +211,98 @@ async def test_a_flood_of_page_reads_gets_busy_and_the_daemon_stays_healthy(
     assert health.components["database"].status == "healthy", health.components
     assert "policy database degraded" not in log, log[-3000:]
     assert "breaker database open" not in log
+
+
+# A flood of policy_list pages from a process run as nobody (standard library
+# only): ``conns`` connections, each pipelining ``depth`` page requests at a
+# time and reading their replies, until ``seconds`` have passed. Prints counts.
+NOBODY_FLOODER = r"""
+import json, socket, sys, threading, time
+job = json.load(sys.stdin)
+burst = bytes.fromhex(job["burst"])
+deadline = time.monotonic() + job["seconds"]
+counts = {"replies": 0}
+lock = threading.Lock()
+
+def flood():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(job["socket"])
+    buf = b""
+    while time.monotonic() < deadline:
+        s.sendall(burst)
+        got = 0
+        while got < job["depth"]:
+            while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:4], "big"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    return
+                buf += chunk
+            size = 4 + int.from_bytes(buf[:4], "big")
+            buf = buf[size:]
+            got += 1
+        with lock:
+            counts["replies"] += got
+    s.close()
+
+threads = [threading.Thread(target=flood) for _ in range(job["conns"])]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(counts))
+"""
+
+
+@can_be_nobody
+async def test_one_user_flooding_policy_reads_leaves_room_for_another(tmp_path: Path) -> None:
+    """On a socket shared with other users, ``nobody`` pipelines 1,000-row pages
+    over four connections while root lists page by page. The store thread takes
+    ``max_queued_reads`` (16) client reads at a time; each user may hold a
+    quarter of them (``read_share``), so root's pages are served, none ``busy``.
+    Before the share the flood held all 16, and root got ``busy`` for some."""
+    with traversable_dir("sentinel-readshare-") as base:
+        d = DaemonProcess(base, {
+            "server": {"socket_mode": 0o666},
+            # A long op_timeout: only the count of queued reads bounds them here,
+            # not their time at the pace of a loaded machine.
+            "policy": {"verify_interval": 3600.0, "op_timeout": 8.0},
+            "resilience": {"check_interval": 3600.0},
+        })
+        d.data_dir.mkdir(parents=True)
+        seed_policies(d.data_dir / "policy_graph.db", TABLE)
+        d.start()
+        try:
+            os.chmod(d.socket_path.parent, 0o755)
+            burst = b"".join(
+                encode_framed(PolicyList(id=i + 1, after_id=(i * 1999) % TABLE, limit=1000))
+                for i in range(64)
+            )
+            job = {"socket": str(d.socket_path), "burst": burst.hex(), "depth": 64,
+                   "conns": 4, "seconds": 4.0}
+            flood: list[subprocess.CompletedProcess[bytes]] = []
+            answers: dict[str, int] = {}
+
+            async def run_flooder() -> None:
+                flood.append(await trio.run_process(
+                    ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                     sys.executable, "-c", NOBODY_FLOODER],
+                    stdin=json.dumps(job).encode(), capture_stdout=True, capture_stderr=True,
+                    check=False, cwd="/",
+                ))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_flooder)
+                await trio.sleep(0.5)  # the flood is under way
+                async with open_framed_connection(d.socket_path) as conn:
+                    for i in range(30):
+                        await conn.send(PolicyList(id=i + 1, after_id=i * 500, limit=1000))
+                        reply = await conn.receive()
+                        kind = reply.code if isinstance(reply, Error) else type(reply).__name__
+                        answers[kind] = answers.get(kind, 0) + 1
+                        await trio.sleep(0.05)
+        finally:
+            d.stop()
+    assert flood[0].returncode == 0, flood[0].stderr[-2000:]
+    assert json.loads(flood[0].stdout)["replies"] > 0  # the flood was served too
+    assert answers == {PolicyListResult.__name__: 30}, answers

@@ -29,10 +29,11 @@ overwriting, never following a symlink).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -87,9 +88,40 @@ _MAX_ID = 2**63 - 1
 _QUARANTINE_ID = re.compile(r"[0-9a-f]{32}")
 
 
+@contextlib.contextmanager
+def read_share(ctx: RequestContext, limit: int | None) -> Iterator[None]:
+    """Count a client's read of the policy database (a ``policy_list`` page, the
+    unpaged list, ``threats``) against its uid's share, ``busy`` over it.
+
+    Why: the store thread takes at most ``[policy] max_queued_reads`` client
+    reads at a time, daemon-wide (``PolicyService._admit_read``). On a shared
+    socket, one user pipelining pages over a few connections held all of
+    them, and another user's reads got ``busy`` (15 of 100 sequential pages
+    in one measurement); with a share (a quarter, ``ServerConfig.uid_share``)
+    the others always find room. ``limit`` None: a private socket, no share."""
+    usage = ctx.connection.usage
+    if limit is not None and usage.policy_reads >= limit:
+        raise BusyError(
+            f"uid {ctx.peer.uid} has {usage.policy_reads} policy database reads in "
+            f"progress (limit per user {limit})",
+            retry_after=0.1,
+        )
+    usage.policy_reads += 1
+    try:
+        yield
+    finally:
+        usage.policy_reads -= 1
+
+
 def register(
-    dispatcher: Dispatcher, *, policy: PolicyService, quarantine: Quarantine | None
+    dispatcher: Dispatcher,
+    *,
+    policy: PolicyService,
+    quarantine: Quarantine | None,
+    reads_per_uid: int | None = None,
 ) -> None:
+    """``reads_per_uid``: each peer uid's share of the database reads clients may
+    have in progress (see :func:`read_share`); None for no share."""
     async def policy_add(req: PolicyAdd, ctx: RequestContext) -> PolicyResult:
         policy_id, queued = await policy.add(
             action=req.action,
@@ -148,23 +180,28 @@ def register(
             )
         whole_list_running = True
         try:
-            limit = ctx.connection.max_frame_bytes
-            empty = PolicyListResult(id=request_id, degraded=True)
-            try:
-                policies, degraded = await policy.list(max_bytes=records_budget(limit, empty))
-            except PolicyListTooLarge as exc:
-                log_event("reply_too_large", logging.WARNING, type="policy_list_result",
-                          id=request_id, bytes=f">{exc.counted}", limit=limit)
-                raise ReplyTooLargeError(
-                    f"the policy_list_result reply would be more than {exc.counted} bytes, "
-                    f"over this daemon's max_frame_bytes of {limit}; "
-                    f"{PAGING_ADVICE[PolicyListResult]}, or raise [server] max_frame_bytes"
-                ) from None
-            await ctx.connection.send(
-                PolicyListResult(id=request_id, policies=policies, degraded=degraded)
-            )
+            with read_share(ctx, reads_per_uid):
+                await send_list_reply(request_id, ctx)
         finally:
             whole_list_running = False
+
+    async def send_list_reply(request_id: int, ctx: RequestContext) -> None:
+        """The whole list in one reply (loading stops past one frame)."""
+        limit = ctx.connection.max_frame_bytes
+        empty = PolicyListResult(id=request_id, degraded=True)
+        try:
+            policies, degraded = await policy.list(max_bytes=records_budget(limit, empty))
+        except PolicyListTooLarge as exc:
+            log_event("reply_too_large", logging.WARNING, type="policy_list_result",
+                      id=request_id, bytes=f">{exc.counted}", limit=limit)
+            raise ReplyTooLargeError(
+                f"the policy_list_result reply would be more than {exc.counted} bytes, "
+                f"over this daemon's max_frame_bytes of {limit}; "
+                f"{PAGING_ADVICE[PolicyListResult]}, or raise [server] max_frame_bytes"
+            ) from None
+        await ctx.connection.send(
+            PolicyListResult(id=request_id, policies=policies, degraded=degraded)
+        )
 
     async def policy_list(req: PolicyList, ctx: RequestContext) -> PolicyListResult | None:
         if req.limit is None:  # a client from before paging: all (or reply_too_large)
@@ -174,7 +211,8 @@ def register(
             raise ProtocolError(f"policy_list.limit must be between 1 and {MAX_POLICY_PAGE}")
         if not 0 <= req.after_id <= _MAX_ID:
             raise ProtocolError(f"policy_list.after_id must be between 0 and {_MAX_ID}")
-        page = await policy.list_page(req.after_id, req.limit)
+        with read_share(ctx, reads_per_uid):
+            page = await policy.list_page(req.after_id, req.limit)
         return fit_policy_page(
             req.id, page.policies, more=page.more, degraded=page.degraded,
             max_frame_bytes=ctx.connection.max_frame_bytes,
@@ -194,7 +232,8 @@ def register(
     async def threats(req: Threats, ctx: RequestContext) -> ThreatsResult:
         if not 1 <= req.limit <= MAX_THREATS:
             raise ProtocolError(f"threats.limit must be between 1 and {MAX_THREATS}")
-        return ThreatsResult(id=req.id, threats=await policy.threats(req.limit))
+        with read_share(ctx, reads_per_uid):
+            return ThreatsResult(id=req.id, threats=await policy.threats(req.limit))
 
     dispatcher.register(PolicyAdd, policy_add, admin=True)
     dispatcher.register(PolicyImport, policy_import, admin=True)

@@ -17,12 +17,14 @@ class UidUsage:
     connections. Kept while it has a connection; a connection counts its
     requests here as well as on itself and on the server."""
 
-    __slots__ = ("connections", "in_flight", "uid")
+    __slots__ = ("connections", "in_flight", "policy_reads", "uid")
 
     def __init__(self, uid: int) -> None:
         self.uid = uid
         self.connections = 0
         self.in_flight = 0
+        #: Client reads of the policy database in progress (``handlers.policy``).
+        self.policy_reads = 0
 
 
 __all__ = ["UidUsage"]
