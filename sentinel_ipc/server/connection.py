@@ -289,9 +289,9 @@ class Connection:
     def throttle(self, seconds: float) -> None:
         """Read nothing more from this peer for ``seconds`` (at most ``_MAX_THROTTLE``).
 
-        For a peer over its rate limit: one that keeps pipelining would otherwise
-        have the daemon read, decode and refuse every frame it sends, at the
-        expense of every other client. Not reading makes its sends block instead.
+        For a peer that keeps sending refused requests (:meth:`_refused`): it would
+        otherwise have the daemon read, decode and refuse every frame it sends, at
+        the expense of every other client. Not reading makes its sends block instead.
         """
         until = trio.current_time() + min(seconds, _MAX_THROTTLE)
         if until > self._throttle_until:
