@@ -75,10 +75,17 @@ async def test_a_write_behind_a_long_queue_is_journaled_not_a_failure(tmp_path: 
     seed_policies(tmp_path / "policy_graph.db", TABLE)
     # Small load pages, so that start-up's own loads stay far under op_timeout.
     config = fast_config(
-        op_timeout=0.4, load_chunk=1000, verify_interval=3600.0, refresh_interval=3600.0
+        op_timeout=1.0, load_chunk=1000, verify_interval=3600.0, refresh_interval=3600.0
     )
     async with service(tmp_path, config) as svc:
-        assert not svc.degraded, svc.degraded_reason
+        # Start-up is not what this test is about: on a loaded machine its first
+        # calls may pass op_timeout (it then recovers by itself). Only what the
+        # overload below adds is counted.
+        with trio.fail_after(30):
+            while svc.degraded:  # noqa: ASYNC110 - the maintenance task recovers
+                await trio.sleep(0.05)
+        failures_before = svc.breaker.statistics().failures
+        overloaded_before = svc.overloaded_calls
         store, thread = svc._store, svc._thread
 
         def page() -> int:  # real work on the store thread; the rows are dropped
@@ -87,7 +94,7 @@ async def test_a_write_behind_a_long_queue_is_journaled_not_a_failure(tmp_path: 
         one = min(_timed(page) for _ in range(3))
         # Several seconds of calls ahead: the add and the decision below each
         # wait op_timeout behind them, and some are still left after both.
-        jobs = [thread.submit(page) for _ in range(max(40, int(3.0 / max(one, 1e-3))))]
+        jobs = [thread.submit(page) for _ in range(max(40, int(4.0 / max(one, 1e-3))))]
         with pytest.raises(BusyError):  # a client's read: refused before it queues
             await svc.list_page(0, 10)
         policy_id, queued = await svc.add(action="block", sha256=sha(1), created_by="t")
@@ -98,9 +105,10 @@ async def test_a_write_behind_a_long_queue_is_journaled_not_a_failure(tmp_path: 
         verdict = await svc.decide(sha256=sha(9), url=None, matches=EVIL)
         assert (verdict.action, verdict.degraded) == ("block", False), verdict
         assert not svc.degraded, svc.degraded_reason
-        assert svc.overloaded_calls == 2
+        assert svc.overloaded_calls - overloaded_before == 2
         stats = svc.breaker.statistics()
-        assert stats.state is BreakerState.CLOSED and stats.failures == 0, stats
+        assert stats.state is BreakerState.CLOSED, stats
+        assert stats.failures == failures_before, stats
         for job in jobs:
             assert await job.result() == 5000
         with trio.fail_after(10):
