@@ -178,6 +178,20 @@ async def test_a_flood_of_page_reads_gets_busy_and_the_daemon_stays_healthy(
     })
     counts: dict[str, int] = {}
     try:
+        # Start-up is not what this test is about: on a loaded machine its first
+        # calls may pass the short op_timeout (the daemon then recovers by itself).
+        # The flood starts on a healthy database; only what follows is checked.
+        async with open_framed_connection(d.socket_path) as conn:
+            with trio.fail_after(30):
+                for n in range(10_000):
+                    await conn.send(Health(id=n + 1))
+                    report = await conn.receive()
+                    assert isinstance(report, HealthReport), report
+                    if report.components["database"].status == "healthy":
+                        break
+                    await trio.sleep(0.1)
+        log_mark = len(d.log())
+
         async def flood(conn_no: int) -> None:
             async with open_framed_connection(d.socket_path) as conn:
                 sent = 0
@@ -209,7 +223,7 @@ async def test_a_flood_of_page_reads_gets_busy_and_the_daemon_stays_healthy(
         async with open_framed_connection(d.socket_path) as conn:
             await conn.send(Health(id=1))
             health = await conn.receive()
-        log = d.log()
+        log = d.log()[log_mark:]
     finally:
         d.stop()
     assert counts.get("busy", 0) > 0, counts  # the bound was reached
