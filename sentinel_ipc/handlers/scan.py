@@ -22,7 +22,6 @@ a failing scanner never stops hash policies from applying.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -72,8 +71,6 @@ class ScanAdmission:
         self.config = config
         self.limiter = RateLimiter(config.burst, config.scans_per_second)
         self.scans_per_uid = scans_per_uid
-        #: Scans running or queued per peer uid, over all its connections.
-        self.running_by_uid: Counter[int] = Counter()
 
     def take_token(self, ctx: RequestContext) -> None:
         wait = self.limiter.try_acquire(ctx.peer.uid, trio.current_time())
@@ -95,30 +92,20 @@ class ScanAdmission:
                 f"(limit {self.config.max_concurrent_scans_per_connection})",
                 retry_after=0.1,
             )
+        usage = conn.usage  # the peer uid's, summed over its connections
         limit = self.scans_per_uid
-        if limit is None:
-            conn.state[_SCANS_KEY] = active + 1
-            try:
-                yield
-            finally:
-                conn.state[_SCANS_KEY] -= 1
-            return
-        uid = ctx.peer.uid
-        by_uid = self.running_by_uid
-        if by_uid[uid] >= limit:
+        if limit is not None and usage.scans >= limit:
             raise RateLimitedError(
-                f"uid {uid} has {by_uid[uid]} scans running (limit per user {limit})",
+                f"uid {ctx.peer.uid} has {usage.scans} scans running (limit per user {limit})",
                 retry_after=0.1,
             )
         conn.state[_SCANS_KEY] = active + 1
-        by_uid[uid] += 1
+        usage.scans += 1
         try:
             yield
         finally:
             conn.state[_SCANS_KEY] -= 1
-            by_uid[uid] -= 1
-            if not by_uid[uid]:
-                del by_uid[uid]
+            usage.scans -= 1
 
     @contextlib.contextmanager
     def admit(self, ctx: RequestContext) -> Iterator[None]:

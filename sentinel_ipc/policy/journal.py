@@ -40,7 +40,7 @@ import uuid
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -49,6 +49,7 @@ from sentinel_ipc.fsutil import fsync_dir, read_all, write_all
 from sentinel_ipc.policy.validation import PolicyDraft, ThreatDraft
 
 log = logging.getLogger("sentinel.policy.journal")
+T = TypeVar("T")
 
 JOURNAL_FILENAME: Final = "policy_journal.jsonl"
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
@@ -118,13 +119,18 @@ def encode_line(op: JournalOp) -> bytes:
     return checked_line(_encoder.encode(op))
 
 
-def decode_line(line: bytes) -> JournalOp:
-    """One line (without its newline) back to an entry; ValueError if damaged."""
-    body = checked_body(line)
+def decode_checked(line: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """A :func:`checked_line` (without its newline) back to its record; ValueError
+    if damaged (checksum or body). Shared by the journal and the snapshot's log."""
     try:
-        return _decoder.decode(body)
+        return decoder.decode(checked_body(line))
     except msgspec.DecodeError as exc:
         raise ValueError(str(exc)) from exc
+
+
+def decode_line(line: bytes) -> JournalOp:
+    """One line (without its newline) back to an entry; ValueError if damaged."""
+    return decode_checked(line, _decoder)
 
 
 class JournalStatistics(msgspec.Struct, frozen=True, kw_only=True):

@@ -92,8 +92,8 @@ from sentinel_ipc.policy.journal import (
     AddPolicy,
     JournalOp,
     RemovePolicy,
-    checked_body,
     checked_line,
+    decode_checked,
 )
 
 log = logging.getLogger("sentinel.policy.snapshot")
@@ -166,11 +166,7 @@ def encode_log_record(record: LogRecord) -> bytes:
 
 def decode_log_record(line: bytes) -> LogRecord:
     """One line (without its newline) back to a record; ValueError if damaged."""
-    body = checked_body(line)
-    try:
-        return _log_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ValueError(str(exc)) from exc
+    return decode_checked(line, _log_decoder)
 
 
 def encode_changes(changes: Sequence[Change], generation: int, max_policy_id: int) -> bytes:

@@ -17,7 +17,7 @@ class UidUsage:
     connections. Kept while it has a connection; a connection counts its
     requests here as well as on itself and on the server."""
 
-    __slots__ = ("connections", "in_flight", "policy_reads", "uid")
+    __slots__ = ("connections", "in_flight", "policy_reads", "scans", "uid")
 
     def __init__(self, uid: int) -> None:
         self.uid = uid
@@ -25,6 +25,8 @@ class UidUsage:
         self.in_flight = 0
         #: Client reads of the policy database in progress (``handlers.policy``).
         self.policy_reads = 0
+        #: Scans running or queued (``handlers.scan.ScanAdmission``).
+        self.scans = 0
 
 
 __all__ = ["UidUsage"]
