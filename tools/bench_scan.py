@@ -555,6 +555,21 @@ def spread_note(quarts: tuple[float, float] | None) -> str:
     return "" if quarts is None else f" (quartiles {quarts[0]:.3f}-{quarts[1]:.3f})"
 
 
+def print_round_ratios(baseline: str, rounds: dict[str, list[float]],
+                       names: Sequence[str]) -> dict[str, float]:
+    """Print, and return, each named mode's median ratio to ``baseline`` over the
+    rounds they ran side by side, with its quartiles."""
+    medians: dict[str, float] = {}
+    notes: list[str] = []
+    for name in names:
+        ratios = [m / b for m, b in zip(rounds[name], rounds[baseline], strict=False)]
+        if ratios:
+            medians[name] = statistics.median(ratios)
+            notes.append(f"{name} {medians[name]:.3f}" + spread_note(quartiles(ratios)))
+    print(f"median of per-round ratios to {baseline}: " + ", ".join(notes))
+    return medians
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -659,29 +674,15 @@ def main(argv: list[str] | None = None) -> int:
     # Best-of-rounds can pair a lucky round of one mode with an unlucky one of
     # another; the median of within-round ratios is the steadier figure.
     round_ratio: dict[str, float] = {}
-    spread: dict[str, tuple[float, float] | None] = {}
     if base is not None and len(rounds.get(base.name, [])) > 1:
-        for r in results:
-            pairs = list(zip(rounds[r.name], rounds[base.name], strict=False))
-            if r is not base and pairs:
-                round_ratio[r.name] = statistics.median(m / b for m, b in pairs)
-                spread[r.name] = quartiles([m / b for m, b in pairs])
-        print("median of per-round ratios to " + base.name + ": " + ", ".join(
-            f"{name} {value:.3f}" + spread_note(spread.get(name))
-            for name, value in round_ratio.items()))
+        round_ratio = print_round_ratios(base.name, rounds, [
+            r.name for r in results if r is not base])
     # The same against the raw work plus the digest every verdict needs.
     sha_name = f"raw{args.workers}_sha"
     sha_ratio: dict[str, float] = {}
-    sha_spread: dict[str, tuple[float, float] | None] = {}
     if len(rounds.get(sha_name, [])) > 1:
-        for r in results:
-            pairs = list(zip(rounds[r.name], rounds[sha_name], strict=False))
-            if r.name.startswith(("daemon", "engine")) and pairs:
-                sha_ratio[r.name] = statistics.median(m / b for m, b in pairs)
-                sha_spread[r.name] = quartiles([m / b for m, b in pairs])
-        print("median of per-round ratios to " + sha_name + ": " + ", ".join(
-            f"{name} {value:.3f}" + spread_note(sha_spread.get(name))
-            for name, value in sha_ratio.items()))
+        sha_ratio = print_round_ratios(sha_name, rounds, [
+            r.name for r in results if r.name.startswith(("daemon", "engine"))])
 
     def mbps(name: str) -> float:
         r = next((r for r in results if r.name == name), None)
